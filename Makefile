@@ -1,0 +1,49 @@
+# Set-up and entry points. Everything runs inside .venv, created on first use.
+#   make demo   set up, then run the staged pipeline on the built-in tiny model (CPU)
+#   make test   set up, then run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+# Tiny CPU runs: one thread per process (2 threads on a busy 2-core box are 5-14x slower).
+export OMP_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+
+RUN ?= runs/tiny
+SFT_CONFIG ?= configs/sft_tiny.yaml
+LONG_SFT_CONFIG ?= configs/long_sft_tiny.yaml
+
+.PHONY: setup demo sft long-sft test clean help
+
+help:
+	@sed -n '1,4p' Makefile
+
+setup: $(VENV)/.installed
+
+# torch goes first and pinned: on CPU machines torch==$(TORCH_VERSION) is a local CPU build, while an unpinned torch
+# pulled in by another package would download gigabytes of CUDA wheels.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+sft: setup
+	$(PY) -m pipelines.sft --config $(SFT_CONFIG)
+
+long-sft: setup
+	$(PY) -m pipelines.sft --config $(LONG_SFT_CONFIG)
+
+demo: setup sft long-sft
+	@echo "demo finished: see $(RUN)/*/summary.md"
+
+test: setup
+	$(PY) -m pytest -q -x
+
+clean:
+	rm -rf runs

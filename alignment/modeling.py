@@ -1,0 +1,228 @@
+"""The MiniMax model wrapper: one entry point, `load_model`, returning a packing-safe transformers model.
+
+`load_model(spec)` takes a local checkpoint directory or a model YAML (architecture fields of `MiniMaxConfig`) and
+returns a `transformers.MiniMaxForCausalLM` whose attention is packing-safe. What it changes, and why:
+
+- Lightning layers: transformers' `MiniMaxLightningAttention` ignores `position_ids`, so in a packed row the recurrent
+  state leaks from one document into the next. `PackedLightningAttention` computes the same blockwise math
+  (`alignment.lightning.lightning_attention`) with the state reset at every document start.
+- Softmax layers: the causal mask is intersected with a same-document mask derived from `position_ids`, whether or not
+  a 2D `attention_mask` is also given (transformers only detects packing when it is absent).
+- Options (`ModelOptions`): LoRA via peft (attention + expert projections, never the router), FP32 LM head
+  (MiniMax-M1 §3: training/inference probability correlation 0.987 -> 0.997), RoPE base override, gradient
+  checkpointing, router aux-loss coefficient.
+
+The module classes are swapped in place (`module.__class__ = ...`); they add no parameters, so checkpoints keep the
+stock layout and a plain `AutoModelForCausalLM.from_pretrained(dir)` loads what this toolkit saves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from transformers import MiniMaxConfig, MiniMaxForCausalLM
+from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
+from transformers.models.minimax import modeling_minimax as mm
+
+from alignment.config import ConfigError, read_yaml
+from alignment.lightning import document_ids, lightning_attention
+
+# LoRA targets. Lightning layers: fused qkv, output gate, output projection; softmax layers: q/k/v/o; experts: the
+# fused 3D expert weights (peft `target_parameters`). The router (`mlp.gate`) is left out on purpose: adapting it
+# shifts the expert load and the aux loss, and it is tiny.
+LORA_ATTENTION_TARGETS = ["qkv_proj", "output_gate", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
+LORA_EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+@dataclass
+class LoraOptions:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_ATTENTION_TARGETS))
+    # Also adapt the experts (their weights are 3D parameters, targeted by name).
+    experts: bool = True
+
+
+@dataclass
+class ModelOptions:
+    # A model YAML (architecture only: fresh weights) or a local checkpoint directory.
+    path: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
+    # MiniMax-M1 §3: logits in FP32 cut the train/rollout probability mismatch.
+    fp32_lm_head: bool = True
+    # Override the RoPE base (MiniMax-01 keeps 10M through post-training); None keeps the checkpoint's.
+    rope_theta: float | None = None
+    gradient_checkpointing: bool = False
+    # Weight of the MoE load-balancing loss added to the LM loss; None keeps the checkpoint's value.
+    router_aux_loss_coef: float | None = None
+    lora: LoraOptions | None = None
+
+
+class PackedLightningAttention(mm.MiniMaxLightningAttention):
+    """transformers' lightning layer with document-isolated state (see `alignment.lightning`)."""
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        continuing = past_key_values is not None and past_key_values.get_linear_cache(self.layer_idx) is not None
+        if continuing:  # decode step from a cached state: transformers' recurrent step is already exact
+            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+        B, T, _ = hidden_states.shape
+        qkv = self.act_fn(self.qkv_proj(hidden_states))
+        qkv = mm.apply_mask_to_padding_states(qkv, attention_mask)
+        q, k, v = qkv.reshape(B, T, self.num_attention_heads, 3 * self.head_dim).transpose(1, 2).chunk(3, dim=-1)
+
+        docs = _packed_document_ids(kwargs.get("position_ids"), B)
+        out, state = lightning_attention(q, k, v, self.slope_rate, docs, self.block_size)  # (B, H, T, D)
+
+        out = self.norm(out.transpose(1, 2).reshape(B, T, -1))
+        out = self.out_proj(torch.sigmoid(self.output_gate(hidden_states)) * out)
+        if past_key_values is not None:
+            past_key_values.set_linear_cache(self.layer_idx, state)
+        return out, state
+
+
+class PackedMiniMaxModel(mm.MiniMaxModel):
+    """Builds a same-document causal mask for the softmax layers when the batch is packed."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, **kwargs):
+        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+        if position_ids is not None and prefill and not isinstance(attention_mask, dict):
+            if inputs_embeds is None:
+                inputs_embeds = self.embed_tokens(input_ids)
+                input_ids = None
+            docs = _packed_document_ids(position_ids, inputs_embeds.shape[0])
+            # flash-attention kernels isolate documents themselves from position_ids / cu_seq_lens.
+            if docs is not None and not self.config._attn_implementation.startswith("flash"):
+                if attention_mask is None:
+                    # An explicit mask stops transformers' own packing detection, which would remap the indices
+                    # that `same_document` receives to in-document positions.
+                    attention_mask = torch.ones(docs.shape, dtype=torch.long, device=docs.device)
+
+                def same_document(batch_idx, head_idx, q_idx, kv_idx):
+                    return docs[batch_idx, q_idx] == docs[batch_idx, kv_idx]
+
+                mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                   past_key_values=past_key_values, position_ids=position_ids)
+                attention_mask = {
+                    "full_attention": create_causal_mask(**mask_kwargs, and_mask_function=same_document),
+                    "linear_attention": create_recurrent_attention_mask(**mask_kwargs),
+                }
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
+
+
+class FP32LMHead(torch.nn.Linear):
+    """LM head computed in float32 whatever the model dtype (MiniMax-M1 §3)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden_states.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
+
+def _packed_document_ids(position_ids: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+    """(B, T) document ids if any row holds more than one document, else None (the unpacked fast path)."""
+    if position_ids is None or position_ids.shape[-1] < 2:
+        return None
+    docs = document_ids(position_ids.reshape(-1, position_ids.shape[-1]).expand(batch_size, -1))
+    return docs if bool(docs[:, -1].any()) else None
+
+
+def make_packing_safe(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap in the packing-safe lightning layers and mask builder (in place; parameters untouched)."""
+    for module in model.modules():
+        if type(module) is mm.MiniMaxLightningAttention:
+            module.__class__ = PackedLightningAttention
+        elif type(module) is mm.MiniMaxModel:
+            module.__class__ = PackedMiniMaxModel
+    return model
+
+
+def model_config_from_yaml(path: str | Path) -> MiniMaxConfig:
+    """A `MiniMaxConfig` from a model YAML. Keys are `MiniMaxConfig` fields, plus two shorthands:
+    `rope_theta` (-> `rope_parameters`) and `full_attention_every: N` (layer i is softmax when (i+1) % N == 0, as in
+    MiniMax-Text-01 with N = 8)."""
+    data = read_yaml(path)
+    valid = {f.name for f in dataclasses.fields(MiniMaxConfig)} | {"rope_theta", "full_attention_every"}
+    for key in data:
+        if key not in valid:
+            raise ConfigError(f"{path}: unknown model key '{key}' (not a MiniMaxConfig field)")
+    every = data.pop("full_attention_every", None)
+    if every is not None:
+        if "layer_types" in data:
+            raise ConfigError(f"{path}: give either 'layer_types' or 'full_attention_every', not both")
+        n = data.get("num_hidden_layers", 32)
+        data["layer_types"] = ["full_attention" if (i + 1) % every == 0 else "linear_attention" for i in range(n)]
+    if "rope_theta" in data:
+        data["rope_parameters"] = {"rope_type": "default", "rope_theta": float(data.pop("rope_theta"))}
+    try:
+        return MiniMaxConfig(**data)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{path}: invalid model config: {err}") from None
+
+
+def load_model(spec: str | Path | ModelOptions, seed: int = 0) -> torch.nn.Module:
+    """Load a packing-safe MiniMax model from a checkpoint directory or a model YAML (fresh weights, `seed`)."""
+    opts = spec if isinstance(spec, ModelOptions) else ModelOptions(path=str(spec))
+    path = Path(opts.path)
+    dtype = getattr(torch, opts.dtype)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{path}: not a checkpoint directory (no config.json)")
+        config = MiniMaxConfig.from_pretrained(path)
+    elif path.suffix in (".yaml", ".yml"):
+        config = model_config_from_yaml(path)
+    else:
+        raise ConfigError(f"model path '{path}' is neither a checkpoint directory nor a model YAML")
+
+    if opts.rope_theta is not None:
+        config.rope_parameters = {**(config.rope_parameters or {}), "rope_type": "default",
+                                  "rope_theta": float(opts.rope_theta)}
+    if opts.router_aux_loss_coef is not None:
+        config.router_aux_loss_coef = opts.router_aux_loss_coef
+        config.output_router_logits = opts.router_aux_loss_coef > 0
+
+    if path.is_dir():
+        model = MiniMaxForCausalLM.from_pretrained(path, config=config, dtype=dtype,
+                                                   attn_implementation=opts.attn_implementation)
+    else:
+        config._attn_implementation = opts.attn_implementation
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = MiniMaxForCausalLM(config).to(dtype)
+    make_packing_safe(model)
+
+    if opts.fp32_lm_head:
+        if not config.tie_word_embeddings:
+            model.lm_head.float()
+        model.lm_head.__class__ = FP32LMHead
+    if opts.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if opts.lora is not None:
+        model = apply_lora(model, opts.lora)
+    return model
+
+
+def apply_lora(model: torch.nn.Module, lora: LoraOptions):
+    """Wrap with a peft LoRA adapter on the attention and (optionally) expert projections, never the router."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+        target_modules=list(lora.target_modules),
+        target_parameters=list(LORA_EXPERT_TARGETS) if lora.experts else None,
+    )
+    return get_peft_model(model, config)
+
+
+def stock_model_copy(model: MiniMaxForCausalLM) -> MiniMaxForCausalLM:
+    """The same weights in an unmodified transformers model (for equivalence tests and benchmarks)."""
+    stock = MiniMaxForCausalLM(model.config).to(next(model.parameters()).dtype)
+    stock.load_state_dict(model.state_dict())
+    return stock.eval()
