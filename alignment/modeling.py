@@ -87,35 +87,37 @@ class PackedLightningAttention(mm.MiniMaxLightningAttention):
         return out, state
 
 
-class PackedMiniMaxModel(mm.MiniMaxModel):
-    """Builds a same-document causal mask for the softmax layers when the batch is packed."""
+def same_document_masks(model: mm.MiniMaxModel, args: tuple, kwargs: dict):
+    """Forward pre-hook on `MiniMaxModel`: for a packed batch, replace the attention mask by the per-layer-type dict
+    transformers accepts, whose softmax mask is causal AND same-document."""
+    position_ids, attention_mask = kwargs.get("position_ids"), kwargs.get("attention_mask")
+    cache = kwargs.get("past_key_values")
+    prefill = cache is None or cache.get_seq_length() == 0
+    # flash-attention kernels isolate documents themselves from position_ids / cu_seq_lens.
+    if position_ids is None or args or not prefill or isinstance(attention_mask, dict) \
+            or model.config._attn_implementation.startswith("flash"):
+        return None
+    inputs_embeds = kwargs.get("inputs_embeds")
+    if inputs_embeds is None:
+        inputs_embeds = model.embed_tokens(kwargs["input_ids"])
+    docs = _packed_document_ids(position_ids, inputs_embeds.shape[0])
+    if docs is None:
+        return None
+    if attention_mask is None:
+        # An explicit mask stops transformers' own packing detection, which would remap the indices that
+        # `same_document` receives to in-document positions.
+        attention_mask = torch.ones(docs.shape, dtype=torch.long, device=docs.device)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, **kwargs):
-        prefill = past_key_values is None or past_key_values.get_seq_length() == 0
-        if position_ids is not None and prefill and not isinstance(attention_mask, dict):
-            if inputs_embeds is None:
-                inputs_embeds = self.embed_tokens(input_ids)
-                input_ids = None
-            docs = _packed_document_ids(position_ids, inputs_embeds.shape[0])
-            # flash-attention kernels isolate documents themselves from position_ids / cu_seq_lens.
-            if docs is not None and not self.config._attn_implementation.startswith("flash"):
-                if attention_mask is None:
-                    # An explicit mask stops transformers' own packing detection, which would remap the indices
-                    # that `same_document` receives to in-document positions.
-                    attention_mask = torch.ones(docs.shape, dtype=torch.long, device=docs.device)
+    def same_document(batch_idx, head_idx, q_idx, kv_idx):
+        return docs[batch_idx, q_idx] == docs[batch_idx, kv_idx]
 
-                def same_document(batch_idx, head_idx, q_idx, kv_idx):
-                    return docs[batch_idx, q_idx] == docs[batch_idx, kv_idx]
-
-                mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                   past_key_values=past_key_values, position_ids=position_ids)
-                attention_mask = {
-                    "full_attention": create_causal_mask(**mask_kwargs, and_mask_function=same_document),
-                    "linear_attention": create_recurrent_attention_mask(**mask_kwargs),
-                }
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
+    mask_kwargs = dict(config=model.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                       past_key_values=cache, position_ids=position_ids)
+    masks = {
+        "full_attention": create_causal_mask(**mask_kwargs, and_mask_function=same_document),
+        "linear_attention": create_recurrent_attention_mask(**mask_kwargs),
+    }
+    return args, {**kwargs, "input_ids": None, "inputs_embeds": inputs_embeds, "attention_mask": masks}
 
 
 class FP32LMHead(torch.nn.Linear):
@@ -134,12 +136,13 @@ def _packed_document_ids(position_ids: torch.Tensor | None, batch_size: int) -> 
 
 
 def make_packing_safe(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap in the packing-safe lightning layers and mask builder (in place; parameters untouched)."""
+    """Swap in the packing-safe lightning layers and hook the mask builder (in place; parameters untouched)."""
     for module in model.modules():
         if type(module) is mm.MiniMaxLightningAttention:
             module.__class__ = PackedLightningAttention
-        elif type(module) is mm.MiniMaxModel:
-            module.__class__ = PackedMiniMaxModel
+        elif isinstance(module, mm.MiniMaxModel) and not getattr(module, "_same_document_masks", False):
+            module.register_forward_pre_hook(same_document_masks, with_kwargs=True)
+            module._same_document_masks = True
     return model
 
 
