@@ -1,0 +1,63 @@
+"""Config sections shared by the stages (model options live with the model, in `alignment.modeling`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class DataOptions:
+    # Built-in task suite: task name -> kwargs of its builder (data_recipes.tasks), e.g. {arithmetic: {n: 4000}}.
+    builtin: dict[str, dict] = field(default_factory=dict)
+    # Local chat files (.jsonl / .parquet) in the `messages` format.
+    files: list[str] = field(default_factory=list)
+    # Packed row length (tokens). Samples longer than this are dropped, not truncated (MiniMax-01 Table 7).
+    max_length: int = 512
+    # Pack several documents per row; the model wrapper keeps them isolated (per-document state and mask).
+    packing: bool = True
+
+    def __post_init__(self):
+        if self.max_length < 8:
+            raise ValueError(f"data.max_length must be >= 8, got {self.max_length}")
+        if not self.builtin and not self.files:
+            raise ValueError("data: give at least one of 'builtin' or 'files'")
+
+
+@dataclass
+class TrainOptions:
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    learning_rate: float = 1e-5
+    # MiniMax-01 Table 7: short stages decay cosine to 10% of the peak, long stages stay constant.
+    lr_schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    min_lr_ratio: float = 0.1
+    warmup_ratio: float = 0.0  # share of the total steps
+    batch_size: int = 8  # packed rows per device step
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # MiniMax-M1 §3: beta2 0.95 and eps 1e-15 (defaults failed to converge on gradients spanning 1e-18..1e-5).
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_epsilon: float = 1e-15
+    logging_steps: int = 10
+    save_steps: int = 200
+    save_total_limit: int = 2
+
+    def __post_init__(self):
+        if self.learning_rate <= 0:
+            raise ValueError(f"training.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"training.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class EvalOptions:
+    # Held-out sets: name -> {task, n, ...builder kwargs}, e.g. {"retrieval@32": {task: retrieval, n: 50, n_pairs: 32}}
+    sets: dict[str, dict] = field(default_factory=dict)
+    max_new_tokens: int = 16
+    batch_size: int = 32

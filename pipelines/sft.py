@@ -1,0 +1,235 @@
+"""Supervised fine-tuning: stage I (short SFT) and stage II (long-context SFT) of the MiniMax-01 recipe.
+
+    make sft                                   # configs/sft_tiny.yaml
+    make long-sft                              # configs/long_sft_tiny.yaml, starts from the SFT checkpoint
+    python -m pipelines.sft --config CONFIG [--set training.learning_rate=3e-4 ...] [--overwrite]
+
+Reads top to bottom: config -> tokenizer + packing-safe model -> data (built-in task suite and/or local chat files)
+-> held-out evaluation -> TRL SFTTrainer (assistant-only loss, packed rows) -> evaluation again -> atomic save of
+`<output_dir>/final` (safetensors; loadable with plain `AutoModelForCausalLM.from_pretrained`) with the tokenizer,
+`metrics.json`, `summary.md`, `curves.png` and TensorBoard logs under `<output_dir>`.
+
+Long SFT is a config, not a copy: a longer packed row length, long retrieval prompts in the mix (Table 7: 50%
+long-context), a constant LR, and RoPE base from the config. Departures from the paper [01 §5, Table 7]: responses are
+the task suite's reference replies (rule-verified, so they are what rejection sampling with a verifier would keep);
+lengths, batch sizes and LRs are scaled to the tiny model; samples longer than the row length are dropped as in the
+paper, and the count is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from alignment.config import ConfigError, load_config, to_dict
+from alignment.modeling import ModelOptions, load_model
+from alignment.schema import DataOptions, EvalOptions, TrainOptions
+
+
+@dataclass
+class SFTStageConfig:
+    model: ModelOptions
+    data: DataOptions
+    training: TrainOptions = field(default_factory=TrainOptions)
+    eval: EvalOptions = field(default_factory=EvalOptions)
+    output_dir: str = "runs/sft"
+    # None: the tokenizer saved with the model checkpoint; "builtin": train the built-in byte-level BPE on the task
+    # suite's corpus (for a model YAML with fresh weights); otherwise a local tokenizer directory.
+    tokenizer: str | None = None
+    seed: int = 0
+    title: str = "SFT"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.sft",
+        description="Short or long-context SFT of a MiniMax model (stages I/II of the MiniMax-01 recipe). "
+        "Writes <output_dir>/final (the checkpoint), metrics.json, summary.md, curves.png and TensorBoard logs; "
+        "a re-run resumes from the last checkpoint in <output_dir>/checkpoints.",
+    )
+    parser.add_argument("--config", required=True, help="stage YAML, e.g. configs/sft_tiny.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (dotted, YAML value), e.g. --set training.max_steps=10")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train again even if <output_dir>/final exists (it is replaced only when done)")
+    args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    try:
+        cfg = load_config(args.config, SFTStageConfig, overrides)
+        run(cfg, overwrite=args.overwrite)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(cfg: SFTStageConfig, overwrite: bool = False) -> dict:
+    """Train one SFT stage; returns the metrics written to `<output_dir>/metrics.json`."""
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from alignment.evaluation import evaluate
+    from alignment.reporting import atomic_directory, plot_curves, summary_markdown, write_json_atomic
+    from alignment.trainers import MiniMaxSFTTrainer
+    from data_recipes import build_sft_mix, heldout_sets
+
+    out = Path(cfg.output_dir)
+    final = out / "final"
+    if (final / "metrics.json").is_file() and not overwrite:
+        print(f"{final} is complete; nothing to do (pass --overwrite to train again)")
+        return _read_json(final / "metrics.json")
+    set_seed(cfg.seed)
+
+    # data first: bad files fail before a model is built
+    train_rows = build_sft_mix(cfg.data.builtin, cfg.data.files, cfg.seed)
+    heldout = heldout_sets(cfg.eval.sets, cfg.seed)
+
+    tokenizer = _load_tokenizer(cfg, out)
+    model = load_model(cfg.model, seed=cfg.seed)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but model.vocab_size is {model.config.vocab_size}")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+    train_rows, n_dropped = _drop_too_long(train_rows, tokenizer, cfg.data.max_length)
+    print(f"[{cfg.title}] {len(train_rows)} training conversations ({n_dropped} longer than "
+          f"{cfg.data.max_length} tokens dropped); held-out sets: {', '.join(heldout) or 'none'}")
+
+    before_path = out / "eval_before.json"  # kept across resumes: the 'before' model is the stage's input
+    if before_path.is_file():
+        before = _read_json(before_path)
+    else:
+        before = evaluate(model, tokenizer, heldout, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+        write_json_atomic(before_path, before)
+    print(f"[{cfg.title}] before: {_short(before)}")
+
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
+    trainer = MiniMaxSFTTrainer(
+        model=model,
+        args=_trl_args(cfg, out / "checkpoints"),
+        train_dataset=train_rows.select_columns(["messages"]),
+        processing_class=tokenizer,
+    )
+    last = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+    if last:
+        print(f"[{cfg.title}] resuming from {last}")
+    result = trainer.train(resume_from_checkpoint=last)
+
+    model = trainer.model
+    after = evaluate(model, tokenizer, heldout, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    print(f"[{cfg.title}] after:  {_short(after)}")
+
+    history = trainer.state.log_history
+    losses = [e["loss"] for e in history if "loss" in e]
+    metrics = {
+        "stage": cfg.title,
+        "before": before,
+        "after": after,
+        "train": {**result.metrics, "first_loss": losses[0] if losses else None,
+                  "last_loss": losses[-1] if losses else None, "dropped_too_long": n_dropped,
+                  "train_conversations": len(train_rows)},
+        "config": to_dict(cfg),
+    }
+    with atomic_directory(final) as tmp:
+        to_save = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        to_save.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / "metrics.json", metrics)  # last: its presence marks a finished checkpoint
+    write_json_atomic(out / "metrics.json", metrics)
+    plotted = plot_curves(history, out / "curves.png", keys=("loss", "mean_token_accuracy", "learning_rate",
+                                                               "grad_norm", "aux_loss"))
+    notes = {"training loss": f"{metrics['train']['first_loss']} -> {metrics['train']['last_loss']}",
+             "curves": f"curves.png ({', '.join(plotted)})", "checkpoint": str(final)}
+    (out / "summary.md").write_text(summary_markdown(f"{cfg.title}: held-out metrics", before, after, notes))
+    print(f"[{cfg.title}] wrote {final}, {out / 'summary.md'}")
+    return metrics
+
+
+def _load_tokenizer(cfg: SFTStageConfig, out: Path):
+    from transformers import AutoTokenizer
+
+    from alignment.tokenizer import build_tokenizer
+
+    if cfg.tokenizer == "builtin":
+        from alignment.modeling import model_config_from_yaml
+
+        vocab = model_config_from_yaml(cfg.model.path).vocab_size if cfg.model.path.endswith((".yaml", ".yml")) \
+            else None
+        return build_tokenizer(out / "tokenizer", vocab_size=vocab or 512, seed=cfg.seed)
+    source = cfg.tokenizer or cfg.model.path
+    if not Path(source, "tokenizer_config.json").is_file():
+        key = "tokenizer" if cfg.tokenizer else "model.path"
+        raise ConfigError(f"{key}: no tokenizer in '{source}' (set tokenizer: builtin for a fresh model YAML)")
+    return AutoTokenizer.from_pretrained(source)
+
+
+def _drop_too_long(rows, tokenizer, max_length: int):
+    """Drop (not truncate) conversations longer than the packed row: a cut-off reply teaches the wrong ending."""
+    lengths = [len(tokenizer.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"])
+               for m in rows["messages"]]
+    keep = [i for i, n in enumerate(lengths) if n <= max_length]
+    return rows.select(keep), len(lengths) - len(keep)
+
+
+def _trl_args(cfg: SFTStageConfig, checkpoints: Path):
+    import torch
+    from trl import SFTConfig
+
+    t = cfg.training
+    schedule = {"cosine": ("cosine_with_min_lr", {"min_lr_rate": t.min_lr_ratio}),
+                "constant": ("constant", {}), "linear": ("linear", {})}[t.lr_schedule]
+    return SFTConfig(
+        output_dir=str(checkpoints),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=schedule[0],
+        lr_scheduler_kwargs=schedule[1],
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_epsilon=t.adam_epsilon,
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=["tensorboard"],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        max_length=cfg.data.max_length,
+        packing=cfg.data.packing,
+        packing_strategy="bfd",  # padding-free rows with position_ids restarting per document
+        assistant_only_loss=True,
+        dataset_num_proc=None,
+    )
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(Path(path).read_text())
+
+
+def _short(metrics: dict) -> str:
+    return ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
