@@ -87,22 +87,49 @@ class PackedLightningAttention(mm.MiniMaxLightningAttention):
         return out, state
 
 
+class MiniMaxDecodeCache(mm.MiniMaxCache):
+    """transformers' `MiniMaxCache` answering "how many tokens are cached" from a softmax layer.
+
+    `DynamicCache.get_seq_length()` reads layer 0 by default, and in MiniMax layer 0 is a lightning layer that keeps
+    no keys, so stock decoding restarts positions (RoPE, mask offsets) at 0 after the prompt: greedy answers go wrong
+    while teacher-forced logits look fine. Lightning layers have no length of their own, so any query about one is
+    answered from the first softmax layer.
+    """
+
+    def __init__(self, layer_types: list[str]):
+        super().__init__()
+        self.full_attention_layer = layer_types.index("full_attention") if "full_attention" in layer_types else 0
+        self.linear_layers = {i for i, kind in enumerate(layer_types) if kind == "linear_attention"}
+
+    def _layer(self, layer_idx: int) -> int:
+        return self.full_attention_layer if layer_idx in self.linear_layers else layer_idx
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return super().get_seq_length(self._layer(layer_idx))
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return super().get_mask_sizes(query_length, self._layer(layer_idx))
+
+
 def same_document_masks(model: mm.MiniMaxModel, args: tuple, kwargs: dict):
     """Forward pre-hook on `MiniMaxModel`: for a packed batch, replace the attention mask by the per-layer-type dict
     transformers accepts, whose softmax mask is causal AND same-document."""
+    use_cache = kwargs.get("use_cache")
+    if (model.config.use_cache if use_cache is None else use_cache) and kwargs.get("past_key_values") is None:
+        kwargs = {**kwargs, "past_key_values": MiniMaxDecodeCache(model.config.layer_types)}
     position_ids, attention_mask = kwargs.get("position_ids"), kwargs.get("attention_mask")
     cache = kwargs.get("past_key_values")
     prefill = cache is None or cache.get_seq_length() == 0
     # flash-attention kernels isolate documents themselves from position_ids / cu_seq_lens.
     if position_ids is None or args or not prefill or isinstance(attention_mask, dict) \
             or model.config._attn_implementation.startswith("flash"):
-        return None
+        return args, kwargs
     inputs_embeds = kwargs.get("inputs_embeds")
     if inputs_embeds is None:
         inputs_embeds = model.embed_tokens(kwargs["input_ids"])
     docs = _packed_document_ids(position_ids, inputs_embeds.shape[0])
     if docs is None:
-        return None
+        return args, kwargs
     if attention_mask is None:
         # An explicit mask stops transformers' own packing detection, which would remap the indices that
         # `same_document` receives to in-document positions.

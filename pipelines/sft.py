@@ -139,7 +139,8 @@ def run(cfg: SFTStageConfig, overwrite: bool = False) -> dict:
         "after": after,
         "train": {**result.metrics, "first_loss": losses[0] if losses else None,
                   "last_loss": losses[-1] if losses else None, "dropped_too_long": n_dropped,
-                  "train_conversations": len(train_rows)},
+                  "train_conversations": len(train_rows), "resumed_from": last,
+                  "global_step": trainer.state.global_step},
         "config": to_dict(cfg),
     }
     with atomic_directory(final) as tmp:

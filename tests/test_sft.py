@@ -1,6 +1,7 @@
 """SFT stage: the loss mask, a real tiny training run, hand-off checkpoint, bad input."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -88,6 +89,16 @@ def test_sft_run_learns_saves_and_hands_off(tmp_path):
     nxt = load_config(stage_yaml(tmp_path / "next"), SFTStageConfig,
                       {"model.path": str(final), "tokenizer": None, "training.max_steps": 2})
     assert run(nxt)["before"] == metrics["after"]
+
+
+def test_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path):
+    """A stage that died after a checkpoint (no final/) continues from it rather than starting over."""
+    cfg = load_config(stage_yaml(tmp_path), SFTStageConfig, {"training.max_steps": 6, "training.save_steps": 6})
+    run(cfg)
+    shutil.rmtree(tmp_path / "run" / "final")  # as if the process died after checkpoint-6, before the final save
+    resumed = run(load_config(stage_yaml(tmp_path), SFTStageConfig, {"training.max_steps": 10}))
+    assert resumed["train"]["resumed_from"].endswith("checkpoint-6")
+    assert resumed["train"]["global_step"] == 10
 
 
 def test_bad_data_row_fails_before_training_and_leaves_no_checkpoint(tmp_path):
