@@ -6,8 +6,11 @@ returns a `transformers.MiniMaxForCausalLM` whose attention is packing-safe. Wha
 - Lightning layers: transformers' `MiniMaxLightningAttention` ignores `position_ids`, so in a packed row the recurrent
   state leaks from one document into the next. `PackedLightningAttention` computes the same blockwise math
   (`alignment.lightning.lightning_attention`) with the state reset at every document start.
-- Softmax layers: the causal mask is intersected with a same-document mask derived from `position_ids`, whether or not
-  a 2D `attention_mask` is also given (transformers only detects packing when it is absent).
+- Softmax layers: on a packed row they attend document by document (`PackedSoftmaxAttention`); when the row also has
+  padding, the causal mask is intersected with a same-document mask derived from `position_ids` (transformers only
+  detects packing when no mask is given, and then only for softmax layers).
+- Decoding: the cache reports its length from a softmax layer (`MiniMaxDecodeCache`); stock transformers reads the
+  lightning layer 0, which holds no keys, and restarts positions at 0 after the prompt.
 - Options (`ModelOptions`): LoRA via peft (attention + expert projections, never the router), FP32 LM head
   (MiniMax-M1 §3: training/inference probability correlation 0.987 -> 0.997), RoPE base override, gradient
   checkpointing, router aux-loss coefficient.
@@ -87,6 +90,35 @@ class PackedLightningAttention(mm.MiniMaxLightningAttention):
         return out, state
 
 
+class PackedSoftmaxAttention(mm.MiniMaxAttention):
+    """transformers' softmax layer; for a packed, unpadded prefill it attends document by document (causal SDPA on
+    each slice: Σ len² work instead of a T × T same-document mask, which dominates CPU steps on packed rows)."""
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        B, T, _ = hidden_states.shape
+        docs = _packed_document_ids(kwargs.get("position_ids"), B)
+        fresh = past_key_values is None or past_key_values.get_seq_length(self.layer_idx) == 0
+        if docs is None or attention_mask is not None or not fresh or self.config._attn_implementation not in (
+                "sdpa", "eager"):
+            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+        shape = (B, T, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H_kv, T, D)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        q, k = mm.apply_rotary_pos_emb(q, k, *position_embeddings)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        k, v = mm.repeat_kv(k, self.num_key_value_groups), mm.repeat_kv(v, self.num_key_value_groups)
+        rows = []
+        for b in range(B):
+            lengths = torch.unique_consecutive(docs[b], return_counts=True)[1].tolist()
+            pieces = [F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=self.scaling)
+                      for qd, kd, vd in zip(*(x[b : b + 1].split(lengths, dim=2) for x in (q, k, v)))]
+            rows.append(torch.cat(pieces, dim=2))
+        out = torch.cat(rows, dim=0).transpose(1, 2).reshape(B, T, -1)  # (B, T, H·D)
+        return self.o_proj(out), None
+
+
 class MiniMaxDecodeCache(mm.MiniMaxCache):
     """transformers' `MiniMaxCache` answering "how many tokens are cached" from a softmax layer.
 
@@ -130,11 +162,13 @@ def same_document_masks(model: mm.MiniMaxModel, args: tuple, kwargs: dict):
     docs = _packed_document_ids(position_ids, inputs_embeds.shape[0])
     if docs is None:
         return args, kwargs
-    if attention_mask is None:
-        # An explicit mask stops transformers' own packing detection, which would remap the indices that
-        # `same_document` receives to in-document positions.
-        attention_mask = torch.ones(docs.shape, dtype=torch.long, device=docs.device)
+    if attention_mask is None or bool(attention_mask.all()):
+        # no padding: softmax layers attend per document (PackedSoftmaxAttention), lightning layers need no mask
+        return args, {**kwargs, "inputs_embeds": inputs_embeds, "input_ids": None,
+                      "attention_mask": {"full_attention": None, "linear_attention": None}}
 
+    # padded packed rows: causal ∧ same-document ∧ not-padding mask. (The explicit 2D mask also keeps transformers'
+    # own packing detection off; it would remap the indices `same_document` receives to in-document positions.)
     def same_document(batch_idx, head_idx, q_idx, kv_idx):
         return docs[batch_idx, q_idx] == docs[batch_idx, kv_idx]
 
@@ -167,6 +201,8 @@ def make_packing_safe(model: torch.nn.Module) -> torch.nn.Module:
     for module in model.modules():
         if type(module) is mm.MiniMaxLightningAttention:
             module.__class__ = PackedLightningAttention
+        elif type(module) is mm.MiniMaxAttention:
+            module.__class__ = PackedSoftmaxAttention
         elif isinstance(module, mm.MiniMaxModel) and not getattr(module, "_same_document_masks", False):
             module.register_forward_pre_hook(same_document_masks, with_kwargs=True)
             module._same_document_masks = True

@@ -25,14 +25,21 @@ def random_packed_row(gen, n_docs, vocab, block_size):
     return docs, ids, position_ids
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_packed_documents_match_running_each_alone(model, seed):
+@pytest.mark.parametrize("seed, padded", [(0, False), (1, False), (2, False), (3, True), (4, True)])
+def test_packed_documents_match_running_each_alone(model, seed, padded):
+    """Packed row (documents of random lengths, random tokens) vs each document alone, float32. `padded` adds right
+    padding and a 2D attention mask, which takes the masked path instead of per-document attention."""
     cfg = model.config
     assert {"linear_attention", "full_attention"} <= set(cfg.layer_types)
     gen = torch.Generator().manual_seed(seed)
     docs, ids, position_ids = random_packed_row(gen, 3 + seed, cfg.vocab_size, cfg.block_size)
+    mask = None
+    if padded:
+        ids = torch.cat([ids, torch.zeros(1, 7, dtype=torch.long)], dim=1)
+        position_ids = torch.cat([position_ids, torch.zeros(1, 7, dtype=torch.long)], dim=1)
+        mask = (torch.arange(ids.shape[1]) < ids.shape[1] - 7).long()[None]
     with torch.no_grad():
-        packed = model(input_ids=ids, position_ids=position_ids).logits
+        packed = model(input_ids=ids, position_ids=position_ids, attention_mask=mask).logits
         start = 0
         for doc in docs:
             alone = model(input_ids=doc).logits
