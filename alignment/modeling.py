@@ -80,7 +80,7 @@ class PackedLightningAttention(mm.MiniMaxLightningAttention):
         qkv = mm.apply_mask_to_padding_states(qkv, attention_mask)
         q, k, v = qkv.reshape(B, T, self.num_attention_heads, 3 * self.head_dim).transpose(1, 2).chunk(3, dim=-1)
 
-        docs = _packed_document_ids(kwargs.get("position_ids"), B)
+        docs = _layer_document_ids(kwargs, B)
         out, state = lightning_attention(q, k, v, self.slope_rate, docs, self.block_size)  # (B, H, T, D)
 
         out = self.norm(out.transpose(1, 2).reshape(B, T, -1))
@@ -96,7 +96,7 @@ class PackedSoftmaxAttention(mm.MiniMaxAttention):
 
     def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
         B, T, _ = hidden_states.shape
-        docs = _packed_document_ids(kwargs.get("position_ids"), B)
+        docs = _layer_document_ids(kwargs, B)
         fresh = past_key_values is None or past_key_values.get_seq_length(self.layer_idx) == 0
         if docs is None or attention_mask is not None or not fresh or self.config._attn_implementation not in (
                 "sdpa", "eager"):
@@ -144,8 +144,9 @@ class MiniMaxDecodeCache(mm.MiniMaxCache):
 
 
 def same_document_masks(model: mm.MiniMaxModel, args: tuple, kwargs: dict):
-    """Forward pre-hook on `MiniMaxModel`: for a packed batch, replace the attention mask by the per-layer-type dict
-    transformers accepts, whose softmax mask is causal AND same-document."""
+    """Forward pre-hook on `MiniMaxModel`: installs `MiniMaxDecodeCache` when a cache is wanted, and for a prefill
+    computes the packed document ids once (`document_ids`, read by every layer). Packed unpadded rows need no mask
+    (layers isolate documents themselves); packed padded rows get a causal ∧ same-document ∧ not-padding mask."""
     use_cache = kwargs.get("use_cache")
     if (model.config.use_cache if use_cache is None else use_cache) and kwargs.get("past_key_values") is None:
         kwargs = {**kwargs, "past_key_values": MiniMaxDecodeCache(model.config.layer_types)}
@@ -160,12 +161,12 @@ def same_document_masks(model: mm.MiniMaxModel, args: tuple, kwargs: dict):
     if inputs_embeds is None:
         inputs_embeds = model.embed_tokens(kwargs["input_ids"])
     docs = _packed_document_ids(position_ids, inputs_embeds.shape[0])
+    kwargs = {**kwargs, "inputs_embeds": inputs_embeds, "input_ids": None, "document_ids": docs}
     if docs is None:
         return args, kwargs
     if attention_mask is None or bool(attention_mask.all()):
         # no padding: softmax layers attend per document (PackedSoftmaxAttention), lightning layers need no mask
-        return args, {**kwargs, "inputs_embeds": inputs_embeds, "input_ids": None,
-                      "attention_mask": {"full_attention": None, "linear_attention": None}}
+        return args, {**kwargs, "attention_mask": {"full_attention": None, "linear_attention": None}}
 
     # padded packed rows: causal ∧ same-document ∧ not-padding mask. (The explicit 2D mask also keeps transformers'
     # own packing detection off; it would remap the indices `same_document` receives to in-document positions.)
@@ -178,7 +179,7 @@ def same_document_masks(model: mm.MiniMaxModel, args: tuple, kwargs: dict):
         "full_attention": create_causal_mask(**mask_kwargs, and_mask_function=same_document),
         "linear_attention": create_recurrent_attention_mask(**mask_kwargs),
     }
-    return args, {**kwargs, "input_ids": None, "inputs_embeds": inputs_embeds, "attention_mask": masks}
+    return args, {**kwargs, "attention_mask": masks}
 
 
 class FP32LMHead(torch.nn.Linear):
@@ -194,6 +195,13 @@ def _packed_document_ids(position_ids: torch.Tensor | None, batch_size: int) -> 
         return None
     docs = document_ids(position_ids.reshape(-1, position_ids.shape[-1]).expand(batch_size, -1))
     return docs if bool(docs[:, -1].any()) else None
+
+
+def _layer_document_ids(layer_kwargs: dict, batch_size: int) -> torch.Tensor | None:
+    """The document ids the model's pre-hook computed once for this forward, else derived from `position_ids`."""
+    if "document_ids" in layer_kwargs:
+        return layer_kwargs["document_ids"]
+    return _packed_document_ids(layer_kwargs.get("position_ids"), batch_size)
 
 
 def make_packing_safe(model: torch.nn.Module) -> torch.nn.Module:

@@ -166,9 +166,9 @@ def _load_tokenizer(cfg: SFTStageConfig, out: Path):
     if cfg.tokenizer == "builtin":
         from alignment.modeling import model_config_from_yaml
 
-        vocab = model_config_from_yaml(cfg.model.path).vocab_size if cfg.model.path.endswith((".yaml", ".yml")) \
-            else None
-        return build_tokenizer(out / "tokenizer", vocab_size=vocab or 512, seed=cfg.seed)
+        is_yaml = cfg.model.path.endswith((".yaml", ".yml"))
+        vocab = model_config_from_yaml(cfg.model.path).vocab_size if is_yaml else 512
+        return build_tokenizer(out / "tokenizer", vocab_size=vocab, seed=cfg.seed)
     source = cfg.tokenizer or cfg.model.path
     if not Path(source, "tokenizer_config.json").is_file():
         key = "tokenizer" if cfg.tokenizer else "model.path"
