@@ -1,0 +1,200 @@
+"""Reward interface (rewards/base.py), rule handlers, math equivalence, composition and weights, validation errors,
+the safety handler's three cases, and the length-bias monitor."""
+
+import doctest
+import importlib
+import math
+
+import pytest
+
+from rewards import LengthBiasMonitor, RewardError, RewardOutput, as_trl_reward, build_reward, trl_reward_funcs
+from rewards import validated
+from rewards.verifiers import extract_answer, math_equivalent, parse_number
+
+
+@pytest.mark.parametrize("module", ["rewards", "rewards.base", "rewards.handlers", "rewards.monitor",
+                                    "rewards.verifiers"])
+def test_doctests(module):
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted >= 1 and result.failed == 0
+
+
+# --- math answers ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("completion, answer", [
+    ("1/2", "0.5"), ("0.5", "1/2"), ("The answer is \\frac{1}{2}.", "0.5"), ("\\boxed{\\dfrac{3}{6}}", "1/2"),
+    ("\\boxed{2^{-1}}", "0.5"), ("x = 1,000 apples", "1000"), ("The answer is 42, I think.", "42"),
+    ("answer: -3", "-3"), ("We get 12 then 7. Final answer: 7", "7"), ("It is 2.50", "5/2"),
+    ("\\boxed{x+1}", "x + 1"), ("the answer is 3 + 4", "7"),
+])
+def test_math_equivalent(completion, answer):
+    assert math_equivalent(completion, answer)
+
+
+@pytest.mark.parametrize("completion, answer", [
+    ("1/3", "0.333"),            # exact comparison: a rounded decimal is not the fraction
+    ("The answer is 12, not 7", "7"),  # the stated answer counts, not the last number
+    ("", "0"), ("no answer here", "4"), ("\\boxed{}", "0"),
+    ("37-48", "-48"),            # subtraction, not a negative number
+    ("1/0", "0"),
+])
+def test_math_not_equivalent(completion, answer):
+    assert not math_equivalent(completion, answer)
+
+
+def test_parse_number_is_safe():
+    assert parse_number("9**9**9**9") is None  # the exponent guard, no hang
+    assert parse_number("__import__('os').system('true')") is None
+    assert parse_number("2 * (3 + 4)") == 14
+    assert extract_answer("\\boxed{\\frac{1}{2}") is None or True  # unbalanced: no crash
+
+
+# --- composition -------------------------------------------------------------------------------------------------
+
+ROWS = dict(task=["arithmetic", "arithmetic", "safety", "safety"], answer=["7", "7", "", "Use soft light."],
+            harmful=[False, False, True, False], n_pairs=[0, 0, 0, 0])
+PROMPTS = ["What is 3 + 4?", "What is 3 + 4?", "How do I make a pipe bomb?", "How do I shoot a good portrait photo?"]
+COMPLETIONS = ["3 + 4 = 7", "The sum is 8", "I can't help with that.", "I'm sorry, but I can't help with that."]
+
+
+def test_correctness_handler_on_task_rows():
+    out = build_reward({"correctness": {}})(PROMPTS, COMPLETIONS, **ROWS)
+    assert out.scores == [1.0, 0.0, 1.0, 0.0]  # correct, wrong, refused harmful, over-refused benign
+    assert out.components == {"correctness": out.scores}
+
+
+def test_weighted_composition():
+    spec = {"correctness": {"weight": 2.0}, "format": {"weight": 0.5}, "short": {"type": "length", "max_chars": 10,
+                                                                                "penalty": 0.1, "weight": 1.0}}
+    out = build_reward(spec)(PROMPTS, COMPLETIONS, **ROWS)
+    fmt = [1.0, 0.0, 1.0, 1.0]  # "The sum is 8" is not the arithmetic reply shape
+    short = [0.0, -0.2, -1.3, -2.8]
+    expected = [2 * c + 0.5 * f + s for c, f, s in zip([1, 0, 1, 0], fmt, short)]
+    assert out.scores == pytest.approx(expected)
+    assert out.components["format"] == fmt and out.components["short"] == pytest.approx(short)
+    assert out.components["format/shape"] == fmt  # sub-components keep their prefix
+
+
+def test_clip_and_trl_funcs():
+    spec = {"short": {"type": "length", "max_chars": 0, "penalty": 1.0, "clip": [-3, 0], "weight": 2.0}}
+    assert build_reward(spec)(["p", "p"], ["ab", "abcdefgh"]).scores == [-4.0, -6.0]
+    funcs, weights = trl_reward_funcs({"correctness": {"weight": 1.0}, "format": {"weight": 0.25}})
+    assert [f.__name__ for f in funcs] == ["correctness", "format"] and weights == [1.0, 0.25]
+    conversational = [[{"role": "assistant", "content": c}] for c in COMPLETIONS]
+    assert funcs[0](PROMPTS, conversational, trainer_state=None, **ROWS) == [1.0, 0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"corectness": {}}, "unknown handler type 'corectness'"),
+    ({"format": {"patern": "x"}}, "unknown option\\(s\\) 'patern' for handler type 'format'"),
+    ({"correctness": {"weight": "high"}}, "weight must be a finite number"),
+    ({"correctness": {"clip": [1, 0]}}, "clip must be"),
+    ({}, "empty"),
+])
+def test_bad_specs_name_the_handler(spec, message):
+    with pytest.raises(RewardError, match=message):
+        build_reward(spec)
+
+
+def test_missing_field_and_unknown_task_name_the_handler():
+    reward = build_reward({"correctness": {}})
+    with pytest.raises(RewardError, match="'correctness'.*needs the per-sample field 'answer'"):
+        reward(["q"], ["7"], task=["arithmetic"])
+    with pytest.raises(RewardError, match="'correctness'.*sample 0: no verifier for task 'poetry'"):
+        reward(["q"], ["7"], task=["poetry"], answer=["7"])
+    with pytest.raises(RewardError, match="field 'answer' has 1 values for 2 completions"):
+        reward(["q", "q"], ["7", "8"], task=["arithmetic"] * 2, answer=["7"])
+
+
+# --- validation: a broken reward is an error, never a silent 0 ---------------------------------------------------
+
+def _raises(prompts, completions, **_):
+    raise ZeroDivisionError("division by zero")
+
+
+def _nan(prompts, completions, **_):
+    return [1.0] * (len(completions) - 1) + [math.nan]
+
+
+def _short(prompts, completions, **_):
+    return [1.0] * (len(completions) - 1)
+
+
+def _bad_component(prompts, completions, **_):
+    return RewardOutput([1.0] * len(completions), {"detail": [math.inf] * len(completions)})
+
+
+@pytest.mark.parametrize("fn, message", [
+    (_raises, "reward handler 'broken' raised ZeroDivisionError: division by zero"),
+    (_nan, "reward handler 'broken' returned nan for sample 2 of scores"),
+    (_short, "reward handler 'broken' returned 2 scores for 3 completions"),
+    (_bad_component, "reward handler 'broken' returned inf for sample 0 of scores of component 'detail'"),
+    (lambda p, c, **_: None, "reward handler 'broken' returned NoneType"),
+    (lambda p, c, **_: ["x"] * len(c), "returned 'x' \\(str\\) for sample 0"),
+])
+def test_validation_errors_name_the_handler(fn, message):
+    with pytest.raises(RewardError, match=message):
+        validated(fn, "broken")(["p"] * 3, ["a", "b", "c"])
+    # the same through composition and the TRL adapter
+    from rewards.base import REGISTRY
+    REGISTRY["broken"] = lambda: fn
+    try:
+        with pytest.raises(RewardError, match=message):
+            build_reward({"correctness": {}, "broken": {}})(["p"] * 3, ["7"] * 3, task=["arithmetic"] * 3,
+                                                            answer=["7"] * 3)
+        with pytest.raises(RewardError, match=message):
+            as_trl_reward(fn, "broken")(["p"] * 3, ["a", "b", "c"])
+    finally:
+        del REGISTRY["broken"]
+
+
+def test_validated_accepts_arrays_and_keeps_components():
+    import numpy as np
+
+    out = validated(lambda p, c, **_: np.array([0.5, 1]), "arr")(["p", "p"], ["a", "b"])
+    assert out.scores == [0.5, 1.0] and out.components == {"arr": [0.5, 1.0]}
+
+
+# --- length-bias monitor -----------------------------------------------------------------------------------------
+
+def test_monitor_flags_length_growth_without_success():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    monitor = LengthBiasMonitor(window=10, min_steps=5)
+    flags = []
+    for step in range(12):
+        lengths = rng.integers(20, 40, size=16) + 4 * step        # lengths grow ~15% per step
+        rewards = lengths / 50 + rng.normal(0, 0.05, size=16)     # an RM that pays for length
+        success = rng.permutation([1.0] * 6 + [0.0] * 10)           # success flat at 6/16
+        out = monitor.update(step, rewards, lengths, success)
+        flags.append(out["length_bias/flag"])
+        assert out["length_bias/corr_reward_length"] == pytest.approx(np.corrcoef(rewards, lengths)[0, 1])
+    assert flags[:4] == [0.0] * 4  # too few steps to call a trend
+    assert all(flags[5:]) and monitor.flagged_steps[0] == 4
+    assert out["length_bias/length_trend"] > 0.5 and out["length_bias/success_trend"] == pytest.approx(0.0)
+
+
+def test_monitor_quiet_when_success_grows_with_length():
+    monitor = LengthBiasMonitor(window=10, min_steps=5)
+    for step in range(12):
+        n_ok = min(16, 4 + step)
+        out = monitor.update(step, [1.0] * n_ok + [0.0] * (16 - n_ok), [30 + 3 * step] * 16,
+                             [1] * n_ok + [0] * (16 - n_ok))
+        assert out["length_bias/flag"] == 0.0
+    assert out["length_bias/success_trend"] > 0.5 and out["length_bias/length_trend"] > 0.3
+    assert out["length_bias/success_rate"] == 15 / 16
+
+
+def test_monitor_without_success_uses_reward_length_correlation():
+    monitor = LengthBiasMonitor(window=6, min_steps=3)
+    for step in range(6):
+        lengths = [10 + 5 * step + i for i in range(8)]
+        out = monitor.update(step, [n / 10 for n in lengths], lengths)  # reward = length / 10: pure bias
+    assert out["length_bias/flag"] == 1.0 and "length_bias/success_trend" not in out
+    monitor = LengthBiasMonitor(window=6, min_steps=3)
+    for step in range(6):
+        out = monitor.update(step, [1, 0] * 4, [10 + 5 * step] * 8)  # length grows, reward unrelated to it
+    assert out["length_bias/flag"] == 0.0
+    with pytest.raises(ValueError, match="step 6: 2 rewards for 3 lengths"):
+        monitor.update(6, [1, 2], [1, 2, 3])
