@@ -33,6 +33,8 @@ from transformers.masking_utils import create_causal_mask, create_recurrent_atte
 from transformers.models.minimax import modeling_minimax as mm
 
 from alignment.config import ConfigError, read_yaml
+from alignment.kernels import (check_lightning_kernel, lightning_attention_fla, resolve_lightning_kernel,
+                               varlen_softmax_attention, varlen_softmax_available)
 from alignment.lightning import document_ids, lightning_attention
 
 # LoRA targets. Lightning layers: fused qkv, output gate, output projection; softmax layers: q/k/v/o; experts: the
@@ -66,10 +68,16 @@ class ModelOptions:
     # Weight of the MoE load-balancing loss added to the LM loss; None keeps the checkpoint's value.
     router_aux_loss_coef: float | None = None
     lora: LoraOptions | None = None
+    # Lightning-layer kernel (alignment.kernels): "fla" = flash-linear-attention's fused Triton kernel (CUDA, the
+    # `gpu` extra; packed softmax layers then use torch's flash varlen kernel too), "torch" = the blockwise reference
+    # in alignment.lightning, "auto" = fla on CUDA when installed, else torch. Same math either way.
+    lightning_kernel: Literal["auto", "torch", "fla"] = "auto"
 
 
 class PackedLightningAttention(mm.MiniMaxLightningAttention):
     """transformers' lightning layer with document-isolated state (see `alignment.lightning`)."""
+
+    lightning_kernel = "auto"  # set per model by `load_model` (ModelOptions.lightning_kernel)
 
     def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
         continuing = past_key_values is not None and past_key_values.get_linear_cache(self.layer_idx) is not None
@@ -81,7 +89,10 @@ class PackedLightningAttention(mm.MiniMaxLightningAttention):
         q, k, v = qkv.reshape(B, T, self.num_attention_heads, 3 * self.head_dim).transpose(1, 2).chunk(3, dim=-1)
 
         docs = _layer_document_ids(kwargs, B)
-        out, state = lightning_attention(q, k, v, self.slope_rate, docs, self.block_size)  # (B, H, T, D)
+        if resolve_lightning_kernel(self.lightning_kernel, q.device) == "fla":
+            out, state = lightning_attention_fla(q, k, v, self.slope_rate, docs, past_key_values is not None)
+        else:
+            out, state = lightning_attention(q, k, v, self.slope_rate, docs, self.block_size)  # (B, H, T, D)
 
         out = self.norm(out.transpose(1, 2).reshape(B, T, -1))
         out = self.out_proj(torch.sigmoid(self.output_gate(hidden_states)) * out)
@@ -93,6 +104,8 @@ class PackedLightningAttention(mm.MiniMaxLightningAttention):
 class PackedSoftmaxAttention(mm.MiniMaxAttention):
     """transformers' softmax layer; for a packed, unpadded prefill it attends document by document (causal SDPA on
     each slice: Σ len² work instead of a T × T same-document mask, which dominates CPU steps on packed rows)."""
+
+    lightning_kernel = "auto"  # the fast path (CUDA, half precision) uses one flash varlen call for all documents
 
     def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
         B, T, _ = hidden_states.shape
@@ -108,6 +121,9 @@ class PackedSoftmaxAttention(mm.MiniMaxAttention):
         q, k = mm.apply_rotary_pos_emb(q, k, *position_embeddings)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
+        if varlen_softmax_available(self.lightning_kernel, q):
+            out = varlen_softmax_attention(q, k, v, docs, self.scaling).transpose(1, 2).reshape(B, T, -1)
+            return self.o_proj(out), None
         k, v = mm.repeat_kv(k, self.num_key_value_groups), mm.repeat_kv(v, self.num_key_value_groups)
         rows = []
         for b in range(B):
@@ -243,6 +259,7 @@ def model_config_from_yaml(path: str | Path) -> MiniMaxConfig:
 def load_model(spec: str | Path | ModelOptions, seed: int = 0) -> torch.nn.Module:
     """Load a packing-safe MiniMax model from a checkpoint directory or a model YAML (fresh weights, `seed`)."""
     opts = spec if isinstance(spec, ModelOptions) else ModelOptions(path=str(spec))
+    check_lightning_kernel(opts.lightning_kernel)
     path = Path(opts.path)
     dtype = getattr(torch, opts.dtype)
     if path.is_dir():
@@ -270,6 +287,9 @@ def load_model(spec: str | Path | ModelOptions, seed: int = 0) -> torch.nn.Modul
             torch.manual_seed(seed)
             model = MiniMaxForCausalLM(config).to(dtype)
     make_packing_safe(model)
+    for module in model.modules():
+        if isinstance(module, (PackedLightningAttention, PackedSoftmaxAttention)):
+            module.lightning_kernel = opts.lightning_kernel
 
     if opts.fp32_lm_head:
         if not config.tie_word_embeddings:

@@ -1,0 +1,170 @@
+"""The GPU fast path (alignment.kernels) against the CPU reference.
+
+The GPU tests need CUDA and flash-linear-attention; they are skipped elsewhere (CPU CI) and run on a GPU machine with
+`python -m pytest -q tests/test_gpu_fastpath.py`. The dispatch and loss tests run everywhere.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alignment import kernels
+from alignment.lightning import document_ids, lightning_attention
+from alignment.modeling import ModelOptions, load_model
+
+TINY = "configs/model/tiny.yaml"
+ON_GPU = torch.cuda.is_available() and kernels.fla_available()
+gpu = pytest.mark.skipif(not ON_GPU, reason="GPU fast path: needs a CUDA device and flash-linear-attention "
+                                            "(the `gpu` extra); CPU machines run the torch reference instead")
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref.double()).norm() / ref.double().norm())
+
+
+def random_doc_ids(gen, B, T, max_docs):
+    """(B, T) document ids with random boundaries: some documents of one token, some longer than a 64-token chunk."""
+    rows = []
+    for _ in range(B):
+        cuts = torch.randperm(T - 1, generator=gen)[: int(torch.randint(0, max_docs, (1,), generator=gen))] + 1
+        starts = torch.zeros(T, dtype=torch.long)
+        starts[cuts] = 1
+        rows.append(starts.cumsum(0))
+    return torch.stack(rows)
+
+
+# ---- everywhere -------------------------------------------------------------------------------------------------
+
+def test_cu_seqlens_from_document_ids():
+    docs = document_ids(torch.tensor([[0, 1, 0, 1, 2], [0, 0, 1, 0, 1]]))  # [[0,0,1,1,1], [0,1,1,2,2]]
+    cu, cu_cpu, last = kernels.packed_cu_seqlens(docs)
+    assert cu.tolist() == cu_cpu.tolist() == [0, 2, 5, 6, 8, 10]  # row 2 starts a new sequence at 5
+    assert last.tolist() == [1, 4]
+
+
+def test_kernel_option_dispatch_and_errors():
+    assert kernels.resolve_lightning_kernel("torch", torch.device("cuda")) == "torch"
+    assert kernels.resolve_lightning_kernel("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="lightning_kernel.*'flash'"):
+        kernels.check_lightning_kernel("flash")
+    if not kernels.fla_available():
+        with pytest.raises(ImportError, match=r"lightning_kernel: 'fla'.*gpu"):
+            load_model(ModelOptions(path=TINY, lightning_kernel="fla"))
+    else:
+        with pytest.raises(ValueError, match="CUDA"):
+            kernels.resolve_lightning_kernel("fla", torch.device("cpu"))
+
+
+def test_chunked_cross_entropy_matches_full_logits():
+    """Value and gradients equal plain cross-entropy over full logits; bf16 hidden, fp32 head, ignored tokens."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 50, 16, generator=gen).bfloat16().requires_grad_()
+    weight = torch.randn(40, 16, generator=gen).requires_grad_()
+    labels = torch.randint(0, 40, (3, 50), generator=gen)
+    labels[0, :7] = -100
+    loss = kernels.chunked_cross_entropy(hidden, weight, labels, chunk_tokens=32)  # 150 tokens: 5 chunks
+    ref = F.cross_entropy(F.linear(hidden.float(), weight).reshape(-1, 40), labels.reshape(-1))
+    assert abs(loss.item() - ref.item()) < 1e-5
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) < 1e-5
+
+
+def test_causal_lm_loss_equals_model_loss():
+    model = load_model(TINY, seed=0)
+    ids = torch.randint(3, model.config.vocab_size, (2, 70), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :10] = -100
+    ours = kernels.causal_lm_loss(model, ids, labels, impl="chunked")
+    assert abs(ours.item() - model(input_ids=ids, labels=labels).loss.item()) < 1e-5
+
+
+# ---- GPU ----------------------------------------------------------------------------------------------------------
+
+@gpu
+@pytest.mark.parametrize("seed, packed", [(0, False), (1, True), (2, True), (3, True)])
+def test_fla_equals_reference_forward_and_gradients(seed, packed):
+    """Random bf16 inputs, MiniMax slopes (strong and weak decay), random document boundaries: output, final state
+    and q/k/v gradients of the fla path vs the blockwise reference in fp32 on the same inputs; rel err < 1e-2."""
+    gen = torch.Generator().manual_seed(seed)
+    B, H, T, D = 2, 8, 700 + 97 * seed, 64
+    base = 2 ** (-8 / H)
+    slope = base ** torch.arange(1, H + 1) * (1 - seed / 4)  # layer-position factor as in transformers
+    q, k, v = (F.silu(torch.randn(B, H, T, D, generator=gen)).bfloat16().cuda() for _ in range(3))
+    docs = random_doc_ids(gen, B, T, 12).cuda() if packed else None
+    grad_out = torch.randn(B, H, T, D, generator=gen).bfloat16().cuda()
+
+    def run(fn, dtype):
+        inputs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        out, state = fn(*inputs, slope.cuda(), docs)
+        grads = torch.autograd.grad(out, inputs, grad_out.to(dtype))
+        return out, state, grads
+
+    out, state, grads = run(kernels.lightning_attention_fla, torch.bfloat16)
+    ref_out, ref_state, ref_grads = run(lightning_attention, torch.float32)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert rel_err(out, ref_out) < 1e-2
+    assert rel_err(state, ref_state) < 1e-2
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) < 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-3)])
+def test_model_fast_path_equals_reference_path(dtype, tol):
+    """The tiny model on CUDA, packed rows: fla lightning + varlen softmax vs the torch reference path; same weights,
+    loss and parameter gradients."""
+    name = {torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype]
+    gen = torch.Generator().manual_seed(7)
+    models = {}
+    for kernel in ("fla", "torch"):
+        with torch.device("cuda"):
+            models[kernel] = load_model(ModelOptions(path=TINY, dtype=name, lightning_kernel=kernel), seed=0)
+    cfg = models["fla"].config
+    lengths = [int(n) for n in torch.randint(1, 3 * cfg.block_size, (9,), generator=gen)]
+    ids = torch.randint(3, cfg.vocab_size, (1, sum(lengths)), generator=gen).cuda()
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
+    results = {}
+    for kernel, model in models.items():
+        out = model(input_ids=ids, position_ids=position_ids, labels=ids)
+        out.loss.backward()
+        results[kernel] = out.logits.float(), {n: p.grad.float() for n, p in model.named_parameters()}
+    assert rel_err(results["fla"][0], results["torch"][0]) < tol
+    for name_, g in results["torch"][1].items():
+        assert rel_err(results["fla"][1][name_], g) < tol, name_
+
+
+@gpu
+def test_fast_path_packed_documents_match_each_alone():
+    """Document isolation on the fast path: every packed document gets the logits it gets alone (bf16)."""
+    with torch.device("cuda"):
+        model = load_model(ModelOptions(path=TINY, dtype="bfloat16"), seed=0).eval()
+    gen = torch.Generator().manual_seed(3)
+    lengths = [int(n) for n in torch.randint(5, 200, (5,), generator=gen)]
+    docs = [torch.randint(3, model.config.vocab_size, (1, n), generator=gen).cuda() for n in lengths]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
+    with torch.no_grad():
+        packed = model(input_ids=torch.cat(docs, 1), position_ids=position_ids).logits.float()
+        start = 0
+        for doc in docs:
+            alone = model(input_ids=doc).logits.float()
+            assert rel_err(packed[:, start : start + doc.shape[1]], alone) < 1e-2
+            start += doc.shape[1]
+
+
+@gpu
+@pytest.mark.parametrize("impl", ["liger", "chunked"])
+def test_gpu_loss_matches_full_logits(impl):
+    if impl == "liger" and not kernels.liger_available():
+        pytest.skip("liger-kernel not installed")
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 3000, 256, generator=gen).bfloat16().cuda().requires_grad_()
+    weight = (torch.randn(5000, 256, generator=gen) * 0.05).cuda().requires_grad_()  # fp32 head
+    labels = torch.randint(0, 5000, (2, 3000), generator=gen).cuda()
+    labels[:, :100] = -100
+    loss = kernels.lm_loss(hidden, weight, labels, impl)
+    ref = F.cross_entropy(F.linear(hidden.float(), weight).reshape(-1, 5000), labels.reshape(-1))
+    assert abs(loss.item() - ref.item()) < 1e-3 * ref.item()
+    for g, r in zip(torch.autograd.grad(loss, (hidden, weight)), torch.autograd.grad(ref, (hidden, weight))):
+        assert rel_err(g, r) < 1e-2
