@@ -128,3 +128,4 @@ def length(max_chars: int = 200, penalty: float = 0.01):
         return [0.0 - penalty * max(0, len(completion_text(c)) - max_chars) for c in completions]
 
     return length
+from rewards import sandbox  # noqa: E402,F401  (registers 'code')
