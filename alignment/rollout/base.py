@@ -1,0 +1,102 @@
+"""The rollout-worker interface, and the train-vs-rollout log-prob checks every backend shares.
+
+A rollout worker turns prompts into sampled completions **with the log-probability of every sampled token under the
+sampling engine**:
+
+    worker.generate(prompts, n, sampling) -> RolloutBatch      # n completions per prompt, grouped per prompt
+    worker.sync_weights(model)                                  # make the engine sample from `model`'s weights
+
+Contract for backends (transformers now, vLLM in its own issue):
+- `prompts` are token-id lists (already chat-templated) or strings (templated by the worker's tokenizer).
+- completions are returned in prompt order, the n of one prompt consecutive (GRPO groups).
+- `completion_ids` end with the EOS token when the model emitted one (no padding), else they were cut by
+  `max_new_tokens` or by the repetition early stop; `stop_reasons` says which.
+- `logprobs[i][t]` = log softmax(logits / temperature)[token] of the engine at that step: the model's distribution at
+  the sampling temperature, before top-k / top-p truncation. That is the quantity the trainer recomputes
+  (TRL's fused LM head divides by the same temperature), so `logprob_mismatch` measures only numerics (kernels,
+  dtype, cached decoding), the train/inference gap MiniMax-M1 §3 fixes with an FP32 LM head. (vLLM: request
+  `logprobs=0` with `logprobs_mode="processed_logprobs"` and no top-k/top-p, or recompute.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class SamplingOptions:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    max_new_tokens: int = 32
+    # MiniMax-M1 §3 early truncation: stop a completion once `repetition_stop_k` consecutive sampled tokens each had
+    # probability > `repetition_stop_p` (M1: 3,000 tokens at 0.99, for 40K-token rollouts; None disables).
+    repetition_stop_k: int | None = None
+    repetition_stop_p: float = 0.99
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"sampling.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.repetition_stop_k is not None and self.repetition_stop_k < 1:
+            raise ValueError(f"sampling.repetition_stop_k must be >= 1 or null, got {self.repetition_stop_k}")
+        if not 0 < self.repetition_stop_p < 1:
+            raise ValueError(f"sampling.repetition_stop_p must be in (0, 1), got {self.repetition_stop_p}")
+
+
+@dataclass
+class RolloutBatch:
+    """len(prompts) * n completions, prompt-major (the n samples of prompt 0 first)."""
+
+    prompt_ids: list[list[int]]  # one entry per completion (the prompt repeated n times)
+    completion_ids: list[list[int]]
+    logprobs: list[list[float]]  # same lengths as completion_ids
+    texts: list[str]  # decoded completions, special tokens skipped
+    stop_reasons: list[str]  # "eos" | "length" | "repetition"
+    n: int = 1
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+
+class RolloutWorker(Protocol):
+    def generate(self, prompts: list, n: int, sampling: SamplingOptions) -> RolloutBatch: ...
+
+    def sync_weights(self, model: torch.nn.Module) -> None: ...
+
+
+def logprob_mismatch(train_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Train-vs-rollout agreement on the sampled tokens (B, T): mean / max |Δ log p| and the Pearson correlation of
+    the token probabilities (the number MiniMax-M1 §3 reports: 0.987 → 0.997 with an FP32 LM head)."""
+    keep = mask.bool() & torch.isfinite(rollout_logp) & torch.isfinite(train_logp)
+    if not keep.any():
+        return {"mismatch/logp_abs_mean": 0.0, "mismatch/logp_abs_max": 0.0, "mismatch/prob_corr": 1.0}
+    a, b = train_logp[keep].double(), rollout_logp[keep].double()
+    delta = (a - b).abs()
+    pa, pb = a.exp(), b.exp()
+    if pa.numel() > 1 and pa.std() > 0 and pb.std() > 0:
+        corr = float(torch.corrcoef(torch.stack([pa, pb]))[0, 1])
+    else:
+        corr = 1.0 if torch.allclose(pa, pb) else 0.0
+    return {"mismatch/logp_abs_mean": float(delta.mean()), "mismatch/logp_abs_max": float(delta.max()),
+            "mismatch/prob_corr": corr}
+
+
+def importance_weights(train_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
+                       level: str = "token", cap: float = 2.0) -> torch.Tensor:
+    """Truncated importance weights w = min(π_train / π_rollout, cap) that correct the policy gradient for sampling
+    from the rollout engine instead of the trained model (TIS). `level="sequence"` uses one weight per completion,
+    exp(Σ_t Δ), broadcast over its tokens. Masked / non-finite tokens get weight 1. No gradient."""
+    delta = torch.nan_to_num((train_logp - rollout_logp).detach(), nan=0.0) * mask
+    if level == "sequence":
+        delta = delta.sum(-1, keepdim=True).expand_as(train_logp)
+    elif level != "token":
+        raise ValueError(f"importance-weight level must be 'token' or 'sequence', got {level!r}")
+    return torch.exp(delta).clamp(max=cap)

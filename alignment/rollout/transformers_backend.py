@@ -1,0 +1,127 @@
+"""Rollout backend 1: `model.generate` from transformers (CPU or GPU), sampling from the training model itself.
+
+Per-token log-probs and the repetition early stop ride on generate's own hooks rather than a custom decode loop:
+`_StepRecorder`, a logits processor placed before transformers' temperature / top-k / top-p warpers, sees the raw
+logits of each step and keeps log softmax(logits / T); a stopping criterion, called right after the step's token is
+appended, reads that token's log-prob, tracks the run of confident tokens and each row's length.
+Only one step of (B, V) log-probs is held at a time, never the whole (B, T, V).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from alignment.rollout.base import RolloutBatch, SamplingOptions
+
+
+class _StepRecorder(LogitsProcessor):
+    """Logits processor (placed before the warpers): keeps log softmax(raw logits / T) of the current step."""
+
+    def __init__(self, batch_size: int, temperature: float, eos_ids: list[int], stop_k: int | None, stop_p: float,
+                 device):
+        self.temperature = temperature
+        self.eos = torch.tensor(eos_ids, device=device)
+        self.stop_k, self.log_stop_p = stop_k, math.log(stop_p)
+        self.step_logp = None
+        self.logprobs: list[torch.Tensor] = []  # per step, (B,)
+        self.run = torch.zeros(batch_size, dtype=torch.long, device=device)  # consecutive confident tokens
+        self.length = torch.full((batch_size,), -1, dtype=torch.long, device=device)  # -1: still running
+        self.reason = ["length"] * batch_size
+
+    def __call__(self, input_ids, scores):
+        self.step_logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def after_step(self, input_ids) -> torch.Tensor:
+        """The step's token is input_ids[:, -1]: record its log-prob, update runs and lengths; (B,) bool done."""
+        token = input_ids[:, -1]
+        logp = self.step_logp.gather(1, token[:, None]).squeeze(1)
+        step = len(self.logprobs)
+        self.logprobs.append(logp)
+        running = self.length < 0
+        self.run = torch.where(logp > self.log_stop_p, self.run + 1, torch.zeros_like(self.run))
+        is_eos = torch.isin(token, self.eos) & running
+        repeat = (self.run >= self.stop_k) & running & ~is_eos if self.stop_k else torch.zeros_like(is_eos)
+        for b in torch.nonzero(is_eos | repeat).flatten().tolist():
+            self.reason[b] = "eos" if is_eos[b] else "repetition"
+        self.length = torch.where(is_eos | repeat, torch.full_like(self.length, step + 1), self.length)
+        return self.length >= 0
+
+
+class _AfterStep(StoppingCriteria):
+    """Stopping criterion (called right after each step's token is appended) that defers to the recorder."""
+
+    def __init__(self, recorder: _StepRecorder):
+        self.recorder = recorder
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return self.recorder.after_step(input_ids)
+
+
+class TransformersRollout:
+    """`RolloutWorker` on `model.generate`. `sync_weights(model)` points it at the trainer's (updated) model: the
+    weights are shared, so there is nothing to copy (a separate-engine backend copies them there)."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 64):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+
+    def sync_weights(self, model) -> None:
+        self.model = model
+
+    def encode(self, prompts: list) -> list[list[int]]:
+        """Token ids of chat conversations (templated with the generation prompt), strings or id lists."""
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                out.append(self.tokenizer(p, add_special_tokens=False)["input_ids"])
+            elif p and isinstance(p[0], dict):
+                out.append(list(self.tokenizer.apply_chat_template(p, tokenize=True, add_generation_prompt=True,
+                                                                   return_dict=True)["input_ids"]))
+            else:
+                out.append([int(t) for t in p])
+        return out
+
+    @torch.no_grad()
+    def generate(self, prompts: list, n: int, sampling: SamplingOptions) -> RolloutBatch:
+        prompt_ids = [ids for ids in self.encode(prompts) for _ in range(n)]
+        completions, logprobs, reasons = [], [], []
+        for start in range(0, len(prompt_ids), self.batch_size):
+            c, lp, r = self._generate_batch(prompt_ids[start : start + self.batch_size], sampling)
+            completions += c
+            logprobs += lp
+            reasons += r
+        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        metrics = {f"rollout/stop_{k}": sum(r == k for r in reasons) / max(len(reasons), 1)
+                   for k in ("eos", "length", "repetition")}
+        return RolloutBatch(prompt_ids, completions, logprobs, texts, reasons, n=n, metrics=metrics)
+
+    def _generate_batch(self, prompt_ids: list[list[int]], sampling: SamplingOptions):
+        model, tok = self.model, self.tokenizer
+        device = next(model.parameters()).device
+        width = max(len(p) for p in prompt_ids)
+        pad = tok.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
+        eos_ids = [tok.eos_token_id] if isinstance(tok.eos_token_id, int) else list(tok.eos_token_id)
+        recorder = _StepRecorder(len(prompt_ids), sampling.temperature, eos_ids, sampling.repetition_stop_k,
+                                 sampling.repetition_stop_p, device)
+        was_training = model.training
+        model.eval()
+        try:
+            # no router logits while decoding: transformers' aux loss breaks on cached steps, and it is unused here
+            out = model.generate(
+                input_ids=input_ids, attention_mask=attention, do_sample=True, temperature=sampling.temperature,
+                top_k=sampling.top_k, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
+                logits_processor=LogitsProcessorList([recorder]), stopping_criteria=StoppingCriteriaList([_AfterStep(recorder)]),
+                eos_token_id=eos_ids, pad_token_id=pad, output_router_logits=False)
+        finally:
+            model.train(was_training)
+        new = out[:, width:].tolist()
+        steps = torch.stack(recorder.logprobs, dim=1).tolist() if recorder.logprobs else [[] for _ in new]
+        lengths = [n if n >= 0 else len(row) for n, row in zip(recorder.length.tolist(), new)]
+        completions = [row[:n] for row, n in zip(new, lengths)]
+        logprobs = [row[:n] for row, n in zip(steps, lengths)]
+        return completions, logprobs, list(recorder.reason)
