@@ -35,6 +35,11 @@ def atomic_directory(final: str | Path):
     os.replace(tmp, final)
 
 
+def write_log_history(out: str | Path, log_history: list[dict]) -> None:
+    """The trainer's log history as `<out>/log_history.json` (the pipeline report plots it)."""
+    write_json_atomic(Path(out) / "log_history.json", log_history)
+
+
 def plot_curves(log_history: list[dict], path: str | Path, keys=("loss", "learning_rate", "grad_norm")) -> list[str]:
     """One PNG with a panel per logged key found in the trainer's log history; returns the keys plotted."""
     import matplotlib
@@ -75,3 +80,68 @@ def summary_markdown(title: str, before: dict, after: dict, notes: dict | None =
 
 def _fmt(x) -> str:
     return "" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+CURVE_KEYS = ("loss", "reward", "success_rate", "rewards/margins", "rewards/accuracies")
+
+
+def pipeline_report(root: str | Path, stages: list[tuple[str, Path]]) -> Path:
+    """`<root>/report.md` (every finished stage's held-out metrics before/after, its training summary) and
+    `<root>/report.png` (a row of training curves per stage), from each stage's metrics.json and log_history.json."""
+    root = Path(root)
+    lines = ["# Pipeline report", "", "| stage | metric | before | after | change |", "|---|---|---:|---:|---:|"]
+    curves = []
+    for name, out in stages:
+        metrics_file = Path(out) / "metrics.json"
+        if not metrics_file.is_file():
+            lines.append(f"| {name} | (not run yet) | | | |")
+            continue
+        metrics = json.loads(metrics_file.read_text())
+        before, after = metrics.get("before", {}), metrics.get("after", {})
+        for key in sorted(set(before) | set(after)):
+            b, a = before.get(key), after.get(key)
+            delta = f"{a - b:+.3f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) else ""
+            lines.append(f"| {name} | {key} | {_fmt(b)} | {_fmt(a)} | {delta} |")
+        history_file = Path(out) / "log_history.json"
+        if history_file.is_file():
+            curves.append((name, json.loads(history_file.read_text())))
+    lines += ["", "Training curves: report.png; per-stage summary.md, curves.png and TensorBoard logs under each "
+              "stage's directory."]
+    path = root / "report.md"
+    tmp = path.with_name(f".report.md.tmp-{os.getpid()}")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    _plot_stage_curves(curves, root / "report.png")
+    return path
+
+
+def _plot_stage_curves(curves: list[tuple[str, list[dict]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(name, {k: [(e["step"], e[k]) for e in history if k in e and "step" in e] for k in CURVE_KEYS})
+            for name, history in curves]
+    rows = [(name, {k: v for k, v in series.items() if v}) for name, series in rows]
+    rows = [(name, series) for name, series in rows if series]
+    if not rows:
+        return
+    width = max(len(series) for _, series in rows)
+    fig, axes = plt.subplots(len(rows), width, figsize=(4.5 * width, 3 * len(rows)), squeeze=False)
+    for r, (name, series) in enumerate(rows):
+        for c in range(width):
+            ax = axes[r][c]
+            if c >= len(series):
+                ax.axis("off")
+                continue
+            key, points = list(series.items())[c]
+            ax.plot(*zip(*points), marker=".")
+            ax.set_title(f"{name}: {key}")
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)

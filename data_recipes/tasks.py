@@ -234,7 +234,7 @@ def _n_pairs_range(n_pairs) -> tuple[int, int]:
 
 
 def retrieval_examples(n: int, seed: int, n_pairs, split: str = "train") -> list[dict]:
-    """Key→value lookup: "Data: apple=482; tiger=039; ... What is the value of tiger?" → "039".
+    """Key→value lookup: "Data: apple=482; tiger=039; ... What is the value of tiger?" → "Answer: tiger=039".
 
     Keys are distinct words and values distinct 3-digit strings, so the answer is unambiguous and echoing another
     value is detectably wrong. Every key follows a space (" tiger") as in the question, so the key is the same
@@ -252,7 +252,9 @@ def retrieval_examples(n: int, seed: int, n_pairs, split: str = "train") -> list
         q = rng.randrange(k)
         haystack = "; ".join(f"{key}={value}" for key, value in zip(keys, values))
         question = f"Data: {haystack}.\nWhat is the value of {keys[q]}?"
-        rows.append(_row("retrieval", question, values[q], values[q], n_pairs=k))
+        # the reply restates the key ("Answer: tiger=039"), so the value follows "tiger=" exactly as in the
+        # haystack: the lookup becomes a plain copy (an induction pattern) that a tiny model learns quickly
+        rows.append(_row("retrieval", question, f"Answer: {keys[q]}={values[q]}", values[q], n_pairs=k))
     return rows
 
 

@@ -76,10 +76,11 @@ def main(argv: list[str] | None = None) -> int:
 def run(cfg: SFTStageConfig, overwrite: bool = False) -> dict:
     """Train one SFT stage; returns the metrics written to `<output_dir>/metrics.json`."""
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
+    from alignment.checkpointing import last_checkpoint
     from alignment.evaluation import evaluate
-    from alignment.reporting import atomic_directory, plot_curves, summary_markdown, write_json_atomic
+    from alignment.reporting import (atomic_directory, plot_curves, summary_markdown, write_json_atomic,
+                                     write_log_history)
     from alignment.trainers import MiniMaxSFTTrainer
     from data_recipes import build_sft_mix, heldout_sets
 
@@ -122,7 +123,7 @@ def run(cfg: SFTStageConfig, overwrite: bool = False) -> dict:
         train_dataset=train_rows.select_columns(["messages"]),
         processing_class=tokenizer,
     )
-    last = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+    last = last_checkpoint(out / "checkpoints")
     if last:
         print(f"[{cfg.title}] resuming from {last}")
     result = trainer.train(resume_from_checkpoint=last)
@@ -149,6 +150,7 @@ def run(cfg: SFTStageConfig, overwrite: bool = False) -> dict:
         tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / "metrics.json", metrics)  # last: its presence marks a finished checkpoint
     write_json_atomic(out / "metrics.json", metrics)
+    write_log_history(out, history)
     plotted = plot_curves(history, out / "curves.png", keys=("loss", "mean_token_accuracy", "learning_rate",
                                                                "grad_norm", "aux_loss"))
     notes = {"training loss": f"{metrics['train']['first_loss']} -> {metrics['train']['last_loss']}",

@@ -1,0 +1,106 @@
+"""Crash-safe, resumable Trainer checkpoints: a `checkpoint-N` directory either is complete or does not exist, and
+resuming from it restores every weight.
+
+transformers' `Trainer._save_checkpoint` writes model, optimizer, scheduler, RNG and trainer state straight into
+`checkpoint-N`; a crash half-way leaves a directory that `get_last_checkpoint` happily resumes from (and then fails,
+or worse, loads a model without its optimizer). `SafeCheckpoints` makes the parent write into a staging directory
+(`<output_dir>/.staging/checkpoint-N`) and renames it into place only when every file is written — a rename within
+one filesystem is atomic — then applies `save_total_limit` to the real directory. Leftover staging from a crash is
+removed at the next save or by `clean_staging`.
+
+Resume state (optimizer, scheduler, RNG, data position) is transformers' own: `resume_from_checkpoint` restores them
+and skips the batches already seen, so a resumed run follows the same data order as an uninterrupted one. The model
+weights are not: transformers 5 saves MiniMax in the original checkpoint layout (`block_sparse_moe.experts.E.w1/w2/w3`,
+`block_sparse_moe.gate`) but `Trainer._load_from_checkpoint` reads the file back with a non-strict `load_state_dict`
+and no layout conversion, so every expert and router weight is silently left as it was at the start of the stage.
+`SafeCheckpoints` loads them through `from_pretrained` (which converts) and copies them in strictly.
+
+Fault injection for crash tests: `ALIGNMENT_KILL_AT=save:N` SIGKILLs the process half-way through writing checkpoint
+N (model written, optimizer not yet), `ALIGNMENT_KILL_AT=step:N` right after optimizer step N. It only ever kills the
+process that sets it, and is read nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
+
+STAGING = ".staging"
+KILL_ENV = "ALIGNMENT_KILL_AT"
+
+
+def _kill_requested(kind: str, step: int) -> bool:
+    return os.environ.get(KILL_ENV, "") == f"{kind}:{step}"
+
+
+def clean_staging(output_dir: str | Path) -> None:
+    """Remove half-written checkpoints left by a crash."""
+    shutil.rmtree(Path(output_dir) / STAGING, ignore_errors=True)
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest complete `checkpoint-N` in `output_dir` (staging never counts), or None."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    clean_staging(output_dir)
+    return get_last_checkpoint(str(output_dir))
+
+
+class _KillAfterStep(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if _kill_requested("step", state.global_step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SafeCheckpoints:
+    """Trainer mixin (put it first in the bases): checkpoints are staged then renamed into place, and resuming
+    loads every weight (strictly, through the checkpoint-layout conversion)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if os.environ.get(KILL_ENV):
+            self.add_callback(_KillAfterStep())
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = Path(super()._get_output_dir(trial=trial))
+        staging = run_dir / STAGING
+        clean_staging(run_dir)
+        self._staging_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)  # writes staging/checkpoint-N via _get_output_dir below
+        finally:
+            self._staging_dir = None
+        name = f"checkpoint-{self.state.global_step}"
+        self.accelerator.wait_for_everyone()  # every rank's shards are in staging before the rename
+        if self.args.should_save:
+            target = run_dir / name
+            if target.exists():  # a re-save of the same step (e.g. after a resume): replace it
+                shutil.rmtree(target)
+            os.replace(staging / name, target)
+            clean_staging(run_dir)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint)
+
+    def _get_output_dir(self, trial):
+        staging = getattr(self, "_staging_dir", None)
+        return staging if staging else super()._get_output_dir(trial=trial)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if _kill_requested("save", self.state.global_step):  # model files are written, optimizer is not
+            os.kill(os.getpid(), signal.SIGKILL)
+        super()._save_optimizer_and_scheduler(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        model = model if model is not None else self.model
+        plain = (Path(resume_from_checkpoint, "config.json").is_file() and not hasattr(model, "peft_config")
+                 and not self.is_deepspeed_enabled and not self.is_fsdp_enabled)
+        if not plain:  # adapters, DeepSpeed and FSDP checkpoints keep their own loaders and layouts
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
+        model.load_state_dict(saved.state_dict(), strict=True)

@@ -1,0 +1,248 @@
+"""The staged pipeline: the whole MiniMax-01 post-training recipe as one resumable run [01 §5, Table 7].
+
+    make pipeline                                   # configs/pipeline_tiny.yaml (what `make demo` runs)
+    python -m pipelines.run --config configs/pipeline_tiny.yaml [--from dpo] [--only grpo] [--check]
+
+A pipeline YAML lists stages in order; each names its stage YAML and dotted overrides. The runner
+1. validates every stage up front (unknown keys, missing files, stage order, lengths above the model's positions),
+   so a typo in the last stage fails before the first one trains;
+2. runs the stages in order, each starting from the previous policy stage's `final/` checkpoint (`start_from`);
+3. records status, timings and metrics in `<output_root>/manifest.json` (atomic writes) and skips finished stages on a
+   re-run — a stage whose `final/metrics.json` exists is done; an interrupted one resumes from its last complete
+   Trainer checkpoint (alignment/checkpointing.py: optimizer, scheduler, RNG and data position restored);
+4. writes `<output_root>/report.md` and `report.png` (every stage's key metrics before/after, its training curves)
+   after each stage, next to each stage's own TensorBoard logs.
+
+String overrides may name another stage's checkpoint as `{stage_name}` — e.g. the reward model a later stage
+scores with: `set: {rewards.reward_model.path: "{rm}"}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from alignment.config import ConfigError, from_dict, load_config, read_yaml
+from alignment.reporting import write_json_atomic
+
+# kind -> (module, config class); every stage module exposes run(cfg, overwrite=False) -> metrics dict
+STAGE_KINDS = {
+    "sft": ("pipelines.sft", "SFTStageConfig"),
+    "rm": ("pipelines.rm", "RMStageConfig"),
+    "dpo": ("pipelines.dpo", "DPOStageConfig"),
+    "grpo": ("pipelines.grpo", "GRPOStageConfig"),
+}
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+@dataclass
+class StageSpec:
+    name: str
+    kind: Literal["sft", "rm", "dpo", "grpo"]
+    config: str  # the stage YAML (run alone with `python -m pipelines.<kind> --config ...`)
+    set: dict = field(default_factory=dict)  # dotted overrides of that YAML
+    # Which checkpoint the stage starts from: "previous" (the last policy stage before it; none for the first stage,
+    # which keeps its YAML's model.path), "config" (keep the YAML's), or a stage name.
+    start_from: str = "previous"
+    # A policy stage hands its checkpoint to the next; a reward-model stage does not.
+    policy: bool = True
+
+
+@dataclass
+class PipelineConfig:
+    stages: list[StageSpec]
+    output_root: str = "runs/pipeline"  # stage NAME writes to <output_root>/NAME
+    title: str = "MiniMax post-training pipeline"
+    seed: int | None = None  # when set, every stage's seed
+    # Dotted overrides applied to every stage whose config has that top-level section (e.g. model.dtype: bfloat16).
+    shared: dict = field(default_factory=dict)
+
+
+@dataclass
+class Stage:
+    spec: StageSpec
+    cfg: object
+    out: Path
+
+    @property
+    def final(self) -> Path:
+        return self.out / "final"
+
+    @property
+    def done(self) -> bool:
+        return (self.final / "metrics.json").is_file()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.run",
+        description="Run the MiniMax-01 post-training stages (SFT -> long SFT -> DPO -> long DPO -> GRPO) from one "
+        "pipeline YAML, handing each stage's final checkpoint to the next. Finished stages are skipped on a re-run; "
+        "an interrupted stage resumes from its last complete checkpoint. Writes <output_root>/manifest.json, "
+        "report.md and report.png.",
+    )
+    parser.add_argument("--config", required=True, help="pipeline YAML, e.g. configs/pipeline_tiny.yaml")
+    parser.add_argument("--from", dest="start", metavar="STAGE", help="skip the stages before STAGE")
+    parser.add_argument("--only", metavar="STAGE", help="run just STAGE (its input checkpoint must exist)")
+    parser.add_argument("--check", action="store_true", help="validate the pipeline and exit")
+    args = parser.parse_args(argv)
+    try:
+        stages = plan(args.config)
+        selected = select(stages, args.start, args.only)
+        if args.check:
+            print(f"{args.config}: OK ({', '.join(s.spec.name for s in stages)})")
+            return 0
+        run(args.config, stages, selected)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def plan(path: str | Path) -> list[Stage]:
+    """Load and validate the whole pipeline before anything runs; errors name the file and key."""
+    pipe = from_dict(PipelineConfig, read_yaml(path), source=str(path))
+    if not pipe.stages:
+        raise ConfigError(f"{path}: 'stages' is empty")
+    names = [s.name for s in pipe.stages]
+    for i, spec in enumerate(pipe.stages):
+        if names.count(spec.name) > 1:
+            raise ConfigError(f"{path}: stages[{i}].name '{spec.name}' is used twice")
+    root = Path(pipe.output_root)
+    stages: list[Stage] = []
+    for i, spec in enumerate(pipe.stages):
+        where = f"{path}: stages[{i}] ({spec.name})"
+        module, cls_name = STAGE_KINDS[spec.kind]
+        try:
+            cls = getattr(importlib.import_module(module), cls_name)
+        except (ImportError, AttributeError) as err:
+            raise ConfigError(f"{where}: stage kind '{spec.kind}' is not available ({err})") from None
+        earlier = {s.spec.name: s for s in stages}
+        overrides = {k: v for k, v in pipe.shared.items() if k.split(".")[0] in cls.__dataclass_fields__}
+        overrides.update({k: _resolve(v, earlier, f"{where}.set.{k}") for k, v in spec.set.items()})
+        overrides["output_dir"] = str(root / spec.name)
+        if pipe.seed is not None:
+            overrides["seed"] = pipe.seed
+        source = _start_checkpoint(spec, stages, where)
+        if source is not None:
+            overrides["model.path"] = str(source.final)
+        try:
+            cfg = load_config(spec.config, cls, overrides)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        _check_inputs(cfg, where, produced={s.final for s in stages})
+        stages.append(Stage(spec, cfg, root / spec.name))
+    return stages
+
+
+def _start_checkpoint(spec: StageSpec, stages: list[Stage], where: str) -> Stage | None:
+    if spec.start_from == "config":
+        return None
+    if spec.start_from == "previous":
+        policies = [s for s in stages if s.spec.policy]
+        return policies[-1] if policies else None
+    found = [s for s in stages if s.spec.name == spec.start_from]
+    if not found:
+        raise ConfigError(f"{where}: start_from '{spec.start_from}' is not an earlier stage "
+                          f"(stages run in order; earlier: {', '.join(s.spec.name for s in stages) or 'none'})")
+    return found[0]
+
+
+def _resolve(value, earlier: dict[str, Stage], key: str):
+    """'{rm}' -> the rm stage's final checkpoint (only earlier stages can be named)."""
+    if not isinstance(value, str):
+        return value
+
+    def sub(match):
+        if match.group(1) not in earlier:
+            raise ConfigError(f"{key}: '{{{match.group(1)}}}' does not name an earlier stage")
+        return str(earlier[match.group(1)].final)
+
+    return _PLACEHOLDER.sub(sub, value)
+
+
+def _check_inputs(cfg, where: str, produced: set[Path]) -> None:
+    """Files a stage reads must exist now, or be produced by an earlier stage; lengths must fit the model."""
+    model_path = Path(cfg.model.path)
+    if model_path not in produced and not model_path.exists():
+        raise ConfigError(f"{where}: model.path '{model_path}' does not exist and no earlier stage produces it")
+    data = getattr(cfg, "data", None)
+    for i, f in enumerate(getattr(data, "files", []) or []):
+        if not Path(f).is_file():
+            raise ConfigError(f"{where}: data.files[{i}] '{f}' not found")
+    max_length = getattr(data, "max_length", None)
+    positions = _max_positions(model_path) if model_path not in produced else None
+    if max_length and positions and max_length > positions:
+        raise ConfigError(f"{where}: data.max_length {max_length} exceeds the model's max_position_embeddings "
+                          f"{positions} (raise it in the model config or shorten the rows)")
+
+
+def _max_positions(model_path: Path) -> int | None:
+    if model_path.suffix in (".yaml", ".yml"):
+        return (yaml.safe_load(model_path.read_text()) or {}).get("max_position_embeddings")
+    config = model_path / "config.json"
+    return json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None
+
+
+def select(stages: list[Stage], start: str | None, only: str | None) -> list[Stage]:
+    names = [s.spec.name for s in stages]
+    for flag, name in (("--from", start), ("--only", only)):
+        if name is not None and name not in names:
+            raise ConfigError(f"{flag} {name}: no such stage (stages: {', '.join(names)})")
+    if only:
+        return [s for s in stages if s.spec.name == only]
+    return stages[names.index(start):] if start else stages
+
+
+def run(path, stages: list[Stage], selected: list[Stage]) -> dict:
+    """Run the selected stages in order; returns the manifest."""
+    from alignment.reporting import pipeline_report
+
+    root = stages[0].out.parent
+    manifest_path = root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest.update(config=str(path), stages=manifest.get("stages", {}))
+    for stage in stages:
+        manifest["stages"].setdefault(stage.spec.name, {"kind": stage.spec.kind, "status": "pending"})
+    for i, stage in enumerate(selected, 1):
+        record = manifest["stages"][stage.spec.name]
+        record.update(kind=stage.spec.kind, output_dir=str(stage.out), start=str(stage.cfg.model.path))
+        banner = f"[pipeline {i}/{len(selected)}] {stage.spec.name} ({stage.spec.kind})"
+        if stage.done:
+            print(f"{banner}: finished earlier, skipped")
+            record.update(status="done", checkpoint=str(stage.final))
+            continue
+        if not Path(stage.cfg.model.path).exists():
+            raise FileNotFoundError(f"{stage.spec.name}: input checkpoint {stage.cfg.model.path} does not exist; "
+                                    "run the earlier stages first")
+        print(f"{banner}: starting from {stage.cfg.model.path}")
+        record.update(status="running", started=time.strftime("%Y-%m-%d %H:%M:%S"))
+        write_json_atomic(manifest_path, manifest)
+        t0 = time.time()
+        try:
+            module = importlib.import_module(STAGE_KINDS[stage.spec.kind][0])
+            module.run(stage.cfg)
+        except BaseException as err:
+            record.update(status="failed", error=f"{type(err).__name__}: {err}")
+            write_json_atomic(manifest_path, manifest)
+            raise
+        record.update(status="done", checkpoint=str(stage.final), seconds=round(time.time() - t0, 1))
+        write_json_atomic(manifest_path, manifest)
+        pipeline_report(root, [(s.spec.name, s.out) for s in stages])
+    write_json_atomic(manifest_path, manifest)
+    report = pipeline_report(root, [(s.spec.name, s.out) for s in stages])
+    print(f"[pipeline] done: {report}")
+    return manifest
+
+
+if __name__ == "__main__":
+    sys.exit(main())
