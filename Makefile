@@ -1,6 +1,7 @@
 # Set-up and entry points. Everything runs inside .venv, created on first use.
 #   make demo   set up, then run the staged pipeline on the built-in tiny model (CPU)
 #   make test   set up, then run the test suite
+#   make bench  GPU machine only: fast path vs stock transformers (bench/README.md); BENCH_PY=python3 there
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +18,7 @@ RUN ?= runs/tiny
 SFT_CONFIG ?= configs/sft_tiny.yaml
 LONG_SFT_CONFIG ?= configs/long_sft_tiny.yaml
 
-.PHONY: setup demo sft long-sft test clean help
+.PHONY: setup demo sft long-sft test bench clean help
 
 help:
 	@sed -n '1,4p' Makefile
@@ -44,6 +45,11 @@ demo: setup sft long-sft
 
 test: setup
 	$(PY) -m pytest -q -x
+
+# GPU machine only: a python with CUDA torch and the `gpu` extra (no .venv needed there).
+BENCH_PY ?= $(PY)
+bench:
+	$(BENCH_PY) -m bench.bench_train --out bench/results
 
 clean:
 	rm -rf runs

@@ -69,6 +69,26 @@ def resolve_lightning_kernel(kernel: str, device: torch.device) -> str:
     return kernel
 
 
+def limit_triton_autotuning(num_warps: int = 4, num_stages: int = 2, max_configs: int = 4) -> None:
+    """Make Triton's autotuner (flash-linear-attention's kernels use it) try at most `max_configs` configurations,
+    those with `num_warps` / `num_stages` when there are any. fla tunes up to 48 configurations per kernel and per
+    (heads, head dim, dtype, varlen) combination, minutes on a fresh machine; a long training run amortises that (the
+    results are cached on disk), a benchmark or test on a short-lived GPU machine cannot. Opt-in, process-wide."""
+    from triton.runtime.autotuner import Autotuner
+
+    if getattr(Autotuner, "_limited", False):
+        return
+    prune = Autotuner.prune_configs
+
+    def limited(self, kwargs):
+        configs = prune(self, kwargs)
+        preferred = [c for c in configs if c.num_warps == num_warps and c.num_stages == num_stages]
+        return (preferred or [c for c in configs if c.num_warps == num_warps] or configs)[:max_configs]
+
+    Autotuner.prune_configs = limited
+    Autotuner._limited = True
+
+
 def packed_cu_seqlens(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Document boundaries of packed rows (B, T), rows flattened into one sequence of B·T tokens.
 
