@@ -13,7 +13,9 @@ Three measurements (bench/README.md explains each and records the results):
    never holds the full logits), MFU from active parameters.
 3. the longest context that trains (one step, batch 1, gradient checkpointing) for that model, ours vs stock.
 
-Results are written after every section (a run cut short keeps what it measured).
+Results are written after every section (a run cut short keeps what it measured). By default fla's Triton autotuning
+is limited to a few configurations per kernel (`kernels.limit_triton_autotuning`), so that a fresh device machine
+spends seconds, not minutes, compiling; `--full-autotune` lifts that.
 """
 
 from __future__ import annotations
@@ -327,7 +329,8 @@ def markdown(res: dict) -> str:
     env = res["environment"]
     out = [f"# Training benchmark: fast path vs stock transformers\n",
            f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}, "
-           f"fla {env['fla']}, liger-kernel {env['liger_kernel']}; total {res.get('elapsed_s', 0):.0f} s.\n"]
+           f"fla {env['fla']}, liger-kernel {env['liger_kernel']}; Triton autotuning {res.get('autotuning')}; "
+           f"total {res.get('elapsed_s', 0):.0f} s.\n"]
     att = res.get("attention")
     if att:
         out += [f"## 1. Lightning attention fwd+bwd (H{att['heads']} × D{att['head_dim']}, bf16, batch 1)\n",

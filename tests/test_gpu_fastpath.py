@@ -21,7 +21,8 @@ if ON_GPU:  # a few Triton configurations per kernel: full autotuning takes minu
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((a.double() - ref.double()).norm() / ref.double().norm())
+    a, ref = a.detach().double(), ref.detach().double()
+    return float((a - ref).norm() / ref.norm())
 
 
 def random_doc_ids(gen, B, T, max_docs):
