@@ -17,8 +17,9 @@ export HF_DATASETS_OFFLINE := 1
 RUN ?= runs/tiny
 SFT_CONFIG ?= configs/sft_tiny.yaml
 LONG_SFT_CONFIG ?= configs/long_sft_tiny.yaml
+GRPO_CONFIG ?= configs/grpo_tiny.yaml
 
-.PHONY: setup demo sft long-sft test bench clean help
+.PHONY: setup demo sft long-sft grpo test bench clean help
 
 help:
 	@sed -n '1,4p' Makefile
@@ -39,6 +40,9 @@ sft: setup
 
 long-sft: setup
 	$(PY) -m pipelines.sft --config $(LONG_SFT_CONFIG)
+
+grpo: setup
+	$(PY) -m pipelines.grpo --config $(GRPO_CONFIG)
 
 demo: setup sft long-sft
 	@echo "demo finished: see $(RUN)/*/summary.md"

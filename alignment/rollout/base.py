@@ -81,10 +81,10 @@ def logprob_mismatch(train_logp: torch.Tensor, rollout_logp: torch.Tensor, mask:
     a, b = train_logp[keep].double(), rollout_logp[keep].double()
     delta = (a - b).abs()
     pa, pb = a.exp(), b.exp()
-    if pa.numel() > 1 and pa.std() > 0 and pb.std() > 0:
+    if pa.numel() > 1 and pa.std() > 1e-6 and pb.std() > 1e-6:  # else the correlation is noise
         corr = float(torch.corrcoef(torch.stack([pa, pb]))[0, 1])
     else:
-        corr = 1.0 if torch.allclose(pa, pb) else 0.0
+        corr = 1.0 if torch.allclose(pa, pb, atol=1e-4) else 0.0
     return {"mismatch/logp_abs_mean": float(delta.mean()), "mismatch/logp_abs_max": float(delta.max()),
             "mismatch/prob_corr": corr}
 

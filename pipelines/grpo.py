@@ -1,0 +1,265 @@
+"""Online RL: stage V of the MiniMax-01 recipe, modified GRPO with success-rate prompt filtering.
+
+    make grpo                                  # configs/grpo_tiny.yaml, starts from the stage I SFT checkpoint
+    python -m pipelines.grpo --config CONFIG [--set loss.name=cispo ...] [--overwrite]
+
+Reads top to bottom: config -> tokenizer + packing-safe policy -> held-out evaluation -> prompt pool (the policy
+samples k answers per candidate prompt through the rollout worker; prompts whose verifier pass rate lies inside
+(lo, hi) are kept and written to `<output_dir>/prompt_pool.jsonl` with their rates) -> TRL GRPOTrainer subclass
+(`MiniMaxGRPOTrainer`: rollout worker with the repetition early stop, rewards from `rewards.build_reward`, balanced
+group advantages, zero-variance groups dropped and refilled, the modified GRPO or CISPO loss from
+`alignment.losses`) -> evaluation again -> atomic `<output_dir>/final` + metrics.json / summary.md / curves.png /
+TensorBoard.
+
+Where it departs from the paper [01 §5.4.2, M1 §3-5]: prompts are the built-in arithmetic task (the paper's RL
+prompts are "mainly math") from a different random stream than SFT's; pass rates are measured by the policy itself,
+not a stronger model; the clip / drop thresholds, KL coefficient, group size and early-stop K are our defaults
+(the papers give none, or give numbers for 40K-token rollouts); batch sizes and LR are scaled to the tiny model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from alignment.config import ConfigError, load_config, to_dict
+from alignment.losses import LossOptions
+from alignment.modeling import ModelOptions, load_model
+from alignment.rollout.base import SamplingOptions
+from alignment.schema import EvalOptions, TrainOptions
+from alignment.trainers import AdvantageOptions, DynamicSamplingOptions, RolloutCorrectionOptions
+from data_recipes.prompt_pool import PoolOptions
+from rewards import RewardError
+
+
+@dataclass
+class RolloutOptions:
+    # `transformers`: model.generate on the training model itself (CPU/GPU). vLLM plugs in by name when it lands.
+    backend: Literal["transformers"] = "transformers"
+    batch_size: int = 128  # completions generated together
+
+
+@dataclass
+class GRPOStageConfig:
+    model: ModelOptions
+    prompts: PoolOptions
+    # Rollout sampling, used by the offline pass-rate filter and by training.
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    rollout: RolloutOptions = field(default_factory=RolloutOptions)
+    loss: LossOptions = field(default_factory=LossOptions)
+    advantages: AdvantageOptions = field(default_factory=AdvantageOptions)
+    dynamic_sampling: DynamicSamplingOptions = field(default_factory=DynamicSamplingOptions)
+    rollout_correction: RolloutCorrectionOptions = field(default_factory=RolloutCorrectionOptions)
+    # Reward handlers (rewards.build_reward spec): {name: {weight, clip, ...options}}.
+    reward: dict[str, dict] = field(default_factory=lambda: {"correctness": {"weight": 1.0}})
+    num_generations: int = 8  # G, completions per prompt (one group)
+    # training.batch_size counts completions per optimizer micro-step (a multiple of num_generations).
+    training: TrainOptions = field(default_factory=TrainOptions)
+    eval: EvalOptions = field(default_factory=EvalOptions)
+    # Length-bias monitor (rewards.LengthBiasMonitor) window in steps; 0 turns it off.
+    length_monitor_window: int = 20
+    output_dir: str = "runs/grpo"
+    seed: int = 0
+    title: str = "GRPO"
+
+    def __post_init__(self):
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2 (advantages are relative within a group), got "
+                             f"{self.num_generations}")
+        if self.training.batch_size % self.num_generations:
+            raise ValueError(f"training.batch_size ({self.training.batch_size}) must be a multiple of "
+                             f"num_generations ({self.num_generations}): a step holds whole groups")
+        if self.loss.beta > 0 and self.loss.kl == "none":
+            raise ValueError("loss.beta > 0 but loss.kl is none; pick kl: minimax or k3, or set beta: 0")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.grpo",
+        description="Online modified GRPO (stage V of the MiniMax-01 recipe) with success-rate prompt filtering. "
+        "Writes <output_dir>/prompt_pool.jsonl, final/ (the checkpoint), metrics.json, summary.md, curves.png and "
+        "TensorBoard logs; a re-run resumes from the last checkpoint in <output_dir>/checkpoints.",
+    )
+    parser.add_argument("--config", required=True, help="stage YAML, e.g. configs/grpo_tiny.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (dotted, YAML value), e.g. --set training.max_steps=10")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train again even if <output_dir>/final exists (it is replaced only when done)")
+    args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    try:
+        cfg = load_config(args.config, GRPOStageConfig, overrides)
+        run(cfg, overwrite=args.overwrite)
+    except (ConfigError, ValueError, FileNotFoundError, RewardError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
+    """Train one GRPO stage; returns the metrics written to `<output_dir>/metrics.json`."""
+    from transformers import AutoTokenizer, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from alignment.evaluation import evaluate
+    from alignment.reporting import atomic_directory, plot_curves, summary_markdown, write_json_atomic
+    from alignment.rollout import build_rollout
+    from alignment.trainers import MiniMaxGRPOTrainer
+    from data_recipes import heldout_sets
+    from data_recipes.prompt_pool import build_prompt_pool, load_pool
+    from data_recipes.sft_mix import build_sft_mix
+    from pipelines.sft import _read_json, _short
+    from rewards import LengthBiasMonitor, trl_reward_funcs
+    from rewards.verifiers import VERIFIERS, verify
+
+    out = Path(cfg.output_dir)
+    final = out / "final"
+    if (final / "metrics.json").is_file() and not overwrite:
+        print(f"{final} is complete; nothing to do (pass --overwrite to train again)")
+        return _read_json(final / "metrics.json")
+    set_seed(cfg.seed)
+
+    # config-level checks before any model work: reward spec, model path, tasks
+    reward_funcs, reward_weights = trl_reward_funcs(cfg.reward)  # raises RewardError naming a bad handler
+    if not Path(cfg.model.path, "tokenizer_config.json").is_file():
+        raise ConfigError(f"model.path: '{cfg.model.path}' is not a checkpoint directory with a tokenizer "
+                          "(GRPO starts from a trained checkpoint, e.g. runs/tiny/sft/final from `make sft`)")
+    candidates = [dict(r) for r in build_sft_mix(cfg.prompts.builtin, [], cfg.prompts.seed)]
+    heldout = heldout_sets(cfg.eval.sets, cfg.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    model = load_model(cfg.model, seed=cfg.seed)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    worker = build_rollout(cfg.rollout.backend, model, tokenizer, batch_size=cfg.rollout.batch_size)
+
+    before_path = out / "eval_before.json"  # kept across resumes: the 'before' model is the stage's input
+    if before_path.is_file():
+        before = _read_json(before_path)
+    else:
+        before = evaluate(model, tokenizer, heldout, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+        write_json_atomic(before_path, before)
+    print(f"[{cfg.title}] before: {_short(before)}")
+
+    # offline success-rate filter with the starting policy; reused on resume
+    pool_path, pool_stats_path = out / "prompt_pool.jsonl", out / "prompt_pool_stats.json"
+    if pool_path.is_file() and pool_stats_path.is_file():
+        pool, pool_stats = load_pool(pool_path), _read_json(pool_stats_path)
+    else:
+        pool, pool_stats = build_prompt_pool(worker, candidates, cfg.prompts, cfg.sampling, pool_path)
+        write_json_atomic(pool_stats_path, pool_stats)
+    print(f"[{cfg.title}] prompt pool: kept {pool_stats['kept']} of {pool_stats['scored']} prompts with pass rate in "
+          f"({cfg.prompts.lo}, {cfg.prompts.hi}) (mean pass rate {pool_stats['mean_pass_rate_all']:.3f} -> "
+          f"{pool_stats['mean_pass_rate_kept']:.3f})")
+
+    tasks = set(pool["task"])
+    success_fn = verify if tasks <= set(VERIFIERS) else None
+    monitor = LengthBiasMonitor(window=cfg.length_monitor_window, min_steps=min(5, cfg.length_monitor_window)) \
+        if cfg.length_monitor_window >= 2 else None
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
+    trainer = MiniMaxGRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=_trl_args(cfg, out / "checkpoints", reward_weights),
+        train_dataset=pool,
+        processing_class=tokenizer,
+        loss=cfg.loss, sampling=cfg.sampling, rollout=worker, advantages=cfg.advantages,
+        dynamic_sampling=cfg.dynamic_sampling, rollout_correction=cfg.rollout_correction,
+        length_monitor=monitor, success_fn=success_fn,
+    )
+    last = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+    if last:
+        print(f"[{cfg.title}] resuming from {last}")
+    result = trainer.train(resume_from_checkpoint=last)
+
+    model = trainer.model
+    after = evaluate(model, tokenizer, heldout, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    print(f"[{cfg.title}] after:  {_short(after)}")
+
+    history = trainer.state.log_history
+    train = {**result.metrics, "resumed_from": last, "global_step": trainer.state.global_step}
+    for key in ("reward", "success_rate", "dynamic/kept_frac", "mismatch/prob_corr", "completions/mean_length"):
+        series = [e[key] for e in history if key in e]
+        if series:
+            train[f"{key}/first"], train[f"{key}/last"] = series[0], series[-1]
+    metrics = {"stage": cfg.title, "before": before, "after": after, "prompt_pool": pool_stats, "train": train,
+               "config": to_dict(cfg)}
+    with atomic_directory(final) as tmp:
+        to_save = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        to_save.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / "metrics.json", metrics)  # last: its presence marks a finished checkpoint
+    write_json_atomic(out / "metrics.json", metrics)
+    plotted = plot_curves(history, out / "curves.png", keys=(
+        "reward", "success_rate", "dynamic/kept_frac", "kl", "entropy", "completions/mean_length", "dropped",
+        "mismatch/prob_corr"))
+    notes = {"prompt pool": f"{pool_stats['kept']} of {pool_stats['scored']} prompts kept "
+                            f"(pass rate in ({cfg.prompts.lo}, {cfg.prompts.hi}))",
+             "reward": f"{train.get('reward/first')} -> {train.get('reward/last')}",
+             "curves": f"curves.png ({', '.join(plotted)})", "checkpoint": str(final)}
+    (out / "summary.md").write_text(summary_markdown(f"{cfg.title}: held-out metrics", before, after, notes))
+    print(f"[{cfg.title}] wrote {final}, {out / 'summary.md'}")
+    return metrics
+
+
+def _trl_args(cfg: GRPOStageConfig, checkpoints: Path, reward_weights: list[float]):
+    import torch
+    from trl import GRPOConfig
+
+    t = cfg.training
+    schedule = {"cosine": ("cosine_with_min_lr", {"min_lr_rate": t.min_lr_ratio}),
+                "constant": ("constant", {}), "linear": ("linear", {})}[t.lr_schedule]
+    use_kl = cfg.loss.kl != "none" and cfg.loss.beta > 0
+    return GRPOConfig(
+        output_dir=str(checkpoints),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=schedule[0],
+        lr_scheduler_kwargs=schedule[1],
+        warmup_steps=t.warmup_ratio,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_epsilon=t.adam_epsilon,
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=["tensorboard"],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        num_generations=cfg.num_generations,
+        max_completion_length=cfg.sampling.max_new_tokens,
+        temperature=cfg.sampling.temperature,  # TRL's training log-probs use the sampling temperature
+        top_p=cfg.sampling.top_p,
+        top_k=cfg.sampling.top_k,
+        beta=cfg.loss.beta if use_kl else 0.0,  # > 0 makes TRL build the reference model and its log-probs
+        epsilon=cfg.loss.epsilon_low if cfg.loss.epsilon_low is not None else 0.2,
+        epsilon_high=cfg.loss.epsilon_high,
+        scale_rewards=cfg.advantages.scale,
+        reward_weights=reward_weights,
+        cast_lm_head_to_fp32=cfg.model.fp32_lm_head,
+        router_aux_loss_coef=cfg.model.router_aux_loss_coef,
+        log_completions=False,
+        remove_unused_columns=False,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

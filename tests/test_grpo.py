@@ -1,0 +1,184 @@
+"""GRPO stage: the trainer's online filter (drop zero-variance groups, refill), a tiny run that moves its reward,
+the stage pipeline end to end (prompt pool -> train -> before/after metrics), and config validation."""
+
+import json
+import random
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+from trl import GRPOConfig
+
+from alignment.config import ConfigError, load_config
+from alignment.losses import LossOptions
+from alignment.modeling import load_model
+from alignment.rollout import SamplingOptions, build_rollout
+from alignment.tokenizer import build_tokenizer
+from alignment.trainers import DynamicSamplingOptions, MiniMaxGRPOTrainer
+from data_recipes.tasks import arithmetic_examples
+from pipelines.grpo import GRPOStageConfig, run
+
+TINY = "configs/model/tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return build_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=1024)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer):
+    """A tiny model taught (plain teacher forcing, ~10 s) the arithmetic problems with operands <= 3, so that it
+    answers some right: GRPO needs a policy with moderate success rates."""
+    torch.manual_seed(0)
+    model = load_model(TINY, seed=0)
+    model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    rows = arithmetic_examples(2000, seed=0, max_operand=3)
+    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"] for r in rows]
+    optim = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
+    model.train()
+    for step in range(60):
+        batch = texts[step * 32 : (step + 1) * 32]
+        width = max(map(len, batch))
+        ids = torch.tensor([t + [tokenizer.pad_token_id] * (width - len(t)) for t in batch])
+        mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in batch])
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+    path = tmp_path_factory.mktemp("ckpt")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def grpo_args(tmp_path, **kw):
+    defaults = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, num_generations=4,
+                    max_completion_length=12, learning_rate=1e-2, max_steps=1, logging_steps=1, report_to=[],
+                    use_cpu=True, save_strategy="no", beta=0.0, remove_unused_columns=False, seed=0,
+                    adam_beta2=0.95, adam_epsilon=1e-15)
+    return GRPOConfig(**{**defaults, **kw})
+
+
+def make_trainer(tmp_path, model, tokenizer, dataset, reward, dynamic, loss=None, **kw):
+    return MiniMaxGRPOTrainer(
+        model=model, reward_funcs=reward, args=grpo_args(tmp_path, **kw), train_dataset=dataset,
+        processing_class=tokenizer, loss=loss or LossOptions(kl="none"), sampling=SamplingOptions(max_new_tokens=12),
+        rollout=build_rollout("transformers", model, tokenizer), dynamic_sampling=dynamic)
+
+
+def flat_or_varied(n: int) -> Dataset:
+    kinds = ["flat", "varied"] * (n // 2)
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": f"{k} {i}"}] for i, k in enumerate(kinds)],
+                              "kind": kinds})
+
+
+def kind_reward(prompts, completions, kind, **_):
+    """0.5 for every completion of a 'flat' prompt (zero variance), a random score for 'varied' ones."""
+    return [0.5 if k == "flat" else random.random() for k in kind]
+
+
+def test_online_filter_drops_zero_variance_groups_and_refills(tmp_path, tokenizer):
+    random.seed(0)
+    torch.manual_seed(0)
+    data = flat_or_varied(40)
+    trainer = make_trainer(tmp_path, load_model(TINY), tokenizer, data, kind_reward,
+                           DynamicSamplingOptions(enabled=True, max_refills=6))
+    trainer.model.train()
+    rows = [dict(data[i]) for i in (0, 1, 2, 4) for _ in range(4)]  # 3 flat groups, 1 varied group
+    batch = trainer._generate_and_score_completions(rows)
+    prompts = tokenizer.batch_decode(batch["prompt_ids"], skip_special_tokens=True)
+    assert len(prompts) == 16 and all("varied" in p for p in prompts)  # refilled with informative groups only
+    adv = batch["advantages"].view(4, 4)
+    assert (adv.abs().sum(1) > 0).all()
+    assert batch["num_items_in_batch"] == batch["completion_mask"].sum()
+    m = trainer._metrics["train"]
+    assert m["dynamic/refills"][-1] >= 1 and m["dynamic/zero_var_fill_frac"][-1] == 0
+    assert 0 < m["dynamic/dropped_frac"][-1] < 1
+    assert m["dynamic/kept_frac"][-1] == pytest.approx(1 - m["dynamic/dropped_frac"][-1])
+
+    # no refills allowed: the batch keeps its size, informative groups first, then zero-advantage fill
+    trainer.dynamic = DynamicSamplingOptions(enabled=True, max_refills=0)
+    batch = trainer._generate_and_score_completions(rows)
+    prompts = tokenizer.batch_decode(batch["prompt_ids"], skip_special_tokens=True)
+    assert len(prompts) == 16 and all("varied" in p for p in prompts[:4])
+    assert (batch["advantages"][4:] == 0).all()
+    assert m["dynamic/zero_var_fill_frac"][-1] == 0.75 and m["dynamic/refills"][-1] == 0
+
+
+def even_token_reward(prompts, completions, completion_ids, **_):
+    """Share of even token ids in the completion: a dense signal a random policy can climb quickly."""
+    return [sum(t % 2 == 0 for t in ids) / max(len(ids), 1) for ids in completion_ids]
+
+
+def test_tiny_grpo_run_climbs_its_reward_with_all_changes_on(tmp_path, tokenizer, checkpoint):
+    torch.manual_seed(0)
+    model = load_model(str(checkpoint))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Say something {i}."}] for i in range(64)]})
+    loss = LossOptions(drop_negative_high_ratio=True, kl="minimax", beta=0.04, aggregation="sequence_mean")
+    trainer = make_trainer(tmp_path, model, tokenizer, data, even_token_reward,
+                           DynamicSamplingOptions(enabled=True), loss=loss, max_steps=16, beta=0.04, learning_rate=3e-3,
+                           num_iterations=2)  # two updates per rollout batch: ratios != 1, so clipping is live
+    trainer.train()
+    history = trainer.state.log_history
+    rewards = [e["reward"] for e in history if "reward" in e]
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.05, rewards
+    assert trainer.ref_model is not None  # beta > 0: TRL built the reference model from the checkpoint
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("lm_head" in k for k in changed) and any("layers.0" in k for k in changed)
+    logged = set().union(*history)
+    for key in ("kl", "entropy", "dropped", "clip_high", "dynamic/kept_frac", "mismatch/prob_corr",
+                "completions/mean_length", "rollout/stop_eos", "policy_loss"):
+        assert key in logged, key
+    gap = [e["mismatch/logp_abs_mean"] for e in history if "mismatch/logp_abs_mean" in e]
+    assert max(gap) < 1e-2  # transformers rollouts sample from the trained model itself
+
+
+def stage_yaml(tmp_path, checkpoint, extra=""):
+    path = tmp_path / "grpo.yaml"
+    path.write_text(f"""
+output_dir: {tmp_path / "run"}
+model: {{path: {checkpoint}}}
+prompts:
+  builtin: {{arithmetic: {{n: 200, max_operand: 3}}}}
+  k: 8
+sampling: {{max_new_tokens: 12, repetition_stop_k: 10}}
+num_generations: 4
+loss: {{beta: 0.04}}
+training: {{max_steps: 4, learning_rate: 1.0e-3, batch_size: 16, logging_steps: 1, save_steps: 100}}
+eval:
+  sets: {{arithmetic: {{n: 20, max_operand: 3}}}}
+  max_new_tokens: 12
+{extra}""")
+    return path
+
+
+def test_stage_end_to_end(tmp_path, checkpoint):
+    cfg = load_config(stage_yaml(tmp_path, checkpoint), GRPOStageConfig)
+    metrics = run(cfg)
+    out = tmp_path / "run"
+    assert (out / "final" / "model.safetensors").is_file() and (out / "summary.md").is_file()
+    assert AutoModelForCausalLM.from_pretrained(out / "final") is not None
+    saved = json.loads((out / "metrics.json").read_text())
+    assert "arithmetic/accuracy" in saved["before"] and "arithmetic/accuracy" in saved["after"]
+    assert saved["train"]["global_step"] == 4 and saved["prompt_pool"]["kept"] > 0
+    pool = [json.loads(line) for line in (out / "prompt_pool.jsonl").read_text().splitlines()]
+    assert pool and all(0 < p["pass_rate"] < 0.9 for p in pool)
+    assert len(pool) == saved["prompt_pool"]["kept"]
+    assert run(cfg) == metrics  # finished: not redone without --overwrite
+
+
+def test_configs_validate(tmp_path, checkpoint):
+    cfg = load_config("configs/grpo_tiny.yaml", GRPOStageConfig)
+    assert cfg.loss.drop_negative_high_ratio and cfg.loss.kl == "minimax" and cfg.advantages.balanced
+    assert cfg.training.adam_beta2 == 0.95 and cfg.training.adam_epsilon == 1e-15
+    with pytest.raises(ConfigError, match="loss.bta"):
+        load_config(stage_yaml(tmp_path, checkpoint), GRPOStageConfig, {"loss.bta": 0.1})
+    with pytest.raises(ConfigError, match="multiple of num_generations"):
+        load_config(stage_yaml(tmp_path, checkpoint), GRPOStageConfig, {"training.batch_size": 10})
+    with pytest.raises(ConfigError, match="loss.name"):
+        load_config(stage_yaml(tmp_path, checkpoint), GRPOStageConfig, {"loss.name": "ppo"})
