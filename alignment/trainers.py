@@ -9,6 +9,7 @@ import torch
 from trl import GRPOTrainer, SFTTrainer
 from trl.trainer.utils import add_fused_lm_head
 
+from alignment.checkpointing import SafeCheckpoints
 from alignment.losses import LossOptions, group_advantages, policy_loss, zero_variance_groups
 from alignment.modeling import FP32LMHead, make_packing_safe
 from alignment.rollout.base import importance_weights, logprob_mismatch
@@ -67,7 +68,7 @@ class RolloutCorrectionOptions:
     cap: float = 2.0
 
 
-class MiniMaxGRPOTrainer(GRPOTrainer):
+class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
     """`GRPOTrainer` with the MiniMax-01 / M1 online-RL changes, at TRL's own hooks:
 
     - `_generate_single_turn`: completions come from a rollout worker (`alignment.rollout`), with the engine's
@@ -78,6 +79,7 @@ class MiniMaxGRPOTrainer(GRPOTrainer):
       optional importance-sampling correction; reward, success rate and the length-bias monitor logged.
     - `_compute_loss`: TRL's log-prob forward, then the named loss from `alignment.losses` (modified GRPO or CISPO).
 
+    Checkpoints go through `SafeCheckpoints` (staged then renamed; resume restores the MoE weights).
     Multi-process runs are refused when dynamic sampling is on (groups would have to be re-balanced across ranks).
     """
 
