@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from trl import GRPOTrainer, SFTTrainer
+from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 from trl.trainer.utils import add_fused_lm_head
 
 from alignment.checkpointing import SafeCheckpoints
@@ -20,6 +21,28 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _is_peft(model) -> bool:
+    return hasattr(model, "get_base_model") and hasattr(model, "peft_config")
+
+
+def _has_fp32_head(model) -> bool:
+    return isinstance(_base(model).get_output_embeddings(), FP32LMHead)
+
+
+def fp32_fused_lm_head(model, outputs: tuple[str, ...]) -> None:
+    """Make TRL's fused, chunked log-prob head compute in FP32 when `model` has an FP32 LM head (MiniMax-M1 §3).
+
+    TRL's trainers score tokens with their own fused head that reads `lm_head.weight` directly, so
+    `FP32LMHead.forward` never runs inside a TRL loss. This drops the instance-level forward TRL patched in and
+    patches again with `cast_lm_head_to_fp32=True` (TRL's own switch for exactly this), keeping the `outputs` the
+    trainer asked for. No-op for any other head.
+    """
+    base = _base(model)
+    if _has_fp32_head(base):
+        base.__dict__.pop("forward", None)  # TRL's instance-level patch, if any
+        add_fused_lm_head(base, cast_lm_head_to_fp32=True, outputs=outputs)
+
+
 class MiniMaxSFTTrainer(SFTTrainer):
     """`SFTTrainer` whose chunked LM-head loss honours the FP32 LM head (MiniMax-M1 §3).
 
@@ -30,10 +53,42 @@ class MiniMaxSFTTrainer(SFTTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        base = _base(self.model)
-        if isinstance(base.get_output_embeddings(), FP32LMHead):
-            del base.forward  # drop TRL's instance-level patch, then patch again with the FP32 cast
-            add_fused_lm_head(base, cast_lm_head_to_fp32=True, outputs=("log_probs", "entropy", "is_top1"))
+        fp32_fused_lm_head(self.model, outputs=("log_probs", "entropy", "is_top1"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Offline DPO [01 §5.4.1]
+
+
+class MiniMaxDPOTrainer(SafeCheckpoints, DPOTrainer):
+    """`DPOTrainer` for MiniMax models: TRL's sigmoid DPO loss (or any TRL `loss_type`) unchanged, with
+
+    - a reference model that is the stage's starting point, packing-safe, with the same FP32 LM head. TRL rebuilds
+      a missing reference from `config._name_or_path`, which yields a stock transformers model (no document
+      isolation, no FP32 head) and, for a model built in memory, nothing at all. So: pass `ref_model` (the DPO
+      stage loads its starting checkpoint from disk with `alignment.modeling.load_model`); without one, a frozen
+      copy of the policy as handed in is the reference, which is the same weights. A PEFT model needs no reference
+      model: TRL scores the reference with a frozen copy of the starting adapter ("ref"; for a fresh adapter, B = 0,
+      that is exactly the base model), or with adapters disabled when given `peft_config`.
+    - the FP32 LM head [M1 §3] honoured inside TRL's fused log-prob head, for the policy and the reference
+      (`fp32_fused_lm_head`, shared with the SFT trainer);
+    - crash-safe checkpoints whose resume restores every MoE weight (`SafeCheckpoints`).
+    """
+
+    def __init__(self, model, ref_model=None, args=None, **kwargs):
+        if args is not None and args.precompute_ref_log_probs and _has_fp32_head(model):
+            # TRL precomputes inside its __init__, before the FP32 head can be re-installed
+            raise ValueError("precompute_ref_log_probs is not supported with an FP32 LM head; leave it off")
+        if ref_model is None and isinstance(model, torch.nn.Module) and not _is_peft(model):
+            ref_model = copy.deepcopy(model)
+        if ref_model is not None:
+            make_packing_safe(ref_model).requires_grad_(False).eval()
+        super().__init__(model, ref_model, args, **kwargs)
+        outputs = ("log_probs", "entropy", "mean_logits", "is_top1") + (
+            ("log_sum_sq_probs",) if self.use_weighting else ())
+        fp32_fused_lm_head(self.model, outputs=outputs)  # TRL's own choice of outputs for the policy
+        if self.ref_model is not None:
+            fp32_fused_lm_head(self.accelerator.unwrap_model(self.ref_model), outputs=("log_probs",))
 
 
 # ---------------------------------------------------------------------------------------------------------------

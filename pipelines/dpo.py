@@ -1,0 +1,304 @@
+"""Offline DPO: stage III (short DPO) and stage IV (long-context DPO) of the MiniMax-01 recipe [01 §5.4.1].
+
+    make dpo                                   # configs/dpo_tiny.yaml, starts from the stage I SFT checkpoint
+    make long-dpo                              # configs/long_dpo_tiny.yaml, starts from the stage II checkpoint
+    python -m pipelines.dpo --config CONFIG [--set dpo.beta=0.2 ...] [--overwrite]
+
+Reads top to bottom: config -> tokenizer + packing-safe policy -> held-out evaluation -> prompts already used in SFT
+(the SFT mix rebuilt from its spec and seed) -> preference pairs (`data_recipes.dpo_pairs`: N samples per prompt at
+several temperatures through the rollout worker, scored by `rewards`, best vs worst with a minimum margin; saved
+to `<output_dir>/pairs` with their provenance) -> reference model = the starting checkpoint loaded from disk
+(packing-safe, FP32 head; with LoRA the reference is the model without its new adapter) -> TRL DPOTrainer
+(`MiniMaxDPOTrainer`, sigmoid loss) -> evaluation again -> atomic `<output_dir>/final` + metrics.json /
+summary.md / curves.png / TensorBoard. A re-run reuses the pairs and resumes from the last checkpoint.
+
+Long DPO is a config, not a copy: all prompts long-context (retrieval haystacks), a constant LR.
+Departures from the paper [01 §5.4.1, Table 7]: the reward models are the rule verifiers of the task suite
+(`rewards.build_reward`); groups whose best and worst responses score within `pairs.min_margin` are dropped (the
+paper does not say what it does with them); beta (not given) defaults to 0.1; lengths, batch sizes and LRs are
+scaled to the tiny model, keeping the schedule shapes (short: cosine to 10%, long: constant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from alignment.config import ConfigError, load_config, to_dict
+from alignment.modeling import ModelOptions, load_model
+from alignment.schema import EvalOptions, TrainOptions
+from data_recipes.dpo_pairs import PairOptions
+from rewards import RewardError
+
+
+@dataclass
+class PromptOptions:
+    # The SFT stage's mix, rebuilt exactly (same `builtin`, `files` and `seed` as that stage's `data` and `seed`),
+    # so DPO prompts are prompts SFT trained on [01 §5.4.1].
+    builtin: dict[str, dict] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    seed: int = 0
+    # Keep only these tasks (long DPO: [retrieval], the long-context prompts), and retrieval haystacks of at least
+    # `min_n_pairs` key-value pairs; null keeps all.
+    tasks: list[str] | None = None
+    min_n_pairs: int = 0
+    # Distinct prompts sampled (seeded) from what is left; null: all of them.
+    n: int | None = None
+
+    def __post_init__(self):
+        if not self.builtin and not self.files:
+            raise ValueError("prompts: give the SFT mix as 'builtin' and/or 'files'")
+        if self.n is not None and self.n < 1:
+            raise ValueError(f"prompts.n must be >= 1 or null, got {self.n}")
+
+
+@dataclass
+class DPOOptions:
+    # DPO's KL strength; the papers give none, 0.1 is the usual default.
+    beta: float = 0.1
+    # TRL loss: sigmoid = the DPO loss -log σ(β((log π_c − log ref_c) − (log π_r − log ref_r))).
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm"] = "sigmoid"
+    # Weight of an added NLL term on the chosen response (TRL's "sft" loss, as in RPO); 0 = pure DPO. It stops DPO
+    # from lowering the chosen response's likelihood along with the rejected one.
+    sft_weight: float = 0.0
+    label_smoothing: float = 0.0  # robust DPO's label noise
+    # prompt + response tokens; longer pairs are dropped (not truncated, as in SFT) and counted
+    max_length: int = 512
+
+    def __post_init__(self):
+        if self.beta <= 0:
+            raise ValueError(f"dpo.beta must be > 0, got {self.beta}")
+        if self.sft_weight < 0:
+            raise ValueError(f"dpo.sft_weight must be >= 0, got {self.sft_weight}")
+        if self.max_length < 8:
+            raise ValueError(f"dpo.max_length must be >= 8, got {self.max_length}")
+
+
+@dataclass
+class DPOStageConfig:
+    # The starting checkpoint: the policy, the sampler of the pairs and (loaded again, frozen) the reference.
+    model: ModelOptions
+    prompts: PromptOptions
+    pairs: PairOptions = field(default_factory=PairOptions)
+    dpo: DPOOptions = field(default_factory=DPOOptions)
+    training: TrainOptions = field(default_factory=TrainOptions)
+    eval: EvalOptions = field(default_factory=EvalOptions)
+    output_dir: str = "runs/dpo"
+    # None: the tokenizer saved with the checkpoint; otherwise a local tokenizer directory.
+    tokenizer: str | None = None
+    seed: int = 0
+    title: str = "DPO"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.dpo",
+        description="Offline DPO (stages III/IV of the MiniMax-01 recipe): reward-scored pairs sampled from the "
+        "starting checkpoint, then DPO against it. Writes <output_dir>/pairs, final/ (the checkpoint), "
+        "metrics.json, summary.md, curves.png and TensorBoard logs; a re-run reuses the pairs and resumes from the "
+        "last checkpoint in <output_dir>/checkpoints.",
+    )
+    parser.add_argument("--config", required=True, help="stage YAML, e.g. configs/dpo_tiny.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (dotted, YAML value), e.g. --set dpo.beta=0.2")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train again even if <output_dir>/final exists (it is replaced only when done)")
+    args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    try:
+        cfg = load_config(args.config, DPOStageConfig, overrides)
+        run(cfg, overwrite=args.overwrite)
+    except (ConfigError, ValueError, FileNotFoundError, RewardError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(cfg: DPOStageConfig, overwrite: bool = False) -> dict:
+    """Build pairs and train one DPO stage; returns the metrics written to `<output_dir>/metrics.json`."""
+    from transformers import set_seed
+
+    from alignment.checkpointing import last_checkpoint
+    from alignment.evaluation import evaluate
+    from alignment.reporting import atomic_directory, plot_curves, summary_markdown, write_json_atomic
+    from alignment.rollout import build_rollout
+    from alignment.trainers import MiniMaxDPOTrainer
+    from data_recipes import build_sft_mix, heldout_sets
+    from data_recipes.dpo_pairs import build_dpo_pairs, load_pairs, select_prompts
+    from pipelines.sft import _load_tokenizer, _read_json, _short
+    from rewards import build_reward
+
+    out = Path(cfg.output_dir)
+    final = out / "final"
+    if (final / "metrics.json").is_file() and not overwrite:
+        print(f"{final} is complete; nothing to do (pass --overwrite to train again)")
+        return _read_json(final / "metrics.json")
+    set_seed(cfg.seed)
+
+    # config-level checks before any model work: the reward spec, a trained starting checkpoint, the prompts
+    reward = build_reward(cfg.pairs.reward)  # raises RewardError naming a bad handler
+    if not Path(cfg.model.path, "config.json").is_file():
+        raise ConfigError(f"model.path: '{cfg.model.path}' is not a checkpoint directory (DPO starts from a trained "
+                          "checkpoint, e.g. runs/tiny/sft/final from `make sft`)")
+    p = cfg.prompts
+    prompts = select_prompts(build_sft_mix(p.builtin, p.files, p.seed), cfg.seed, p.n, p.tasks, p.min_n_pairs)
+    if not prompts:
+        raise ValueError(f"prompts: nothing left after filtering the SFT mix (tasks={p.tasks}, "
+                         f"min_n_pairs={p.min_n_pairs})")
+    heldout = heldout_sets(cfg.eval.sets, cfg.seed)
+
+    tokenizer = _load_tokenizer(cfg, out)
+    model = load_model(cfg.model, seed=cfg.seed)
+    for conf in (model.config, model.generation_config):
+        conf.pad_token_id, conf.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+
+    before_path = out / "eval_before.json"  # kept across resumes: the 'before' model is the stage's input
+    if before_path.is_file():
+        before = _read_json(before_path)
+    else:
+        before = evaluate(model, tokenizer, heldout, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+        write_json_atomic(before_path, before)
+    print(f"[{cfg.title}] before: {_short(before)}")
+
+    # pairs sampled by the starting policy [01 §5.4.1]; reused on resume (and deterministic under the seed anyway)
+    pairs_path = out / "pairs"
+    if (pairs_path / "pair_stats.json").is_file():
+        pairs, pair_stats = load_pairs(pairs_path)
+    else:
+        worker = build_rollout("transformers", model, tokenizer, batch_size=cfg.pairs.batch_size)
+        pairs, pair_stats = build_dpo_pairs(worker, prompts, cfg.pairs, cfg.seed, policy=cfg.model.path,
+                                            out_path=pairs_path, reward=reward)
+    pairs, n_too_long = _drop_too_long(pairs, tokenizer, cfg.dpo.max_length)
+    print(f"[{cfg.title}] {len(pairs)} pairs from {pair_stats['prompts']} prompts x {cfg.pairs.n} samples "
+          f"(dropped: {pair_stats['dropped_all_tied']} all tied, {pair_stats['dropped_below_margin']} below margin "
+          f"{cfg.pairs.min_margin}, {n_too_long} longer than {cfg.dpo.max_length} tokens); per task "
+          f"{pair_stats['pairs_per_task']}")
+    if len(pairs) == 0:
+        raise ValueError(f"no DPO pairs left after dropping those longer than dpo.max_length={cfg.dpo.max_length}")
+
+    # reference = the starting checkpoint, from disk, packing-safe with the same head; with LoRA, TRL uses the
+    # model without its new adapter instead (no second copy)
+    ref_model = None
+    if cfg.model.lora is None:
+        ref_model = load_model(dataclasses.replace(cfg.model, gradient_checkpointing=False), seed=cfg.seed)
+
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
+    trainer = MiniMaxDPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=dpo_args(cfg, out / "checkpoints"),
+        train_dataset=pairs.select_columns(["prompt", "chosen", "rejected"]),
+        processing_class=tokenizer,
+    )
+    last = last_checkpoint(out / "checkpoints")
+    if last:
+        print(f"[{cfg.title}] resuming from {last}")
+    result = trainer.train(resume_from_checkpoint=last)
+
+    model = trainer.model
+    after = evaluate(model, tokenizer, heldout, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+    print(f"[{cfg.title}] after:  {_short(after)}")
+
+    history = trainer.state.log_history
+    train = {**result.metrics, "pairs": len(pairs), "dropped_too_long": n_too_long, "resumed_from": last,
+             "global_step": trainer.state.global_step}
+    for key in ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected",
+                "logps/chosen", "logps/rejected"):
+        series = [e[key] for e in history if key in e]
+        if series:
+            train[f"{key}/first"], train[f"{key}/last"] = series[0], series[-1]
+    metrics = {"stage": cfg.title, "before": before, "after": after, "pairs": pair_stats, "train": train,
+               "config": to_dict(cfg)}
+    with atomic_directory(final) as tmp:
+        to_save = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        to_save.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / "metrics.json", metrics)  # last: its presence marks a finished checkpoint
+    write_json_atomic(out / "metrics.json", metrics)
+    plotted = plot_curves(history, out / "curves.png", keys=(
+        "loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "learning_rate"))
+    notes = {"pairs": f"{len(pairs)} from {pair_stats['prompts']} SFT prompts x {cfg.pairs.n} samples at "
+                      f"T={cfg.pairs.temperatures} ({pair_stats['dropped_all_tied']} groups all tied, "
+                      f"{pair_stats['dropped_below_margin']} below margin, {n_too_long} too long); chosen score "
+                      f"{pair_stats['mean_score_chosen']:.3f} vs rejected {pair_stats['mean_score_rejected']:.3f}",
+             "DPO reward margin": f"{train.get('rewards/margins/first')} -> {train.get('rewards/margins/last')}",
+             "DPO reward accuracy": f"{train.get('rewards/accuracies/first')} -> "
+                                    f"{train.get('rewards/accuracies/last')}",
+             "curves": f"curves.png ({', '.join(plotted)})", "checkpoint": str(final)}
+    (out / "summary.md").write_text(summary_markdown(f"{cfg.title}: held-out metrics", before, after, notes))
+    print(f"[{cfg.title}] wrote {final}, {out / 'summary.md'}")
+    return metrics
+
+
+def _drop_too_long(pairs, tokenizer, max_length: int):
+    """Drop (not truncate) pairs whose prompt + longer response exceeds `max_length` tokens: a cut response no
+    longer says what was preferred."""
+    def length(prompt, response):
+        return len(tokenizer.apply_chat_template(prompt + response, tokenize=True, return_dict=True)["input_ids"])
+
+    keep = [i for i, (p, c, r) in enumerate(zip(pairs["prompt"], pairs["chosen"], pairs["rejected"]))
+            if max(length(p, c), length(p, r)) <= max_length]
+    return pairs.select(keep), len(pairs) - len(keep)
+
+
+def dpo_args(cfg: DPOStageConfig, checkpoints: Path):
+    """TRL's DPOConfig from the stage config (the same schedule mapping as the SFT stage)."""
+    import torch
+    from trl import DPOConfig
+
+    t, d = cfg.training, cfg.dpo
+    schedule = {"cosine": ("cosine_with_min_lr", {"min_lr_rate": t.min_lr_ratio}),
+                "constant": ("constant", {}), "linear": ("linear", {})}[t.lr_schedule]
+    loss_type, loss_weights = [d.loss_type], [1.0]
+    if d.sft_weight > 0:
+        loss_type, loss_weights = loss_type + ["sft"], loss_weights + [d.sft_weight]
+    return DPOConfig(
+        output_dir=str(checkpoints),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=schedule[0],
+        lr_scheduler_kwargs=schedule[1],
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        per_device_train_batch_size=t.batch_size,  # pairs per device step
+        gradient_accumulation_steps=t.grad_accum,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_epsilon=t.adam_epsilon,
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=["tensorboard"],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        # TRL defaults to bf16 autocast and gradient checkpointing; the model's dtype and ModelOptions decide here
+        bf16=False,
+        gradient_checkpointing=False,
+        beta=d.beta,
+        loss_type=loss_type,
+        loss_weights=loss_weights,
+        label_smoothing=d.label_smoothing,
+        max_length=d.max_length,
+        router_aux_loss_coef=cfg.model.router_aux_loss_coef,
+        dataset_num_proc=None,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
