@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 
@@ -44,6 +45,10 @@ class TrainOptions:
     logging_steps: int = 10
     save_steps: int = 200
     save_total_limit: int = 2
+    # GPU runs: bf16 mixed precision, and a DeepSpeed JSON (e.g. configs/deepspeed/zero3.json; launch the stage or the
+    # pipeline with `accelerate launch`). CPU runs keep both off.
+    bf16: bool = False
+    deepspeed: str | None = None
 
     def __post_init__(self):
         if self.learning_rate <= 0:
@@ -53,6 +58,41 @@ class TrainOptions:
         for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
+            raise ValueError(f"training.deepspeed: file '{self.deepspeed}' not found")
+
+    def trainer_kwargs(self, output_dir: str | Path, seed: int) -> dict:
+        """The `transformers.TrainingArguments` every stage shares (TRL's stage configs subclass it)."""
+        import torch
+
+        schedule = {"cosine": ("cosine_with_min_lr", {"min_lr_rate": self.min_lr_ratio}),
+                    "constant": ("constant", {}), "linear": ("linear", {})}[self.lr_schedule]
+        return dict(
+            output_dir=str(output_dir),
+            num_train_epochs=self.epochs,
+            max_steps=self.max_steps,
+            learning_rate=self.learning_rate,
+            lr_scheduler_type=schedule[0],
+            lr_scheduler_kwargs=schedule[1],
+            warmup_steps=self.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+            per_device_train_batch_size=self.batch_size,
+            gradient_accumulation_steps=self.grad_accum,
+            weight_decay=self.weight_decay,
+            max_grad_norm=self.max_grad_norm,
+            adam_beta1=self.adam_beta1,
+            adam_beta2=self.adam_beta2,
+            adam_epsilon=self.adam_epsilon,
+            logging_steps=self.logging_steps,
+            save_steps=self.save_steps,
+            save_total_limit=self.save_total_limit,
+            seed=seed,
+            data_seed=seed,
+            bf16=self.bf16,
+            deepspeed=self.deepspeed,
+            report_to=["tensorboard"],
+            use_cpu=not torch.cuda.is_available(),
+            dataloader_num_workers=0,
+        )
 
 
 @dataclass

@@ -187,35 +187,10 @@ def _drop_too_long(rows, tokenizer, max_length: int):
 
 
 def _trl_args(cfg: SFTStageConfig, checkpoints: Path):
-    import torch
     from trl import SFTConfig
 
-    t = cfg.training
-    schedule = {"cosine": ("cosine_with_min_lr", {"min_lr_rate": t.min_lr_ratio}),
-                "constant": ("constant", {}), "linear": ("linear", {})}[t.lr_schedule]
     return SFTConfig(
-        output_dir=str(checkpoints),
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=schedule[0],
-        lr_scheduler_kwargs=schedule[1],
-        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        adam_epsilon=t.adam_epsilon,
-        logging_steps=t.logging_steps,
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        report_to=["tensorboard"],
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
+        **cfg.training.trainer_kwargs(checkpoints, cfg.seed),
         max_length=cfg.data.max_length,
         packing=cfg.data.packing,
         packing_strategy="bfd",  # padding-free rows with position_ids restarting per document
