@@ -13,7 +13,7 @@ stronger model for the tiny suite), which is also what "moderate success for thi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +34,10 @@ class PoolOptions:
     lo: float = 0.0
     hi: float = 0.9
     max_prompts: int | None = None  # cap after filtering (None: all that pass)
+    # Prompts "not seen in SFT" [01 §5.4.2]: candidates whose prompt occurs in this built-in mix (the SFT stage's
+    # `data.builtin`, built with `exclude_seed`, the SFT stage's seed) are removed before scoring.
+    exclude_builtin: dict[str, dict] = field(default_factory=dict)
+    exclude_seed: int = 0
 
     def __post_init__(self):
         if not self.builtin:
@@ -75,6 +79,17 @@ def unique_prompts(rows: list[dict]) -> list[dict]:
             seen.add(key)
             out.append(row)
     return out
+
+
+def exclude_prompts(rows: list[dict], seen: list[dict]) -> list[dict]:
+    """Rows whose prompt does not occur in `seen` (e.g. the SFT mix).
+
+    >>> q = lambda text: {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "x"}]}
+    >>> [r["messages"][0]["content"] for r in exclude_prompts([q("a"), q("b")], [q("b")])]
+    ['a']
+    """
+    seen_keys = {repr(prompt_messages(r)) for r in seen}
+    return [r for r in rows if repr(prompt_messages(r)) not in seen_keys]
 
 
 def prompt_messages(row: dict) -> list[dict]:

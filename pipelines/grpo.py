@@ -59,6 +59,9 @@ class GRPOStageConfig:
     # Reward handlers (rewards.build_reward spec): {name: {weight, clip, ...options}}.
     reward: dict[str, dict] = field(default_factory=lambda: {"correctness": {"weight": 1.0}})
     num_generations: int = 8  # G, completions per prompt (one group)
+    # μ: optimizer steps per rollout batch. > 1 makes the later steps off-policy (ratio != 1), which is where the
+    # clip / drop rules act; 1 is purely on-policy (ratio = 1, nothing to clip).
+    updates_per_batch: int = 1
     # training.batch_size counts completions per optimizer micro-step (a multiple of num_generations).
     training: TrainOptions = field(default_factory=TrainOptions)
     eval: EvalOptions = field(default_factory=EvalOptions)
@@ -75,6 +78,8 @@ class GRPOStageConfig:
         if self.training.batch_size % self.num_generations:
             raise ValueError(f"training.batch_size ({self.training.batch_size}) must be a multiple of "
                              f"num_generations ({self.num_generations}): a step holds whole groups")
+        if self.updates_per_batch < 1:
+            raise ValueError(f"updates_per_batch must be >= 1, got {self.updates_per_batch}")
         if self.loss.beta > 0 and self.loss.kl == "none":
             raise ValueError("loss.beta > 0 but loss.kl is none; pick kl: minimax or k3, or set beta: 0")
 
@@ -117,7 +122,7 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
     from alignment.rollout import build_rollout
     from alignment.trainers import MiniMaxGRPOTrainer
     from data_recipes import heldout_sets
-    from data_recipes.prompt_pool import build_prompt_pool, load_pool
+    from data_recipes.prompt_pool import build_prompt_pool, exclude_prompts, load_pool
     from data_recipes.sft_mix import build_sft_mix
     from pipelines.sft import _read_json, _short
     from rewards import LengthBiasMonitor, trl_reward_funcs
@@ -136,6 +141,12 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
         raise ConfigError(f"model.path: '{cfg.model.path}' is not a checkpoint directory with a tokenizer "
                           "(GRPO starts from a trained checkpoint, e.g. runs/tiny/sft/final from `make sft`)")
     candidates = [dict(r) for r in build_sft_mix(cfg.prompts.builtin, [], cfg.prompts.seed)]
+    n_candidates = len(candidates)
+    if cfg.prompts.exclude_builtin:  # "prompts not seen in SFT" [01 §5.4.2]
+        seen = build_sft_mix(cfg.prompts.exclude_builtin, [], cfg.prompts.exclude_seed)
+        candidates = exclude_prompts(candidates, [dict(r) for r in seen])
+        if not candidates:
+            raise ConfigError("prompts: every candidate prompt occurs in prompts.exclude_builtin (the SFT mix)")
     heldout = heldout_sets(cfg.eval.sets, cfg.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
@@ -158,6 +169,7 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
         pool, pool_stats = load_pool(pool_path), _read_json(pool_stats_path)
     else:
         pool, pool_stats = build_prompt_pool(worker, candidates, cfg.prompts, cfg.sampling, pool_path)
+        pool_stats["candidates"], pool_stats["excluded_seen_in_sft"] = n_candidates, n_candidates - len(candidates)
         write_json_atomic(pool_stats_path, pool_stats)
     print(f"[{cfg.title}] prompt pool: kept {pool_stats['kept']} of {pool_stats['scored']} prompts with pass rate in "
           f"({cfg.prompts.lo}, {cfg.prompts.hi}) (mean pass rate {pool_stats['mean_pass_rate_all']:.3f} -> "
@@ -245,6 +257,7 @@ def _trl_args(cfg: GRPOStageConfig, checkpoints: Path, reward_weights: list[floa
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         num_generations=cfg.num_generations,
+        num_iterations=cfg.updates_per_batch,
         max_completion_length=cfg.sampling.max_new_tokens,
         temperature=cfg.sampling.temperature,  # TRL's training log-probs use the sampling temperature
         top_p=cfg.sampling.top_p,

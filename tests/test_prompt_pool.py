@@ -4,8 +4,9 @@ file carries the rates."""
 import pytest
 
 from alignment.rollout.base import RolloutBatch, SamplingOptions
-from data_recipes.prompt_pool import (PoolOptions, build_prompt_pool, filter_by_success_rate, load_pool,
-                                      success_rates)
+from data_recipes.prompt_pool import (PoolOptions, build_prompt_pool, exclude_prompts, filter_by_success_rate,
+                                      load_pool, success_rates)
+from data_recipes.sft_mix import build_sft_mix
 from data_recipes.tasks import arithmetic_examples
 
 
@@ -84,3 +85,14 @@ def test_empty_pool_and_bad_band_fail_clearly(rows):
         PoolOptions(builtin={"a": {}}, lo=0.5, hi=0.5)
     with pytest.raises(ValueError, match="rows but"):
         filter_by_success_rate(rows, [0.5], 0, 1)
+
+
+def test_prompts_seen_in_the_sft_mix_are_excluded():
+    """Operands <= 20 are all in a 12000-row SFT mix; operands up to 30 mostly are not."""
+    sft = [dict(r) for r in build_sft_mix({"arithmetic": {"n": 12000, "max_operand": 20}}, [], 0)]
+    candidates = arithmetic_examples(300, seed=1, max_operand=30)
+    fresh = exclude_prompts(candidates, sft)
+    seen = {r["messages"][0]["content"] for r in sft}
+    assert fresh and all(r["messages"][0]["content"] not in seen for r in fresh)
+    assert len(fresh) == sum(r["messages"][0]["content"] not in seen for r in candidates)
+    assert len(exclude_prompts(arithmetic_examples(300, seed=1, max_operand=20), sft)) < 10
