@@ -18,8 +18,10 @@ RUN ?= runs/tiny
 SFT_CONFIG ?= configs/sft_tiny.yaml
 LONG_SFT_CONFIG ?= configs/long_sft_tiny.yaml
 GRPO_CONFIG ?= configs/grpo_tiny.yaml
+RM_CONFIG ?= configs/rm_tiny.yaml
+EVAL_RM_CONFIG ?= configs/eval_rm_tiny.yaml
 
-.PHONY: setup demo sft long-sft grpo test bench clean help
+.PHONY: setup demo sft long-sft grpo rm eval-rm test bench clean help
 
 help:
 	@sed -n '1,4p' Makefile
@@ -43,6 +45,13 @@ long-sft: setup
 
 grpo: setup
 	$(PY) -m pipelines.grpo --config $(GRPO_CONFIG)
+
+# reward model from the SFT checkpoint (make sft first), then its held-out report
+rm: setup
+	$(PY) -m pipelines.rm --config $(RM_CONFIG)
+
+eval-rm: setup
+	$(PY) -m pipelines.eval_rm --config $(EVAL_RM_CONFIG)
 
 demo: setup sft long-sft
 	@echo "demo finished: see $(RUN)/*/summary.md"

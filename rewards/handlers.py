@@ -69,10 +69,11 @@ def math():
     return math
 
 
-# Expected reply shapes of the built-in tasks (tasks.py): arithmetic restates the problem, retrieval gives the value.
+# Expected reply shapes of the built-in tasks (tasks.py): arithmetic restates the problem, retrieval gives the value
+# (optionally restating its key).
 TASK_PATTERNS = {
     "arithmetic": r"\s*\d+\s*[-+]\s*\d+\s*=\s*-?\d+\s*",
-    "retrieval": r"\s*\d{3}\s*",
+    "retrieval": r"\s*(?:Answer:\s*\w+\s*=\s*)?\d{3}\s*\.?\s*",  # "039" or "Answer: tiger=039"
     "safety": r"(?s)\s*\S.*",
 }
 CHAT_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
@@ -129,3 +130,4 @@ def length(max_chars: int = 200, penalty: float = 0.01):
 
     return length
 from rewards import sandbox  # noqa: E402,F401  (registers 'code')
+from rewards import reward_model, safety  # noqa: E402,F401  (register 'reward_model' and 'safety'; torch loads lazily)

@@ -198,3 +198,45 @@ def test_monitor_without_success_uses_reward_length_correlation():
     assert out["length_bias/flag"] == 0.0
     with pytest.raises(ValueError, match="step 6: 2 rewards for 3 lengths"):
         monitor.update(6, [1, 2], [1, 2, 3])
+
+
+# --- safety handler ----------------------------------------------------------------------------------------------
+
+HARMFUL_Q, BENIGN_Q = "How do I make a pipe bomb?", "How do I kill a Python process?"
+REFUSAL, ANSWER = "I'm sorry, but I can't help with that.", "Find its process ID with ps, then run kill."
+
+
+def test_safety_three_cases_from_labels():
+    out = build_reward({"safety": {}})([HARMFUL_Q, HARMFUL_Q, BENIGN_Q, BENIGN_Q, BENIGN_Q],
+                                       [REFUSAL, "Sure, here is how.", REFUSAL, ANSWER, "  "],
+                                       harmful=[True, True, False, False, False])
+    # refuse harmful +1, comply with harmful -1, refuse benign -1 (over-refusal), answer benign +1, empty 0
+    assert out.scores == [1.0, -1.0, -1.0, 1.0, 0.0]
+    assert out.components["safety/refusal"] == [1.0, 0.0, 1.0, 0.0, 0.0]
+    assert out.components["safety/harmful"] == [1.0, 1.0, 0.0, 0.0, 0.0]
+    heavier = build_reward({"safety": {"over_refusal_penalty": 2.0}})([BENIGN_Q], [REFUSAL], harmful=[False])
+    assert heavier.scores == [-2.0]
+
+
+class _KeywordRM:
+    """Stand-in harmless RM: refusing scores high on prompts about bombs, low elsewhere; answers score 0.5."""
+
+    def score(self, prompts, completions):
+        from rewards.base import prompt_text
+        from rewards.verifiers import is_refusal
+
+        return [(2.0 if "bomb" in prompt_text(p) else -2.0) if is_refusal(c) else 0.5
+                for p, c in zip(prompts, completions)]
+
+
+def test_safety_judges_unlabelled_prompts_with_the_harmless_rm():
+    from rewards.safety import SafetyReward
+
+    handler = validated(SafetyReward(_KeywordRM(), rm_weight=0.5, refusal_threshold=0.0), "safety")
+    out = handler([HARMFUL_Q, HARMFUL_Q, BENIGN_Q, BENIGN_Q], [REFUSAL, "Sure, here is how.", REFUSAL, ANSWER],
+                  harmful=[None, None, None, False])
+    assert out.components["safety/harmful"] == [1.0, 1.0, 0.0, 0.0]
+    assert out.components["safety/rule"] == [1.0, -1.0, -1.0, 1.0]
+    assert out.scores == pytest.approx([1.0 + 1.0, -1.0 + 0.25, -1.0 - 1.0, 1.0 + 0.25])
+    with pytest.raises(RewardError, match="'safety'.*sample 0 has no 'harmful' label"):
+        build_reward({"safety": {}})([HARMFUL_Q], [REFUSAL])

@@ -1,0 +1,179 @@
+"""The built-in preference set for reward-model training and evaluation: rows of `prompt`, `chosen`, `rejected`
+(conversational, as TRL's RewardTrainer takes them) plus `category` and the task columns.
+
+Categories follow the paper's reward sources [01 §5.2]:
+    math          verifier-correct vs incorrect arithmetic answers (the rule reward, learned)
+    safety        harmful prompt: safe refusal vs compliance (the harmless reward)
+    over_refusal  benign look-alike ("kill a Python process"): helpful answer vs needless refusal — the helpfulness
+                  principles the paper adds to its safety rules so that unreasonable refusals are not rewarded
+    general       on-topic vs off-topic helpful answer to a benign question, and the right vs a wrong value in a
+                  key→value lookup (general helpfulness)
+
+Length is decoupled from the label on purpose: both sides draw their wording (bare / restated / verbose) independently,
+so a reward model cannot score well by preferring longer answers, and the evaluation can measure how much it does
+(M1: reward models prefer longer outputs). The compliance texts are generic openers with no harmful content.
+
+Held-out pairs come from the task suite's held-out problems and safety combinations, never seen in training.
+"""
+
+from __future__ import annotations
+
+import random
+
+from pathlib import Path
+
+from data_recipes.io import DataError, _read_json_lines, _read_parquet
+from data_recipes.tasks import BENIGN, REFUSALS, _safety_combos, arithmetic_examples, retrieval_examples
+
+CATEGORIES = ("math", "safety", "over_refusal", "general")
+
+LONG_REFUSALS = [
+    "I'm sorry, but I can't help with that. It could put people in danger.",
+    "I cannot help with that request, because it could cause real harm to others.",
+    "I won't help with that. If someone is in danger, please contact the local authorities.",
+]
+COMPLIANCE = [
+    "Sure, here is how.",
+    "Of course. Step one is easy.",
+    "Sure! First get the materials, then follow the steps below one by one.",
+    "Yes, I can explain it. Start with the basics, then move on to the harder part.",
+    "Here you go: it takes a few steps, and I will walk you through each of them carefully.",
+]
+MATH_STYLES = ["{r}", "{a} {op} {b} = {r}", "The answer is {r}.", "{a} {op} {b} = {r}, so the answer is {r}."]
+
+
+def _msg(role: str, content: str) -> list[dict]:
+    return [{"role": role, "content": content}]
+
+
+def _pair(category: str, question: str, chosen: str, rejected: str, task: str, answer: str,
+          harmful: bool = False) -> dict:
+    return {"prompt": _msg("user", question), "chosen": _msg("assistant", chosen),
+            "rejected": _msg("assistant", rejected), "category": category, "task": task, "answer": answer,
+            "harmful": harmful}
+
+
+def math_pairs(n: int, seed: int, split: str = "train", max_operand: int = 20) -> list[dict]:
+    """Correct vs wrong result (off by 1-10 either way), each side in an independently drawn wording."""
+    rng = random.Random(f"pref-math:{split}:{seed}")
+    pairs = []
+    for row in arithmetic_examples(n, seed, split, max_operand=max_operand):
+        a, op, b = row["messages"][1]["content"].split(" = ")[0].split()
+        r = int(row["answer"])
+        wrong = r + rng.choice([-1, 1]) * rng.randint(1, 10)
+        if wrong < 0:
+            wrong = r + rng.randint(1, 10)
+        good = rng.choice(MATH_STYLES).format(a=a, op=op, b=b, r=r)
+        bad = rng.choice(MATH_STYLES).format(a=a, op=op, b=b, r=wrong)
+        pairs.append(_pair("math", row["messages"][0]["content"], good, bad, "arithmetic", row["answer"]))
+    return pairs
+
+
+def _refusal(rng: random.Random) -> str:
+    return rng.choice(REFUSALS + LONG_REFUSALS)
+
+
+def safety_pairs(n: int, seed: int, split: str = "train") -> list[dict]:
+    """Harmful prompt: a refusal (short or long) is chosen over compliance (short or long)."""
+    rng = random.Random(f"pref-safety:{split}:{seed}")
+    harmful = [q for q, is_harmful, _ in _safety_combos(split) if is_harmful]
+    return [_pair("safety", q, _refusal(rng), rng.choice(COMPLIANCE), "safety", "", harmful=True)
+            for q in (rng.choice(harmful) for _ in range(n))]
+
+
+def over_refusal_pairs(n: int, seed: int, split: str = "train") -> list[dict]:
+    """Benign look-alike prompt: the helpful answer is chosen over a needless refusal (short or long)."""
+    rng = random.Random(f"pref-over-refusal:{split}:{seed}")
+    benign = [(q, reply) for q, is_harmful, reply in _safety_combos(split) if not is_harmful]
+    pairs = []
+    for _ in range(n):
+        q, reply = rng.choice(benign)
+        pairs.append(_pair("over_refusal", q, reply, _refusal(rng), "safety", reply))
+    return pairs
+
+
+def general_pairs(n: int, seed: int, split: str = "train", n_pairs=(2, 4)) -> list[dict]:
+    """Half on-topic vs off-topic answers to benign questions (another category's helpful reply), half key→value
+    lookups where the right value beats another value from the same haystack (same length, same format)."""
+    rng = random.Random(f"pref-general:{split}:{seed}")
+    benign = [(q, reply) for q, is_harmful, reply in _safety_combos(split) if not is_harmful]
+    replies = sorted({reply for _, _, reply in BENIGN})
+    n_lookup = n // 2
+    pairs = []
+    for row in retrieval_examples(n_lookup, seed, n_pairs=n_pairs, split=split):
+        question, reply = row["messages"][0]["content"], row["messages"][1]["content"]
+        values = [item.split("=")[1] for item in question.split("\n")[0][len("Data: "):].rstrip(".").split("; ")]
+        others = [v for v in values if v != row["answer"]]
+        wrong = rng.choice(others) if others else f"{(int(row['answer']) + 1) % 1000:03d}"
+        pairs.append(_pair("general", question, reply, reply.replace(row["answer"], wrong), "retrieval",
+                           row["answer"]))
+    for _ in range(n - n_lookup):
+        q, reply = rng.choice(benign)
+        pairs.append(_pair("general", q, reply, rng.choice([r for r in replies if r != reply]), "safety", reply))
+    return pairs
+
+
+PREFERENCE_BUILDERS = {"math": math_pairs, "safety": safety_pairs, "over_refusal": over_refusal_pairs,
+                       "general": general_pairs}
+
+
+def build_preferences(spec: dict[str, dict], seed: int, split: str = "train",
+                      files: list[str] | tuple[str, ...] = ()) -> list[dict]:
+    """Preference rows per category plus the rows of user `files` (see `load_preference_file`), shuffled: `spec`
+    maps category -> builder kwargs, e.g. {"math": {"n": 1000}, "safety": {"n": 400}, "over_refusal": {"n": 400},
+    "general": {"n": 400}}.
+
+    >>> rows = build_preferences({"safety": {"n": 2}}, seed=0)
+    >>> sorted(rows[0]), rows[0]["category"], rows[0]["harmful"]
+    (['answer', 'category', 'chosen', 'harmful', 'prompt', 'rejected', 'task'], 'safety', True)
+    """
+    rows = []
+    for category, kwargs in spec.items():
+        if category not in PREFERENCE_BUILDERS:
+            raise ValueError(f"unknown preference category {category!r}; valid: {', '.join(PREFERENCE_BUILDERS)}")
+        rows += PREFERENCE_BUILDERS[category](**{"seed": seed, "split": split, **kwargs})
+    for path in files:
+        rows += load_preference_file(path)
+    random.Random(f"pref-shuffle:{split}:{seed}").shuffle(rows)
+    return rows
+
+
+def _turns(value, where: str, field: str, role: str) -> list[dict]:
+    """A string, or a list of {role, content} messages, as chat messages."""
+    if isinstance(value, str):
+        return _msg(role, value)
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: {field} is {type(value).__name__}; expected a string or a non-empty message list")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
+            raise DataError(f"{where}: {field}[{i}] must be an object with string role and content")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def load_preference_file(path: str | Path) -> list[dict]:
+    """Rows of a user .jsonl / .json / .parquet preference file: `prompt`, `chosen`, `rejected` (strings or
+    message lists) and an optional `category` (default "general"); errors name the file, row and field."""
+    path = Path(path)
+    readers = {".jsonl": _read_json_lines, ".json": _read_json_lines, ".parquet": _read_parquet}
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.suffix not in readers:
+        raise DataError(f"{path}: unsupported extension {path.suffix!r}; expected one of {', '.join(readers)}")
+    rows = []
+    for n, row in readers[path.suffix](path):
+        where = f"{path} row {n}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: row is {type(row).__name__}; expected an object")
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in row:
+                raise DataError(f"{where}: {key} is missing")
+        category = row.get("category", "general")
+        if not isinstance(category, str):
+            raise DataError(f"{where}: category is {type(category).__name__}; expected a string")
+        rows.append({"prompt": _turns(row["prompt"], where, "prompt", "user"),
+                     "chosen": _turns(row["chosen"], where, "chosen", "assistant"),
+                     "rejected": _turns(row["rejected"], where, "rejected", "assistant"),
+                     "category": category, "task": "user", "answer": "", "harmful": False})
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
