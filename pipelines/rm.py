@@ -109,9 +109,8 @@ def run(cfg: RMStageConfig, overwrite: bool = False) -> dict:
     """Train the reward model; returns the metrics written to `<output_dir>/metrics.json`."""
     import datasets
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
-    from trl import RewardTrainer
 
+    from alignment.checkpointing import last_checkpoint
     from alignment.reporting import atomic_directory, plot_curves, summary_markdown, write_json_atomic
     from data_recipes.preferences import build_preferences
     from pipelines.sft import _load_tokenizer, _read_json
@@ -154,13 +153,13 @@ def run(cfg: RMStageConfig, overwrite: bool = False) -> dict:
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
     columns = ["chosen_ids", "rejected_ids"]
-    trainer = RewardTrainer(
+    trainer = _reward_trainer_class()(
         model=model,
         args=_trl_args(cfg, out / "checkpoints"),
         train_dataset=datasets.Dataset.from_list([{k: r[k] for k in columns} for r in train_rows]),
         processing_class=tokenizer,
     )
-    last = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+    last = last_checkpoint(out / "checkpoints")
     if last:
         print(f"[{cfg.title}] resuming from {last}")
     result = trainer.train(resume_from_checkpoint=last)
@@ -200,6 +199,16 @@ def run(cfg: RMStageConfig, overwrite: bool = False) -> dict:
                                                      notes))
     print(f"[{cfg.title}] wrote {final}, {out / 'summary.md'}")
     return metrics
+
+
+def _reward_trainer_class():
+    """TRL's RewardTrainer with the toolkit's crash-safe checkpoints, whose resume restores the MoE weights
+    (alignment/checkpointing.py); nothing else changes."""
+    from trl import RewardTrainer
+
+    from alignment.checkpointing import SafeCheckpoints
+
+    return type("MiniMaxRewardTrainer", (SafeCheckpoints, RewardTrainer), {})
 
 
 def tokenize_pairs(rows: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int]:
@@ -271,35 +280,10 @@ def best_threshold(scores: list[float], positive: list[bool]) -> float:
 
 
 def _trl_args(cfg: RMStageConfig, checkpoints: Path):
-    import torch
     from trl import RewardConfig
 
-    t = cfg.training
-    schedule = {"cosine": ("cosine_with_min_lr", {"min_lr_rate": t.min_lr_ratio}),
-                "constant": ("constant", {}), "linear": ("linear", {})}[t.lr_schedule]
     return RewardConfig(
-        output_dir=str(checkpoints),
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=schedule[0],
-        lr_scheduler_kwargs=schedule[1],
-        warmup_steps=t.warmup_ratio,
-        per_device_train_batch_size=t.batch_size,  # pairs per step (each pair is two sequences)
-        gradient_accumulation_steps=t.grad_accum,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        adam_epsilon=t.adam_epsilon,
-        logging_steps=t.logging_steps,
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        report_to=["tensorboard"],
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
+        **cfg.training.trainer_kwargs(checkpoints, cfg.seed),  # batch_size counts pairs (two sequences each)
         max_length=cfg.data.max_length,
         center_rewards_coefficient=cfg.center_rewards_coefficient,
         dataset_num_proc=None,

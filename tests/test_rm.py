@@ -94,9 +94,9 @@ def trained_rm(tmp_path_factory):
     out = tmp_path_factory.mktemp("rm")
     cfg = from_dict(RMStageConfig, {
         "model": {"path": "configs/model/tiny.yaml"}, "tokenizer": "builtin", "output_dir": str(out),
-        "data": {"builtin": {"safety": {"n": 240}, "over_refusal": {"n": 240}}, "max_length": 128},
-        "eval": {"builtin": {"safety": {"n": 60}, "over_refusal": {"n": 60}}},
-        "training": {"max_steps": 40, "learning_rate": 3e-3, "batch_size": 8, "logging_steps": 5,
+        "data": {"builtin": {"safety": {"n": 160}, "over_refusal": {"n": 160}}, "max_length": 128},
+        "eval": {"builtin": {"safety": {"n": 40}, "over_refusal": {"n": 40}}},
+        "training": {"max_steps": 30, "learning_rate": 3e-3, "batch_size": 8, "logging_steps": 5,
                      "save_steps": 1000, "warmup_ratio": 0.1},
     }, source="test")
     return out, run(cfg)
@@ -159,7 +159,7 @@ def test_eval_report(trained_rm, tmp_path):
                                    "builtin": {"safety": {"n": 40}, "over_refusal": {"n": 40}}}, source="test")
     metrics = run(cfg)
     assert metrics["accuracy/safety"] >= 0.9 and metrics["accuracy/over_refusal"] >= 0.9
-    assert metrics["safety_rule"]["accuracy"] >= 0.75  # threshold fitted on training prompts, 40 steps
+    assert metrics["safety_rule"]["accuracy"] >= 0.75  # threshold fitted on training prompts, 30 steps
     assert {"corr_score_length", "accuracy_longer_rejected", "prefer_longer_baseline"} <= set(metrics["length"])
     assert 0 <= metrics["calibration"]["ece"] <= 1
     assert sum(row["count"] for row in metrics["calibration"]["reliability"]) == metrics["pairs"]
