@@ -12,7 +12,13 @@ log-decay `g_gamma` makes `G_t - G_s = (t - s) · g_gamma`. So lightning attenti
 `chunk_simple_gla(q, k, v, g_gamma=-slope, scale=1.0)`, and `cu_seqlens` (one entry per packed document, rows
 flattened into one sequence) restarts the state at every document start as the CPU reference does. The slope is the
 layer's own `slope_rate` buffer (so whatever rounding the model's dtype gave it is shared with transformers and the
-reference); the RMS norm, sigmoid output gate and projections stay transformers' modules, untouched.
+reference).
+
+Around the kernel, the whole layer (`lightning_layer_fla`) moves each activation through memory once: one Triton
+kernel applies the SiLU to the qkv projection and writes q, k, v straight into the (B, T, H, D) layout fla reads
+(`silu_split_heads`; no transposes, no copies in fla's `input_guard`), fla's output (B, T, H, D) is already the
+(B, T, H·D) row the norm wants, and fla's fused `rms_norm_gated` computes transformers'
+`sigmoid(gate) · RMSNorm(o)` in one pass (fp32 inside, one rounding). The projections stay transformers' modules.
 
 Softmax layers of packed, unpadded rows use torch's flash-attention varlen kernel (`torch.nn.attention.varlen`) with
 the same document boundaries; elsewhere they keep the per-document SDPA loop of `alignment.modeling`.
@@ -33,7 +39,15 @@ from functools import cache
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers.models.minimax import modeling_minimax as mm
+
+try:  # CUDA machines (torch's CUDA wheels bring Triton); the CPU path never needs it
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 LIGHTNING_KERNELS = ("auto", "torch", "fla")
 GPU_EXTRA_HINT = "install the GPU extra: pip install -e '.[gpu]' (flash-linear-attention)"
@@ -69,11 +83,14 @@ def resolve_lightning_kernel(kernel: str, device: torch.device) -> str:
     return kernel
 
 
-def limit_triton_autotuning(num_warps: int = 4, num_stages: int = 2, max_configs: int = 4) -> None:
-    """Make Triton's autotuner (flash-linear-attention's kernels use it) try at most `max_configs` configurations,
-    those with `num_warps` / `num_stages` when there are any. fla tunes up to 48 configurations per kernel and per
-    (heads, head dim, dtype, varlen) combination, minutes on a fresh machine; a long training run amortises that (the
-    results are cached on disk), a benchmark or test on a short-lived GPU machine cannot. Opt-in, process-wide."""
+def limit_triton_autotuning(num_warps: int = 4, num_stages: int = 2, max_configs: int = 4,
+                            full_up_to: int = 8) -> None:
+    """Make Triton's autotuner (flash-linear-attention's kernels use it) try fewer configurations: kernels with at
+    most `full_up_to` configurations are tuned fully (cheap: fla's output, gradient and norm kernels), larger spaces
+    (fla's 48-configuration state kernels `chunk_fwd_h` / `chunk_bwd_dh`) at most `max_configs`, those with
+    `num_warps` / `num_stages` when there are any (one per tile shape). Full tuning is minutes per shape on a fresh
+    machine: a long training run amortises that (fla caches the results on disk), a benchmark or test on a
+    short-lived GPU machine cannot. Opt-in, process-wide; without it a user gets fla's full tuning."""
     from triton.runtime.autotuner import Autotuner
 
     if getattr(Autotuner, "_limited", False):
@@ -82,6 +99,8 @@ def limit_triton_autotuning(num_warps: int = 4, num_stages: int = 2, max_configs
 
     def limited(self, kwargs):
         configs = prune(self, kwargs)
+        if len(configs) <= full_up_to:
+            return configs
         preferred = [c for c in configs if c.num_warps == num_warps and c.num_stages == num_stages]
         return (preferred or [c for c in configs if c.num_warps == num_warps] or configs)[:max_configs]
 
@@ -107,28 +126,141 @@ def packed_cu_seqlens(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return cu, cu.cpu(), last
 
 
-def lightning_attention_fla(q, k, v, slope, doc_ids=None, output_state: bool = True):
-    """`alignment.lightning.lightning_attention` on flash-linear-attention's `chunk_simple_gla` (same arguments and
-    results; the state is None unless `output_state`).
+def lightning_attention_fla_bthd(q, k, v, slope, doc_ids=None, output_state: bool = True):
+    """Lightning attention on flash-linear-attention's `chunk_simple_gla` in fla's own layout.
 
-    q, k, v: (B, H, T, D); slope: H values (any shape); doc_ids: (B, T) or None. Returns out (B, H, T, D) in v's
-    dtype and the (B, H, D, D) state after each row's last document (of that document only).
+    q, k, v: (B, T, H, D), contiguous (otherwise fla copies them); slope: H values (any shape); doc_ids: (B, T) or
+    None. Returns out (B, T, H, D) in v's dtype and, if `output_state`, the (B, H, D, D) state after each row's last
+    document (of that document only), else None.
     """
     from fla.ops.simple_gla import chunk_simple_gla
 
-    B, H, T, D = q.shape
+    B, T, H, D = q.shape
     g_gamma = -slope.reshape(H).float()  # log decay per step: λ = exp(-slope)
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, T, H, D), fla's layout
     if doc_ids is None:
         out, state = chunk_simple_gla(q, k, v, g_gamma=g_gamma, scale=1.0, output_final_state=output_state)
     else:
         cu, cu_cpu, last = packed_cu_seqlens(doc_ids)
-        q, k, v = (x.reshape(1, B * T, H, D) for x in (q, k, v))
+        q, k, v = (x.reshape(1, B * T, H, D) for x in (q, k, v))  # rows flattened: a view, no copy
         out, states = chunk_simple_gla(q, k, v, g_gamma=g_gamma, scale=1.0, output_final_state=output_state,
                                        cu_seqlens=cu, cu_seqlens_cpu=cu_cpu)
         out = out.reshape(B, T, H, D)
         state = states[last] if output_state else None  # (B, H, D, D): each row's last document
-    return out.transpose(1, 2).to(v.dtype), None if state is None else state.to(v.dtype)
+    return out.to(v.dtype), None if state is None else state.to(v.dtype)
+
+
+def lightning_attention_fla(q, k, v, slope, doc_ids=None, output_state: bool = True):
+    """`alignment.lightning.lightning_attention` on fla (same arguments and results; the state is None unless
+    `output_state`): q, k, v (B, H, T, D) -> out (B, H, T, D), state (B, H, D, D). The transposes to fla's layout
+    cost a copy of each input; the model's layer avoids them (`lightning_layer_fla`)."""
+    out, state = lightning_attention_fla_bthd(*(x.transpose(1, 2) for x in (q, k, v)), slope, doc_ids,
+                                              output_state)
+    return out.transpose(1, 2), state
+
+
+if triton is not None:
+    @triton.jit
+    def _silu_split_fwd_kernel(x, q, k, v, rows, D: tl.constexpr, BR: tl.constexpr):
+        """x: (rows, 3·D) with rows = B·T·H (each head's [q | k | v]); q, k, v: (rows, D) = silu of each third."""
+        r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)
+        c = tl.arange(0, D)
+        mask = (r < rows)[:, None]
+        src = x + r[:, None] * (3 * D) + c[None, :]
+        dst = r[:, None] * D + c[None, :]
+        a = tl.load(src, mask=mask).to(tl.float32)
+        tl.store(q + dst, (a * tl.sigmoid(a)).to(q.dtype.element_ty), mask=mask)
+        a = tl.load(src + D, mask=mask).to(tl.float32)
+        tl.store(k + dst, (a * tl.sigmoid(a)).to(k.dtype.element_ty), mask=mask)
+        a = tl.load(src + 2 * D, mask=mask).to(tl.float32)
+        tl.store(v + dst, (a * tl.sigmoid(a)).to(v.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _silu_grad(x, grad, dx, wide, narrow, mask):
+        """dx = grad · silu'(x), silu'(a) = s · (1 + a · (1 - s)), s = sigmoid(a) (torch's formula)."""
+        a = tl.load(x + wide, mask=mask).to(tl.float32)
+        g = tl.load(grad + narrow, mask=mask).to(tl.float32)
+        s = tl.sigmoid(a)
+        tl.store(dx + wide, (g * s * (1 + a * (1 - s))).to(dx.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _silu_split_bwd_kernel(x, dq, dk, dv, dx, rows, D: tl.constexpr, BR: tl.constexpr):
+        """dx (rows, 3·D) = [dq | dk | dv] · silu'(x)."""
+        r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)
+        c = tl.arange(0, D)
+        mask = (r < rows)[:, None]
+        wide = r[:, None] * (3 * D) + c[None, :]
+        narrow = r[:, None] * D + c[None, :]
+        _silu_grad(x, dq, dx, wide, narrow, mask)
+        _silu_grad(x, dk, dx, wide + D, narrow, mask)
+        _silu_grad(x, dv, dx, wide + 2 * D, narrow, mask)
+
+
+def _silu_split_grid(rows: int, D: int) -> tuple[int, int]:
+    BR = max(1, 4096 // D)  # 4K elements of each of q, k, v per program
+    return BR, triton.cdiv(rows, BR)
+
+
+class SiluSplitHeads(torch.autograd.Function):
+    """(B, T, H·3·D) qkv projection -> silu'd q, k, v, each (B, T, H, D) contiguous: one read, three writes (and one
+    pass back), where silu + split + fla's contiguous copies read and write the activation twice each way."""
+
+    @staticmethod
+    def forward(ctx, qkv, heads: int, head_dim: int):
+        x = qkv.contiguous()
+        B, T, _ = x.shape
+        q, k, v = (x.new_empty(B, T, heads, head_dim) for _ in range(3))
+        rows = B * T * heads
+        BR, grid = _silu_split_grid(rows, head_dim)
+        with torch.cuda.device(x.device):  # Triton launches on the current device
+            _silu_split_fwd_kernel[(grid,)](x, q, k, v, rows, D=head_dim, BR=BR)
+        ctx.save_for_backward(x)
+        ctx.head_dim = head_dim
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        (x,) = ctx.saved_tensors
+        D = ctx.head_dim
+        rows = x.numel() // (3 * D)
+        shape = (*x.shape[:2], x.shape[2] // (3 * D), D)
+        dq, dk, dv = (x.new_zeros(shape) if g is None else g.contiguous() for g in (dq, dk, dv))
+        dx = torch.empty_like(x)
+        BR, grid = _silu_split_grid(rows, D)
+        with torch.cuda.device(x.device):
+            _silu_split_bwd_kernel[(grid,)](x, dq, dk, dv, dx, rows, D=D, BR=BR)
+        return dx, None, None
+
+
+def silu_split_heads(qkv: torch.Tensor, heads: int, head_dim: int, act=F.silu):
+    """`act(qkv)` split into q, k, v of (B, T, H, D), contiguous, from a (B, T, H·3·D) projection laid out per head as
+    [q | k | v] (transformers' MiniMax lightning layer). Fused Triton kernel for SiLU on CUDA with a power-of-two
+    head dim; otherwise the same function in torch ops."""
+    silu = act is F.silu or isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"  # transformers' own
+    if silu and triton is not None and qkv.is_cuda and head_dim & (head_dim - 1) == 0:
+        return SiluSplitHeads.apply(qkv, heads, head_dim)
+    B, T, _ = qkv.shape
+    return tuple(x.contiguous() for x in act(qkv).view(B, T, heads, 3 * head_dim).split(head_dim, dim=-1))
+
+
+def lightning_layer_fla(layer: mm.MiniMaxLightningAttention, hidden_states, attention_mask=None, doc_ids=None,
+                        output_state: bool = True):
+    """The fast path of a whole transformers `MiniMaxLightningAttention` layer (prefill / training, no cached
+    state): `out_proj(sigmoid(output_gate(x)) · RMSNorm(lightning(silu(qkv_proj(x)))))`, the same math as
+    transformers' forward, with the element-wise work fused (module docstring). hidden_states (B, T, hidden);
+    doc_ids (B, T) or None. Returns the layer output (B, T, hidden) and the state (B, H, D, D) or None."""
+    from fla.modules.norm.fused_norm_gate import rms_norm_gated
+
+    B, T, _ = hidden_states.shape
+    H, D = layer.num_attention_heads, layer.head_dim
+    q, k, v = silu_split_heads(layer.qkv_proj(hidden_states), H, D, layer.act_fn)
+    if attention_mask is not None:  # padding rows: the same zeroing transformers applies to the activations
+        q, k, v = (mm.apply_mask_to_padding_states(x.view(B, T, H * D), attention_mask).view(B, T, H, D)
+                   for x in (q, k, v))
+    out, state = lightning_attention_fla_bthd(q, k, v, layer.slope_rate, doc_ids, output_state)
+    norm = layer.norm
+    gated = rms_norm_gated(out.reshape(B, T, H * D), layer.output_gate(hidden_states), norm.weight, None,
+                           activation="sigmoid", eps=norm.variance_epsilon)
+    return layer.out_proj(gated), state
 
 
 @cache

@@ -33,7 +33,7 @@ from transformers.masking_utils import create_causal_mask, create_recurrent_atte
 from transformers.models.minimax import modeling_minimax as mm
 
 from alignment.config import ConfigError, read_yaml
-from alignment.kernels import (check_lightning_kernel, lightning_attention_fla, resolve_lightning_kernel,
+from alignment.kernels import (check_lightning_kernel, lightning_layer_fla, resolve_lightning_kernel,
                                varlen_softmax_attention, varlen_softmax_available)
 from alignment.lightning import document_ids, lightning_attention
 
@@ -84,18 +84,16 @@ class PackedLightningAttention(mm.MiniMaxLightningAttention):
         if continuing:  # decode step from a cached state: transformers' recurrent step is already exact
             return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
         B, T, _ = hidden_states.shape
-        qkv = self.act_fn(self.qkv_proj(hidden_states))
-        qkv = mm.apply_mask_to_padding_states(qkv, attention_mask)
-        q, k, v = qkv.reshape(B, T, self.num_attention_heads, 3 * self.head_dim).transpose(1, 2).chunk(3, dim=-1)
-
         docs = _layer_document_ids(kwargs, B)
-        if resolve_lightning_kernel(self.lightning_kernel, q.device) == "fla":
-            out, state = lightning_attention_fla(q, k, v, self.slope_rate, docs, past_key_values is not None)
+        if resolve_lightning_kernel(self.lightning_kernel, hidden_states.device) == "fla":  # fused GPU layer
+            out, state = lightning_layer_fla(self, hidden_states, attention_mask, docs, past_key_values is not None)
         else:
+            qkv = self.act_fn(self.qkv_proj(hidden_states))
+            qkv = mm.apply_mask_to_padding_states(qkv, attention_mask)
+            q, k, v = qkv.reshape(B, T, self.num_attention_heads, 3 * self.head_dim).transpose(1, 2).chunk(3, dim=-1)
             out, state = lightning_attention(q, k, v, self.slope_rate, docs, self.block_size)  # (B, H, T, D)
-
-        out = self.norm(out.transpose(1, 2).reshape(B, T, -1))
-        out = self.out_proj(torch.sigmoid(self.output_gate(hidden_states)) * out)
+            out = self.norm(out.transpose(1, 2).reshape(B, T, -1))
+            out = self.out_proj(torch.sigmoid(self.output_gate(hidden_states)) * out)
         if past_key_values is not None:
             past_key_values.set_linear_cache(self.layer_idx, state)
         return out, state
