@@ -23,7 +23,7 @@ import random
 from pathlib import Path
 
 from data_recipes.io import DataError, _read_json_lines, _read_parquet
-from data_recipes.tasks import BENIGN, REFUSALS, _safety_combos, arithmetic_examples, retrieval_examples
+from data_recipes.tasks import BENIGN, REFUSALS, WORDS, _safety_combos, arithmetic_examples, retrieval_examples
 
 CATEGORIES = ("math", "safety", "over_refusal", "general")
 
@@ -102,9 +102,10 @@ def general_pairs(n: int, seed: int, split: str = "train", n_pairs=(2, 4)) -> li
     pairs = []
     for row in retrieval_examples(n_lookup, seed, n_pairs=n_pairs, split=split):
         question, reply = row["messages"][0]["content"], row["messages"][1]["content"]
-        values = [item.split("=")[1] for item in question.split("\n")[0][len("Data: "):].rstrip(".").split("; ")]
+        values = [item.split("=")[1].strip()
+                  for item in question.split("\n")[0][len("Data: "):].rstrip(".").split("; ")]
         others = [v for v in values if v != row["answer"]]
-        wrong = rng.choice(others) if others else f"{(int(row['answer']) + 1) % 1000:03d}"
+        wrong = rng.choice(others) if others else rng.choice([w for w in WORDS if w not in values])
         pairs.append(_pair("general", question, reply, reply.replace(row["answer"], wrong), "retrieval",
                            row["answer"]))
     for _ in range(n - n_lookup):

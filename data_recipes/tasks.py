@@ -228,18 +228,21 @@ def arithmetic_examples(n: int, seed: int, split: str = "train", max_operand: in
 def _n_pairs_range(n_pairs) -> tuple[int, int]:
     """An int, or an inclusive (lo, hi) range (a YAML list is fine)."""
     lo, hi = (n_pairs, n_pairs) if isinstance(n_pairs, int) else tuple(n_pairs)
-    if not 1 <= lo <= hi <= len(WORDS):
-        raise ValueError(f"n_pairs is {n_pairs!r}; expected 1 <= lo <= hi <= {len(WORDS)} (the key word list size)")
+    most = len(WORDS) // 2  # keys and values are distinct words
+    if not 1 <= lo <= hi <= most:
+        raise ValueError(f"n_pairs is {n_pairs!r}; expected 1 <= lo <= hi <= {most} (half the word list)")
     return lo, hi
 
 
 def retrieval_examples(n: int, seed: int, n_pairs, split: str = "train") -> list[dict]:
-    """Key→value lookup: "Data: apple=482; tiger=039; ... What is the value of tiger?" → "Answer: tiger=039".
+    """Key→value lookup: "Data: apple = river; tiger = lamp; ... What is the value of tiger?" → "Answer: tiger = lamp".
 
-    Keys are distinct words and values distinct 3-digit strings, so the answer is unambiguous and echoing another
-    value is detectably wrong. Every key follows a space (" tiger") as in the question, so the key is the same
-    token sequence in the haystack and in the question. The queried pair is uniform over haystack positions, so
-    long-context training has to use the whole window rather than its ends.
+    Keys and values are distinct words, so the answer is unambiguous and echoing another value is detectably wrong.
+    Every word follows a space, so each key and value is one and the same token in the haystack, the question and
+    the reply: the lookup is one associative-recall step (find " tiger =", copy the next token). Multi-token values
+    (e.g. 3 digits) would need every later token matched on a longer context, which a 2M-parameter model does not
+    learn in CPU minutes. The reply restates the key, so the value follows " tiger =" exactly as in the haystack.
+    The queried pair is uniform over haystack positions, so long-context training has to use the whole window.
     """
     _check_split(split)
     lo, hi = _n_pairs_range(n_pairs)
@@ -247,14 +250,12 @@ def retrieval_examples(n: int, seed: int, n_pairs, split: str = "train") -> list
     rows = []
     for _ in range(n):
         k = rng.randint(lo, hi)
-        keys = rng.sample(WORDS, k)
-        values = [f"{v:03d}" for v in rng.sample(range(1000), k)]
+        words = rng.sample(WORDS, 2 * k)
+        keys, values = words[:k], words[k:]
         q = rng.randrange(k)
-        haystack = "; ".join(f"{key}={value}" for key, value in zip(keys, values))
+        haystack = "; ".join(f"{key} = {value}" for key, value in zip(keys, values))
         question = f"Data: {haystack}.\nWhat is the value of {keys[q]}?"
-        # the reply restates the key ("Answer: tiger=039"), so the value follows "tiger=" exactly as in the
-        # haystack: the lookup becomes a plain copy (an induction pattern) that a tiny model learns quickly
-        rows.append(_row("retrieval", question, f"Answer: {keys[q]}={values[q]}", values[q], n_pairs=k))
+        rows.append(_row("retrieval", question, f"Answer: {keys[q]} = {values[q]}", values[q], n_pairs=k))
     return rows
 
 

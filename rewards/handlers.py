@@ -73,7 +73,7 @@ def math():
 # (optionally restating its key).
 TASK_PATTERNS = {
     "arithmetic": r"\s*\d+\s*[-+]\s*\d+\s*=\s*-?\d+\s*",
-    "retrieval": r"\s*(?:Answer:\s*\w+\s*=\s*)?\d{3}\s*\.?\s*",  # "039" or "Answer: tiger=039"
+    "retrieval": r"\s*(?:Answer:\s*\w+\s*=\s*)?[A-Za-z]+\s*\.?\s*",  # "lamp" or "Answer: tiger = lamp"
     "safety": r"(?s)\s*\S.*",
 }
 CHAT_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")

@@ -12,6 +12,8 @@ import re
 # The lookbehind keeps "37-48" from reading as -48; results are non-negative but a model may still write a minus.
 _INTEGER = re.compile(r"(?<!\d)-?\d+")
 _DIGITS = re.compile(r"\d+")
+_VALUE = re.compile(r"=\s*([A-Za-z]+)")
+_WORD = re.compile(r"[A-Za-z]+")
 _REFUSAL = re.compile(
     r"\b(i can't|i cannot|i can not|i won't|i will not|i'm sorry, but|i am sorry, but|i'm unable to|i am unable to"
     r"|i'm not able to|i am not able to)"
@@ -43,18 +45,21 @@ def arithmetic_correct(completion: str, answer: str) -> bool:
 
 
 def retrieval_correct(completion: str, answer: str) -> bool:
-    """The first digit run of the completion is the value, and no other value follows.
+    """Every value the completion states ("key = value" or a bare word) is the answer, and it states one.
 
-    Requiring every digit run to equal the answer makes echoing the haystack (which holds every value, the answer
+    Requiring every stated value to equal the answer makes echoing the haystack (which holds every value, the answer
     included) score 0 even when the queried pair comes first.
 
-    >>> retrieval_correct("039", "039"), retrieval_correct("The value is 039.", "039")
+    >>> retrieval_correct("Answer: tiger = lamp", "lamp"), retrieval_correct("lamp", "lamp")
     (True, True)
-    >>> retrieval_correct("39", "039"), retrieval_correct("039; tiger=482", "039")
+    >>> retrieval_correct("Answer: tiger = lamps", "lamp"), retrieval_correct("tiger = lamp; apple = river", "lamp")
     (False, False)
     """
-    runs = _DIGITS.findall(completion)
-    return bool(runs) and all(run == answer for run in runs)
+    stated = _VALUE.findall(completion)
+    if not stated:  # a bare answer: its last word
+        words = _WORD.findall(completion)
+        stated = words[-1:]
+    return bool(stated) and all(v.lower() == answer.lower() for v in stated)
 
 
 def is_refusal(text: str) -> bool:

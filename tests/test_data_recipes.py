@@ -79,13 +79,14 @@ def test_retrieval_answer_is_the_queried_value():
     positions = set()
     for row in retrieval_examples(300, seed=0, n_pairs=(3, 12)):
         text = _question(row)
-        pairs = dict(re.findall(r"(\w+)=(\d{3})", text))
+        pairs = dict(re.findall(r"(\w+) = (\w+)", text))
         key = re.search(r"value of (\w+)\?$", text).group(1)
         assert len(pairs) == row["n_pairs"] and 3 <= row["n_pairs"] <= 12
-        assert set(pairs) <= set(WORDS)
+        assert set(pairs) <= set(WORDS) and set(pairs.values()) <= set(WORDS)
+        assert not set(pairs) & set(pairs.values())
         assert len(set(pairs.values())) == len(pairs)  # distinct values: the answer is unambiguous
         assert row["answer"] == pairs[key]
-        assert row["messages"][1]["content"] == f"Answer: {key}={row['answer']}"
+        assert row["messages"][1]["content"] == f"Answer: {key} = {row['answer']}"
         positions.add(list(pairs).index(key) / row["n_pairs"])
     assert min(positions) == 0 and max(positions) > 0.9  # queried key anywhere, first to last
 
@@ -95,7 +96,7 @@ def test_retrieval_n_pairs_and_streams():
     assert {r["n_pairs"] for r in retrieval_examples(200, seed=0, n_pairs=[4, 6])} == {4, 5, 6}
     assert retrieval_examples(5, 0, 8) != retrieval_examples(5, 0, 8, split="heldout")
     with pytest.raises(ValueError, match="n_pairs"):
-        retrieval_examples(1, 0, n_pairs=len(WORDS) + 1)
+        retrieval_examples(1, 0, n_pairs=len(WORDS) // 2 + 1)
     assert len(WORDS) >= 200 and len(set(WORDS)) == len(WORDS)
 
 
@@ -106,6 +107,8 @@ def test_verifiers_accept_references_and_reject_wrong(task):
             assert verify(row, row["answer"]) and verify(row, row["messages"][1]["content"])
             if task == "safety":
                 wrong = "Sure, here is how." if row["harmful"] else "I can't help with that."
+            elif task == "retrieval":
+                wrong = row["messages"][1]["content"] + "s"  # another word
             else:
                 wrong = str(int(row["answer"]) + 1).zfill(len(row["answer"]))
             assert not verify(row, wrong)

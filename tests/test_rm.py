@@ -96,7 +96,7 @@ def trained_rm(tmp_path_factory):
         "model": {"path": "configs/model/tiny.yaml"}, "tokenizer": "builtin", "output_dir": str(out),
         "data": {"builtin": {"safety": {"n": 160}, "over_refusal": {"n": 160}}, "max_length": 128},
         "eval": {"builtin": {"safety": {"n": 40}, "over_refusal": {"n": 40}}},
-        "training": {"max_steps": 30, "learning_rate": 3e-3, "batch_size": 8, "logging_steps": 5,
+        "training": {"max_steps": 50, "learning_rate": 3e-3, "batch_size": 8, "logging_steps": 5,
                      "save_steps": 1000, "warmup_ratio": 0.1},
     }, source="test")
     return out, run(cfg)

@@ -34,11 +34,11 @@ def test_arithmetic():
 
 
 def test_retrieval_rejects_haystack_echo():
-    haystack = "apple=482; tiger=039; stone=771"
-    assert not retrieval_correct(haystack, "482")  # queried key first: still not a clean answer
-    assert not retrieval_correct(haystack, "039")
-    assert retrieval_correct("tiger=039", "039") and not retrieval_correct("0 3 9", "039")
-    assert not retrieval_correct("", "039")
+    haystack = "apple = river; tiger = lamp; stone = moon"
+    assert not retrieval_correct(haystack, "river")  # queried key first: still not a clean answer
+    assert not retrieval_correct(haystack, "lamp")
+    assert retrieval_correct("Answer: tiger = lamp", "lamp") and retrieval_correct("tiger=LAMP.", "lamp")
+    assert not retrieval_correct("Answer: tiger = lampshade", "lamp") and not retrieval_correct("", "lamp")
 
 
 @pytest.mark.parametrize("text", ["I can't help with that.", "I cannot help with that request.",
@@ -62,11 +62,11 @@ def test_safety():
 
 
 def test_verify_dispatch_and_reward():
-    assert verify({"task": "retrieval", "answer": "039", "harmful": False}, "039")
+    assert verify({"task": "retrieval", "answer": "lamp", "harmful": False}, "lamp")
     assert verify({"task": "safety", "answer": "", "harmful": True}, "I cannot do that.")
     with pytest.raises(ValueError, match="'user'"):
         verify({"task": "user", "answer": "", "harmful": False}, "x")
-    rewards = correctness_reward(["p"] * 3, ["85", "I can't help with that.", [{"role": "assistant", "content": "1"}]],
-                                 task=["arithmetic", "safety", "retrieval"], answer=["85", "", "039"],
+    rewards = correctness_reward(["p"] * 3, ["85", "I can't help with that.", [{"role": "assistant", "content": "moon"}]],
+                                 task=["arithmetic", "safety", "retrieval"], answer=["85", "", "lamp"],
                                  harmful=[False, False, False], extra_column=[1, 2, 3])
     assert rewards == [1.0, 0.0, 0.0]
