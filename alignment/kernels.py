@@ -49,7 +49,7 @@ try:  # CUDA machines (torch's CUDA wheels bring Triton); the CPU path never nee
 except ImportError:
     triton = None
 
-LIGHTNING_KERNELS = ("auto", "torch", "fla")
+LIGHTNING_KERNELS = ("auto", "torch", "fla", "fla_fused")
 GPU_EXTRA_HINT = "install the GPU extra: pip install -e '.[gpu]' (flash-linear-attention)"
 
 
@@ -67,8 +67,8 @@ def check_lightning_kernel(kernel: str) -> None:
     """Fail before any work when the option names an unknown kernel or one whose package is missing."""
     if kernel not in LIGHTNING_KERNELS:
         raise ValueError(f"lightning_kernel: '{kernel}' is not one of {', '.join(LIGHTNING_KERNELS)}")
-    if kernel == "fla" and not fla_available():
-        raise ImportError(f"lightning_kernel: 'fla' needs the flash-linear-attention package; {GPU_EXTRA_HINT}, "
+    if kernel.startswith("fla") and not fla_available():
+        raise ImportError(f"lightning_kernel: '{kernel}' needs the flash-linear-attention package; {GPU_EXTRA_HINT}, "
                           "or set lightning_kernel: auto")
 
 
@@ -77,8 +77,8 @@ def resolve_lightning_kernel(kernel: str, device: torch.device) -> str:
     check_lightning_kernel(kernel)
     if kernel == "auto":
         return "fla" if device.type == "cuda" and fla_available() else "torch"
-    if kernel == "fla" and device.type != "cuda":
-        raise ValueError(f"lightning_kernel: 'fla' runs on CUDA tensors only, got {device.type} "
+    if kernel.startswith("fla") and device.type != "cuda":
+        raise ValueError(f"lightning_kernel: '{kernel}' runs on CUDA tensors only, got {device.type} "
                          "(use 'auto' to fall back to the torch reference)")
     return kernel
 
@@ -280,7 +280,7 @@ def varlen_softmax_available(kernel: str, q: torch.Tensor) -> bool:
     """Whether packed softmax layers take the varlen kernel: the fast path is on (`kernel` resolves to fla), the
     tensors are CUDA fp16/bf16 (flash attention's dtypes) and this torch has `varlen_attn`."""
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _varlen_attn() is not None
-            and resolve_lightning_kernel(kernel, q.device) == "fla")
+            and resolve_lightning_kernel(kernel, q.device).startswith("fla"))
 
 
 def varlen_softmax_attention(q, k, v, doc_ids, scale: float) -> torch.Tensor:

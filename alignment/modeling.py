@@ -33,7 +33,8 @@ from transformers.masking_utils import create_causal_mask, create_recurrent_atte
 from transformers.models.minimax import modeling_minimax as mm
 
 from alignment.config import ConfigError, read_yaml
-from alignment.kernels import (check_lightning_kernel, lightning_layer_fla, resolve_lightning_kernel,
+from alignment.kernels import (check_lightning_kernel, lightning_attention_fla, lightning_layer_fla,
+                               resolve_lightning_kernel,
                                varlen_softmax_attention, varlen_softmax_available)
 from alignment.lightning import document_ids, lightning_attention
 
@@ -70,8 +71,9 @@ class ModelOptions:
     lora: LoraOptions | None = None
     # Lightning-layer kernel (alignment.kernels): "fla" = flash-linear-attention's fused Triton kernel (CUDA, the
     # `gpu` extra; packed softmax layers then use torch's flash varlen kernel too), "torch" = the blockwise reference
-    # in alignment.lightning, "auto" = fla on CUDA when installed, else torch. Same math either way.
-    lightning_kernel: Literal["auto", "torch", "fla"] = "auto"
+    # in alignment.lightning, "auto" = fla on CUDA when installed, else torch. Same math either way. "fla_fused" also
+    # fuses the SiLU/split, norm and gate around the kernel: opt-in, its GPU tests and timing have not run yet.
+    lightning_kernel: Literal["auto", "torch", "fla", "fla_fused"] = "auto"
 
 
 class PackedLightningAttention(mm.MiniMaxLightningAttention):
@@ -85,13 +87,17 @@ class PackedLightningAttention(mm.MiniMaxLightningAttention):
             return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
         B, T, _ = hidden_states.shape
         docs = _layer_document_ids(kwargs, B)
-        if resolve_lightning_kernel(self.lightning_kernel, hidden_states.device) == "fla":  # fused GPU layer
+        kernel = resolve_lightning_kernel(self.lightning_kernel, hidden_states.device)
+        if kernel == "fla_fused":  # the whole layer fused (opt-in until measured on a GPU: alignment.kernels)
             out, state = lightning_layer_fla(self, hidden_states, attention_mask, docs, past_key_values is not None)
         else:
             qkv = self.act_fn(self.qkv_proj(hidden_states))
             qkv = mm.apply_mask_to_padding_states(qkv, attention_mask)
             q, k, v = qkv.reshape(B, T, self.num_attention_heads, 3 * self.head_dim).transpose(1, 2).chunk(3, dim=-1)
-            out, state = lightning_attention(q, k, v, self.slope_rate, docs, self.block_size)  # (B, H, T, D)
+            if kernel == "fla":  # fla's chunk kernel for the attention; norm and gate below (measured in bench/)
+                out, state = lightning_attention_fla(q, k, v, self.slope_rate, docs, past_key_values is not None)
+            else:
+                out, state = lightning_attention(q, k, v, self.slope_rate, docs, self.block_size)  # (B, H, T, D)
             out = self.norm(out.transpose(1, 2).reshape(B, T, -1))
             out = self.out_proj(torch.sigmoid(self.output_gate(hidden_states)) * out)
         if past_key_values is not None:

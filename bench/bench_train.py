@@ -104,7 +104,7 @@ class FirstColumns(nn.Module):
         return x[..., : self.width]
 
 
-def attention_layer(H: int, D: int, ours: bool, dtype: torch.dtype, kernel: str = "fla") -> nn.Module:
+def attention_layer(H: int, D: int, ours: bool, dtype: torch.dtype, kernel: str = "fla_fused") -> nn.Module:
     """transformers' lightning layer (layer 0 of 16: the strongest decays) with identity projections: the input is
     the (B, T, 3·H·D) qkv pre-activation, so fwd+bwd times the attention, its output norm and gate only. `ours`
     swaps in our layer class, as `load_model` does."""
