@@ -118,7 +118,8 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
     from transformers.trainer_utils import get_last_checkpoint
 
     from alignment.evaluation import evaluate
-    from alignment.reporting import atomic_directory, plot_curves, summary_markdown, write_json_atomic
+    from alignment.reporting import (atomic_directory, plot_curves, summary_markdown, write_json_atomic,
+                                     write_log_history)
     from alignment.rollout import build_rollout
     from alignment.trainers import MiniMaxGRPOTrainer
     from data_recipes import heldout_sets
@@ -213,6 +214,7 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
         tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / "metrics.json", metrics)  # last: its presence marks a finished checkpoint
     write_json_atomic(out / "metrics.json", metrics)
+    write_log_history(out, history)
     plotted = plot_curves(history, out / "curves.png", keys=(
         "reward", "success_rate", "dynamic/kept_frac", "kl", "entropy", "completions/mean_length", "dropped",
         "mismatch/prob_corr"))

@@ -111,7 +111,8 @@ def run(cfg: RMStageConfig, overwrite: bool = False) -> dict:
     from transformers import set_seed
 
     from alignment.checkpointing import last_checkpoint
-    from alignment.reporting import atomic_directory, plot_curves, summary_markdown, write_json_atomic
+    from alignment.reporting import (atomic_directory, plot_curves, summary_markdown, write_json_atomic,
+                                     write_log_history)
     from data_recipes.preferences import build_preferences
     from pipelines.sft import _load_tokenizer, _read_json
     from rewards.reward_model import load_reward_model
@@ -189,6 +190,7 @@ def run(cfg: RMStageConfig, overwrite: bool = False) -> dict:
         write_json_atomic(tmp / "reward_meta.json", meta)
         write_json_atomic(tmp / "metrics.json", metrics)  # last: its presence marks a finished checkpoint
     write_json_atomic(out / "metrics.json", metrics)
+    write_log_history(out, history)
     plotted = plot_curves(history, out / "curves.png", keys=("loss", "accuracy", "margin", "learning_rate",
                                                                "grad_norm"))
     notes = {"training loss": f"{metrics['train']['first_loss']} -> {metrics['train']['last_loss']}",
