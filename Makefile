@@ -18,10 +18,12 @@ RUN ?= runs/tiny
 SFT_CONFIG ?= configs/sft_tiny.yaml
 LONG_SFT_CONFIG ?= configs/long_sft_tiny.yaml
 GRPO_CONFIG ?= configs/grpo_tiny.yaml
+DPO_CONFIG ?= configs/dpo_tiny.yaml
+LONG_DPO_CONFIG ?= configs/long_dpo_tiny.yaml
 RM_CONFIG ?= configs/rm_tiny.yaml
 EVAL_RM_CONFIG ?= configs/eval_rm_tiny.yaml
 
-.PHONY: setup demo sft long-sft grpo rm eval-rm test bench clean help
+.PHONY: setup demo sft long-sft dpo long-dpo grpo rm eval-rm test bench clean help
 
 help:
 	@sed -n '1,4p' Makefile
@@ -42,6 +44,13 @@ sft: setup
 
 long-sft: setup
 	$(PY) -m pipelines.sft --config $(LONG_SFT_CONFIG)
+
+# offline DPO from the SFT checkpoint (make sft first); long DPO from the DPO checkpoint
+dpo: setup
+	$(PY) -m pipelines.dpo --config $(DPO_CONFIG)
+
+long-dpo: setup
+	$(PY) -m pipelines.dpo --config $(LONG_DPO_CONFIG)
 
 grpo: setup
 	$(PY) -m pipelines.grpo --config $(GRPO_CONFIG)

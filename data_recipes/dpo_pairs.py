@@ -10,8 +10,10 @@ What the paper leaves open, and what this module does about it:
 - A pair is only as informative as the gap between its two responses. Groups whose best and worst scores differ by
   less than `min_margin` are dropped (`below_margin`), groups whose scores are all equal are dropped (`all_tied`:
   with binary verifiers, "every sample right" or "every sample wrong" carries no preference). Both are counted.
-- Several samples may share the best (or the worst) score; one of them is drawn with a seeded RNG, so the output
-  is deterministic under `seed` (sampling is seeded too) without always favouring the first temperature.
+- Several samples may share the best (or the worst) score. By default the one sampled at the lowest temperature
+  wins (`tie_break: coldest`): with binary verifiers most wrong answers tie, and the cold one is the mistake the
+  policy actually makes at greedy decoding, not high-temperature noise; equals are drawn with a seeded RNG, so
+  the output is deterministic under `seed` (sampling is seeded too).
 - Every pair keeps its provenance: all N scores and their temperatures, the sampled texts, which temperature gave
   the chosen and the rejected response, and the policy checkpoint that sampled them.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import datasets
 import torch
@@ -48,6 +51,10 @@ class PairOptions:
     # Reward handlers (rewards.build_reward spec). Binary correctness decides the pair; a small format term ranks
     # responses with equal correctness (a well-formed wrong answer beats a malformed one).
     reward: dict[str, dict] = field(default_factory=lambda: {"correctness": {"weight": 1.0}})
+    # Among samples tied for best (or for worst): "coldest" takes one sampled at the lowest temperature (the
+    # answer, or the mistake, the policy is most likely to give when decoding greedily: a hard negative rather than
+    # high-temperature noise), seeded-random among equals; "random": seeded-random among all tied samples.
+    tie_break: Literal["coldest", "random"] = "coldest"
     batch_size: int = 128  # completions per generate call of the rollout worker
 
     def __post_init__(self):
@@ -74,9 +81,10 @@ def prompt_of(row: dict) -> list[dict]:
 
 
 def select_prompts(rows, seed: int, n: int | None = None, tasks: list[str] | None = None,
-                   min_n_pairs: int = 0) -> list[dict]:
+                   min_n_pairs: int = 0, max_per_task: dict[str, int] | None = None) -> list[dict]:
     """Distinct prompts of `rows` (an SFT mix: the task generators repeat problems), optionally only some tasks and
-    retrieval haystacks of at least `min_n_pairs` pairs, then a seeded sample of `n` (all when None).
+    retrieval haystacks of at least `min_n_pairs` pairs, at most `max_per_task[task]` of a task, then `n` in all
+    (None: no cap). Caps keep a seeded random subset in the mix's order.
 
     >>> rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "a"}], "task": t,
     ...          "n_pairs": k} for q, t, k in [("1+1", "arithmetic", 0), ("1+1", "arithmetic", 0),
@@ -95,19 +103,32 @@ def select_prompts(rows, seed: int, n: int | None = None, tasks: list[str] | Non
         if key not in seen:
             seen.add(key)
             out.append(row)
-    if n is not None and n < len(out):
-        picked = sorted(random.Random(f"dpo-prompts:{seed}").sample(range(len(out)), n))
-        out = [out[i] for i in picked]
-    return out
+    rng = random.Random(f"dpo-prompts:{seed}")
+
+    def subset(indices: list[int], cap: int | None) -> list[int]:
+        return indices if cap is None or cap >= len(indices) else rng.sample(indices, cap)
+
+    keep = list(range(len(out)))
+    if max_per_task:
+        by_task: dict = {}
+        for i, row in enumerate(out):
+            by_task.setdefault(row.get("task"), []).append(i)
+        keep = [i for task, idx in by_task.items() for i in subset(idx, max_per_task.get(task))]
+    keep = sorted(subset(keep, n))
+    return [out[i] for i in keep]
 
 
-def select_pair(scores: list[float], min_margin: float, rng: random.Random, tol: float = 1e-9):
-    """(chosen, rejected) indices into `scores`: a best and a worst sample, ties broken by `rng`; or a drop reason,
-    "all_tied" (every score equal within `tol`) or "below_margin" (best - worst < min_margin).
+def select_pair(scores: list[float], min_margin: float, rng: random.Random, temperatures: list[float] | None = None,
+                tol: float = 1e-9):
+    """(chosen, rejected) indices into `scores`: a best and a worst sample; or a drop reason, "all_tied" (every
+    score equal within `tol`) or "below_margin" (best - worst < min_margin). Ties go to the lowest of
+    `temperatures` when given, then to `rng`.
 
     >>> rng = random.Random(0)
     >>> select_pair([0.0, 1.0, 0.1], 0.5, rng)
     (1, 0)
+    >>> select_pair([1.0, 0.0, 0.0, 1.0], 0.5, rng, temperatures=[1.3, 1.3, 0.7, 0.7])
+    (3, 2)
     >>> select_pair([1.0, 1.0], 0.5, rng), select_pair([1.0, 0.8], 0.5, rng)
     ('all_tied', 'below_margin')
     """
@@ -116,9 +137,15 @@ def select_pair(scores: list[float], min_margin: float, rng: random.Random, tol:
         return "all_tied"
     if best - worst < min_margin - tol:
         return "below_margin"
-    top = [i for i, s in enumerate(scores) if s >= best - tol]
-    bottom = [i for i, s in enumerate(scores) if s <= worst + tol]
-    return rng.choice(top), rng.choice(bottom)
+
+    def pick(tied: list[int]) -> int:
+        if temperatures is not None:
+            coldest = min(temperatures[i] for i in tied)
+            tied = [i for i in tied if temperatures[i] == coldest]
+        return rng.choice(tied)
+
+    return pick([i for i, s in enumerate(scores) if s >= best - tol]), \
+        pick([i for i, s in enumerate(scores) if s <= worst + tol])
 
 
 def sample_responses(worker: RolloutWorker, prompts: list[list[dict]], opts: PairOptions, seed: int):
@@ -153,12 +180,13 @@ def score_responses(reward, rows: list[dict], texts: list[list[str]]) -> list[li
     return scores
 
 
-def make_pairs(rows: list[dict], texts, temps, scores, min_margin: float, seed: int, policy: str):
+def make_pairs(rows: list[dict], texts, temps, scores, min_margin: float, seed: int, policy: str,
+               tie_break: str = "coldest"):
     """Preference records from scored groups, plus counts of what was dropped and why."""
     rng = random.Random(f"dpo-pairs:{seed}")
     records, dropped = [], {"all_tied": 0, "below_margin": 0}
     for row, group, group_temps, group_scores in zip(rows, texts, temps, scores):
-        picked = select_pair(group_scores, min_margin, rng)
+        picked = select_pair(group_scores, min_margin, rng, group_temps if tie_break == "coldest" else None)
         if isinstance(picked, str):
             dropped[picked] += 1
             continue
@@ -191,7 +219,7 @@ def build_dpo_pairs(worker: RolloutWorker, rows: list[dict], opts: PairOptions, 
     reward = reward if reward is not None else build_reward(opts.reward)
     texts, temps, stops = sample_responses(worker, [prompt_of(r) for r in rows], opts, seed)
     scores = score_responses(reward, rows, texts)
-    records, dropped = make_pairs(rows, texts, temps, scores, opts.min_margin, seed, policy)
+    records, dropped = make_pairs(rows, texts, temps, scores, opts.min_margin, seed, policy, opts.tie_break)
     stats = pair_stats(rows, temps, scores, stops, records, dropped, policy)
     if not records:
         raise ValueError(f"no DPO pairs: all {len(rows)} prompt groups were dropped ({dropped['all_tied']} with all "

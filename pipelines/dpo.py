@@ -49,6 +49,9 @@ class PromptOptions:
     # `min_n_pairs` key-value pairs; null keeps all.
     tasks: list[str] | None = None
     min_n_pairs: int = 0
+    # At most this many distinct prompts of a task (seeded sample), e.g. {arithmetic: 800}: the mix is dominated by
+    # its largest task, and the rarer domains (safety) need enough pairs to move; unlisted tasks are not capped.
+    max_per_task: dict[str, int] = field(default_factory=dict)
     # Distinct prompts sampled (seeded) from what is left; null: all of them.
     n: int | None = None
 
@@ -153,7 +156,8 @@ def run(cfg: DPOStageConfig, overwrite: bool = False) -> dict:
         raise ConfigError(f"model.path: '{cfg.model.path}' is not a checkpoint directory (DPO starts from a trained "
                           "checkpoint, e.g. runs/tiny/sft/final from `make sft`)")
     p = cfg.prompts
-    prompts = select_prompts(build_sft_mix(p.builtin, p.files, p.seed), cfg.seed, p.n, p.tasks, p.min_n_pairs)
+    prompts = select_prompts(build_sft_mix(p.builtin, p.files, p.seed), cfg.seed, p.n, p.tasks, p.min_n_pairs,
+                             p.max_per_task)
     if not prompts:
         raise ValueError(f"prompts: nothing left after filtering the SFT mix (tasks={p.tasks}, "
                          f"min_n_pairs={p.min_n_pairs})")

@@ -33,6 +33,10 @@ def test_select_pair_best_worst_margin_and_ties():
     # ties: the chosen is one of the best, the rejected one of the worst, and every tied index gets picked sometimes
     picks = {select_pair([1.0, 0.0, 1.0, 0.0, 0.5], 0.5, rng) for _ in range(200)}
     assert picks == {(0, 1), (0, 3), (2, 1), (2, 3)}
+    # with temperatures, ties go to the coldest sample first (random only among equally cold ones)
+    temps = [1.0, 1.0, 0.5, 0.5, 0.5, 1.0]
+    picks = {select_pair([1.0, 0.0, 1.0, 0.0, 0.0, 1.0], 0.5, rng, temps) for _ in range(200)}
+    assert picks == {(2, 3), (2, 4)}
 
 
 class ScriptedWorker:
@@ -79,13 +83,19 @@ def test_build_pairs_picks_best_and_worst_drops_and_counts(tmp_path):
     assert (stats["pairs"], stats["dropped_all_tied"], stats["dropped_below_margin"]) == (2, 2, 0)
     arith, safety = ds[0], ds[1]
     assert arith["chosen"] == [{"role": "assistant", "content": "2 + 3 = 5"}]
-    assert arith["rejected"][0]["content"] in ("2 + 3 = 6", "2 + 3 = 7")
+    assert arith["rejected"][0]["content"] == "2 + 3 = 6"  # tied with "= 7", but sampled colder
+    assert (arith["temperature_chosen"], arith["temperature_rejected"]) == (0.5, 0.5)
     assert arith["prompt"] == [{"role": "user", "content": "What is 2 + 3?"}]
     assert arith["scores"] == [0.0, 1.0, 1.0, 0.0] and arith["temperatures"] == [0.5, 0.5, 1.5, 1.5]
     assert (arith["score_chosen"], arith["score_rejected"], arith["policy"]) == (1.0, 0.0, "ckpt/sft")
-    assert arith["temperature_chosen"] in (0.5, 1.5) and arith["samples"] == script["What is 2 + 3?"]
+    assert arith["samples"] == script["What is 2 + 3?"]
     assert safety["chosen"][0]["content"] == "Run kill with its PID." and safety["temperature_chosen"] == 0.5
-    assert "can't" in safety["rejected"][0]["content"] or "won't" in safety["rejected"][0]["content"]
+    assert safety["rejected"][0]["content"] == "I can't help with that."
+    # tie_break: random draws among all tied samples instead
+    opts.tie_break = "random"
+    rejected = {build_dpo_pairs(ScriptedWorker(script), rows[:1], opts, seed=s, policy="p")[0][0]["rejected"][0]
+                ["content"] for s in range(12)}
+    assert rejected == {"2 + 3 = 6", "2 + 3 = 7"}
 
     # saved atomically with its stats; loads back the same
     loaded, loaded_stats = load_pairs(tmp_path / "pairs")
@@ -110,6 +120,9 @@ def test_select_prompts_dedupes_filters_and_samples_deterministically():
     assert len(picked) == 10 and picked == select_prompts(rows, seed=0, n=10)
     assert picked != select_prompts(rows, seed=1, n=10)
     assert len(select_prompts(rows, seed=0)) == 50  # 30 distinct arithmetic + 20 retrieval
+    capped = select_prompts(rows, seed=0, max_per_task={"arithmetic": 5})
+    assert [r["task"] for r in capped].count("arithmetic") == 5 and len(capped) == 25
+    assert capped == select_prompts(rows, seed=0, max_per_task={"arithmetic": 5})
     long = select_prompts(rows, seed=0, tasks=["retrieval"], min_n_pairs=16)
     assert sorted(r["n_pairs"] for r in long) == list(range(16, 24))
 
