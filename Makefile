@@ -1,7 +1,9 @@
 # Set-up and entry points. Everything runs inside .venv, created on first use.
-#   make demo   set up, then run the staged pipeline on the built-in tiny model (CPU)
-#   make test   set up, then run the test suite
-#   make bench  GPU machine only: fast path vs stock transformers (bench/README.md); BENCH_PY=python3 there
+#   make demo      set up, then run the staged pipeline on the built-in tiny model (CPU; ~30 min on 2 cores)
+#   make test      set up, then run the test suite
+#   make pipeline  the pipeline alone (PIPELINE_CONFIG=...); make sft / long-sft / dpo / long-dpo / grpo / rm / eval-rm
+#                  run one stage
+#   make bench     GPU machine only: fast path vs stock transformers (bench/README.md); BENCH_PY=python3 there
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,15 +20,16 @@ RUN ?= runs/tiny
 SFT_CONFIG ?= configs/sft_tiny.yaml
 LONG_SFT_CONFIG ?= configs/long_sft_tiny.yaml
 GRPO_CONFIG ?= configs/grpo_tiny.yaml
+PIPELINE_CONFIG ?= configs/pipeline_tiny.yaml
 DPO_CONFIG ?= configs/dpo_tiny.yaml
 LONG_DPO_CONFIG ?= configs/long_dpo_tiny.yaml
 RM_CONFIG ?= configs/rm_tiny.yaml
 EVAL_RM_CONFIG ?= configs/eval_rm_tiny.yaml
 
-.PHONY: setup demo sft long-sft dpo long-dpo grpo rm eval-rm test bench clean help
+.PHONY: setup demo pipeline sft long-sft dpo long-dpo grpo rm eval-rm test bench clean help
 
 help:
-	@sed -n '1,4p' Makefile
+	@sed -n '1,6p' Makefile
 
 setup: $(VENV)/.installed
 
@@ -62,8 +65,11 @@ rm: setup
 eval-rm: setup
 	$(PY) -m pipelines.eval_rm --config $(EVAL_RM_CONFIG)
 
-demo: setup sft long-sft
-	@echo "demo finished: see $(RUN)/*/summary.md"
+pipeline: setup
+	$(PY) -m pipelines.run --config $(PIPELINE_CONFIG)
+
+demo: setup pipeline
+	@echo "demo finished: see $(RUN)/report.md"
 
 test: setup
 	$(PY) -m pytest -q -x

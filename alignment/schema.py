@@ -87,7 +87,8 @@ class TrainOptions:
             save_total_limit=self.save_total_limit,
             seed=seed,
             data_seed=seed,
-            bf16=self.bf16,
+            bf16=self.bf16,  # TRL defaults to True, i.e. bf16 autocast even on CPU: off unless asked for
+            gradient_checkpointing=False,  # TRL defaults to True; load_model applies model.gradient_checkpointing
             deepspeed=self.deepspeed,
             report_to=["tensorboard"],
             use_cpu=not torch.cuda.is_available(),

@@ -43,7 +43,7 @@ def fp32_fused_lm_head(model, outputs: tuple[str, ...]) -> None:
         add_fused_lm_head(base, cast_lm_head_to_fp32=True, outputs=outputs)
 
 
-class MiniMaxSFTTrainer(SFTTrainer):
+class MiniMaxSFTTrainer(SafeCheckpoints, SFTTrainer):
     """`SFTTrainer` whose chunked LM-head loss honours the FP32 LM head (MiniMax-M1 §3).
 
     TRL computes the SFT loss with its own fused, chunked LM head that reads `lm_head.weight` directly, so our

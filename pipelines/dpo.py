@@ -21,7 +21,6 @@ scaled to the tiny model, keeping the schedule shapes (short: cosine to 10%, lon
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -29,13 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
 
-from alignment.config import ConfigError, load_config, to_dict
+from alignment.config import ConfigError, to_dict
 from alignment.modeling import ModelOptions, load_model
 from alignment.schema import EvalOptions, TrainOptions
 from data_recipes.dpo_pairs import PairOptions
 from rewards import RewardError
+from pipelines.common import finished_metrics, stage_main
 
 
 @dataclass
@@ -101,32 +100,13 @@ class DPOStageConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipelines.dpo",
+    return stage_main(
+        argv, prog="python -m pipelines.dpo", config_cls=DPOStageConfig, run=run, example="configs/dpo_tiny.yaml",
+        errors=(RewardError,),
         description="Offline DPO (stages III/IV of the MiniMax-01 recipe): reward-scored pairs sampled from the "
         "starting checkpoint, then DPO against it. Writes <output_dir>/pairs, final/ (the checkpoint), "
         "metrics.json, summary.md, curves.png and TensorBoard logs; a re-run reuses the pairs and resumes from the "
-        "last checkpoint in <output_dir>/checkpoints.",
-    )
-    parser.add_argument("--config", required=True, help="stage YAML, e.g. configs/dpo_tiny.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (dotted, YAML value), e.g. --set dpo.beta=0.2")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="train again even if <output_dir>/final exists (it is replaced only when done)")
-    args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
-    try:
-        cfg = load_config(args.config, DPOStageConfig, overrides)
-        run(cfg, overwrite=args.overwrite)
-    except (ConfigError, ValueError, FileNotFoundError, RewardError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        "last checkpoint in <output_dir>/checkpoints.")
 
 
 def run(cfg: DPOStageConfig, overwrite: bool = False) -> dict:
@@ -135,7 +115,8 @@ def run(cfg: DPOStageConfig, overwrite: bool = False) -> dict:
 
     from alignment.checkpointing import last_checkpoint
     from alignment.evaluation import evaluate
-    from alignment.reporting import atomic_directory, plot_curves, summary_markdown, write_json_atomic
+    from alignment.reporting import (atomic_directory, plot_curves, summary_markdown, write_json_atomic,
+                                     write_log_history)
     from alignment.rollout import build_rollout
     from alignment.trainers import MiniMaxDPOTrainer
     from data_recipes import build_sft_mix, heldout_sets
@@ -145,9 +126,8 @@ def run(cfg: DPOStageConfig, overwrite: bool = False) -> dict:
 
     out = Path(cfg.output_dir)
     final = out / "final"
-    if (final / "metrics.json").is_file() and not overwrite:
-        print(f"{final} is complete; nothing to do (pass --overwrite to train again)")
-        return _read_json(final / "metrics.json")
+    if (done := finished_metrics(out, overwrite)) is not None:
+        return done
     set_seed(cfg.seed)
 
     # config-level checks before any model work: the reward spec, a trained starting checkpoint, the prompts
@@ -231,6 +211,7 @@ def run(cfg: DPOStageConfig, overwrite: bool = False) -> dict:
         tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / "metrics.json", metrics)  # last: its presence marks a finished checkpoint
     write_json_atomic(out / "metrics.json", metrics)
+    write_log_history(out, history)
     plotted = plot_curves(history, out / "curves.png", keys=(
         "loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "learning_rate"))
     notes = {"pairs": f"{len(pairs)} from {pair_stats['prompts']} SFT prompts x {cfg.pairs.n} samples at "
@@ -258,42 +239,15 @@ def _drop_too_long(pairs, tokenizer, max_length: int):
 
 
 def dpo_args(cfg: DPOStageConfig, checkpoints: Path):
-    """TRL's DPOConfig from the stage config (the same schedule mapping as the SFT stage)."""
-    import torch
+    """TRL's DPOConfig from the stage config (TrainingArguments shared with every stage)."""
     from trl import DPOConfig
 
     t, d = cfg.training, cfg.dpo
-    schedule = {"cosine": ("cosine_with_min_lr", {"min_lr_rate": t.min_lr_ratio}),
-                "constant": ("constant", {}), "linear": ("linear", {})}[t.lr_schedule]
     loss_type, loss_weights = [d.loss_type], [1.0]
     if d.sft_weight > 0:
         loss_type, loss_weights = loss_type + ["sft"], loss_weights + [d.sft_weight]
     return DPOConfig(
-        output_dir=str(checkpoints),
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=schedule[0],
-        lr_scheduler_kwargs=schedule[1],
-        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        per_device_train_batch_size=t.batch_size,  # pairs per device step
-        gradient_accumulation_steps=t.grad_accum,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        adam_epsilon=t.adam_epsilon,
-        logging_steps=t.logging_steps,
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        report_to=["tensorboard"],
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        # TRL defaults to bf16 autocast and gradient checkpointing; the model's dtype and ModelOptions decide here
-        bf16=False,
-        gradient_checkpointing=False,
+        **t.trainer_kwargs(checkpoints, cfg.seed),
         beta=d.beta,
         loss_type=loss_type,
         loss_weights=loss_weights,

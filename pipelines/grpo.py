@@ -19,16 +19,14 @@ not a stronger model; the clip / drop thresholds, KL coefficient, group size and
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
 
-from alignment.config import ConfigError, load_config, to_dict
+from alignment.config import ConfigError, to_dict
 from alignment.losses import LossOptions
 from alignment.modeling import ModelOptions, load_model
 from alignment.rollout.base import SamplingOptions
@@ -36,6 +34,7 @@ from alignment.schema import EvalOptions, TrainOptions
 from alignment.trainers import AdvantageOptions, DynamicSamplingOptions, RolloutCorrectionOptions
 from data_recipes.prompt_pool import PoolOptions
 from rewards import RewardError
+from pipelines.common import finished_metrics, stage_main
 
 
 @dataclass
@@ -85,37 +84,18 @@ class GRPOStageConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipelines.grpo",
+    return stage_main(
+        argv, prog="python -m pipelines.grpo", config_cls=GRPOStageConfig, run=run, example="configs/grpo_tiny.yaml",
+        errors=(RewardError,),
         description="Online modified GRPO (stage V of the MiniMax-01 recipe) with success-rate prompt filtering. "
         "Writes <output_dir>/prompt_pool.jsonl, final/ (the checkpoint), metrics.json, summary.md, curves.png and "
-        "TensorBoard logs; a re-run resumes from the last checkpoint in <output_dir>/checkpoints.",
-    )
-    parser.add_argument("--config", required=True, help="stage YAML, e.g. configs/grpo_tiny.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (dotted, YAML value), e.g. --set training.max_steps=10")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="train again even if <output_dir>/final exists (it is replaced only when done)")
-    args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
-    try:
-        cfg = load_config(args.config, GRPOStageConfig, overrides)
-        run(cfg, overwrite=args.overwrite)
-    except (ConfigError, ValueError, FileNotFoundError, RewardError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        "TensorBoard logs; a re-run resumes from the last checkpoint in <output_dir>/checkpoints.")
 
 
 def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
     """Train one GRPO stage; returns the metrics written to `<output_dir>/metrics.json`."""
     from transformers import AutoTokenizer, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
+    from alignment.checkpointing import last_checkpoint
 
     from alignment.evaluation import evaluate
     from alignment.reporting import (atomic_directory, plot_curves, summary_markdown, write_json_atomic,
@@ -131,9 +111,8 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
 
     out = Path(cfg.output_dir)
     final = out / "final"
-    if (final / "metrics.json").is_file() and not overwrite:
-        print(f"{final} is complete; nothing to do (pass --overwrite to train again)")
-        return _read_json(final / "metrics.json")
+    if (done := finished_metrics(out, overwrite)) is not None:
+        return done
     set_seed(cfg.seed)
 
     # config-level checks before any model work: reward spec, model path, tasks
@@ -191,7 +170,7 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
         dynamic_sampling=cfg.dynamic_sampling, rollout_correction=cfg.rollout_correction,
         length_monitor=monitor, success_fn=success_fn,
     )
-    last = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+    last = last_checkpoint(out / "checkpoints")
     if last:
         print(f"[{cfg.title}] resuming from {last}")
     result = trainer.train(resume_from_checkpoint=last)

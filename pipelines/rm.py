@@ -19,16 +19,15 @@ the helpfulness principle (over-refusal pairs) instead of a separate constitutio
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
-from alignment.config import ConfigError, load_config, to_dict
+from alignment.config import ConfigError, to_dict
 from alignment.schema import TrainOptions
+from pipelines.common import finished_metrics, stage_main
 
 
 @dataclass
@@ -79,30 +78,11 @@ class RMStageConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipelines.rm",
+    return stage_main(
+        argv, prog="python -m pipelines.rm", config_cls=RMStageConfig, run=run, example="configs/rm_tiny.yaml",
         description="Train a reward model (one-logit MiniMax sequence classifier) on preference pairs with TRL's "
         "RewardTrainer. Writes <output_dir>/final (model + tokenizer + reward_meta.json), metrics.json, summary.md, "
-        "curves.png and TensorBoard logs; a re-run resumes from the last checkpoint.",
-    )
-    parser.add_argument("--config", required=True, help="stage YAML, e.g. configs/rm_tiny.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (dotted, YAML value), e.g. --set training.max_steps=10")
-    parser.add_argument("--overwrite", action="store_true", help="train again even if <output_dir>/final exists")
-    args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
-    try:
-        cfg = load_config(args.config, RMStageConfig, overrides)
-        run(cfg, overwrite=args.overwrite)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        "curves.png and TensorBoard logs; a re-run resumes from the last checkpoint.")
 
 
 def run(cfg: RMStageConfig, overwrite: bool = False) -> dict:
@@ -119,9 +99,8 @@ def run(cfg: RMStageConfig, overwrite: bool = False) -> dict:
 
     out = Path(cfg.output_dir)
     final = out / "final"
-    if (final / "metrics.json").is_file() and not overwrite:
-        print(f"{final} is complete; nothing to do (pass --overwrite to train again)")
-        return _read_json(final / "metrics.json")
+    if (done := finished_metrics(out, overwrite)) is not None:
+        return done
     set_seed(cfg.seed)
 
     if not Path(cfg.model.path).exists():

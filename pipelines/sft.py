@@ -18,17 +18,16 @@ paper, and the count is reported.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
-from alignment.config import ConfigError, load_config, to_dict
+from alignment.config import ConfigError, to_dict
 from alignment.modeling import ModelOptions, load_model
 from alignment.schema import DataOptions, EvalOptions, TrainOptions
+from pipelines.common import finished_metrics, stage_main
 
 
 @dataclass
@@ -46,31 +45,11 @@ class SFTStageConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipelines.sft",
+    return stage_main(
+        argv, prog="python -m pipelines.sft", config_cls=SFTStageConfig, run=run, example="configs/sft_tiny.yaml",
         description="Short or long-context SFT of a MiniMax model (stages I/II of the MiniMax-01 recipe). "
         "Writes <output_dir>/final (the checkpoint), metrics.json, summary.md, curves.png and TensorBoard logs; "
-        "a re-run resumes from the last checkpoint in <output_dir>/checkpoints.",
-    )
-    parser.add_argument("--config", required=True, help="stage YAML, e.g. configs/sft_tiny.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (dotted, YAML value), e.g. --set training.max_steps=10")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="train again even if <output_dir>/final exists (it is replaced only when done)")
-    args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
-    try:
-        cfg = load_config(args.config, SFTStageConfig, overrides)
-        run(cfg, overwrite=args.overwrite)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        "a re-run resumes from the last checkpoint in <output_dir>/checkpoints.")
 
 
 def run(cfg: SFTStageConfig, overwrite: bool = False) -> dict:
@@ -86,9 +65,8 @@ def run(cfg: SFTStageConfig, overwrite: bool = False) -> dict:
 
     out = Path(cfg.output_dir)
     final = out / "final"
-    if (final / "metrics.json").is_file() and not overwrite:
-        print(f"{final} is complete; nothing to do (pass --overwrite to train again)")
-        return _read_json(final / "metrics.json")
+    if (done := finished_metrics(out, overwrite)) is not None:
+        return done
     set_seed(cfg.seed)
 
     # data first: bad files fail before a model is built
