@@ -1,15 +1,17 @@
-"""What every stage file shares: its command line, and the finished-stage check."""
+"""What every stage file shares: its command line, and the finished / resumable output-directory check."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import yaml
 
-from alignment.config import ConfigError, load_config
+from alignment.config import ConfigError, load_config, to_dict
+from alignment.reporting import write_json_atomic
 
 
 def stage_main(argv, *, prog: str, description: str, config_cls, run, example: str, errors: tuple = ()) -> int:
@@ -36,10 +38,40 @@ def stage_main(argv, *, prog: str, description: str, config_cls, run, example: s
     return 0
 
 
-def finished_metrics(output_dir: str | Path, overwrite: bool) -> dict | None:
-    """The metrics of a finished stage (its `final/metrics.json`, written last), unless `overwrite`."""
-    done = Path(output_dir) / "final" / "metrics.json"
+MAY_CHANGE = ("training", "eval", "title", "output_dir")  # config sections a resumed run may change
+
+
+def prepare_output(cfg, overwrite: bool) -> dict | None:
+    """Before a stage runs in `cfg.output_dir`: the metrics of a finished stage (its `final/metrics.json`, written
+    last) when there is one and not `overwrite`; otherwise None, after making sure what is there can be resumed.
+
+    A re-run resumes from the checkpoints, cached evaluation, pairs or prompt pools in the output directory, so they
+    must come from the same inputs: the config is recorded in `stage_config.json` and a run whose model, tokenizer,
+    data, rewards or seed differ is refused (resuming another model's checkpoint would silently mix weights and
+    tokenizers); training length, LR, logging and evaluation may change between runs. `--overwrite` clears
+    everything but `final/`, which is replaced only when the new run finishes.
+    """
+    out = Path(cfg.output_dir)
+    done = out / "final" / "metrics.json"
     if done.is_file() and not overwrite:
         print(f"{done.parent} is complete; nothing to do (pass --overwrite to train again)")
         return json.loads(done.read_text())
+    record = out / "stage_config.json"
+    current = {k: v for k, v in json.loads(json.dumps(to_dict(cfg), default=str)).items() if k not in MAY_CHANGE}
+    if overwrite:
+        for child in out.iterdir() if out.is_dir() else []:
+            if child.name != "final":
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    elif record.is_file() and json.loads(record.read_text()) != current:
+        old = json.loads(record.read_text())
+        changed = sorted(_diff_keys(old, current))
+        raise ConfigError(f"{out} holds an unfinished run with a different config (changed: {', '.join(changed)}); "
+                          "pass --overwrite to start again, or use another output_dir")
+    write_json_atomic(record, current)
     return None
+
+
+def _diff_keys(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in sorted(set(a) | set(b)) for k in _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]

@@ -34,7 +34,7 @@ from alignment.modeling import ModelOptions, load_model
 from alignment.schema import EvalOptions, TrainOptions
 from data_recipes.dpo_pairs import PairOptions
 from rewards import RewardError
-from pipelines.common import finished_metrics, stage_main
+from pipelines.common import prepare_output, stage_main
 
 
 @dataclass
@@ -126,12 +126,12 @@ def run(cfg: DPOStageConfig, overwrite: bool = False) -> dict:
 
     out = Path(cfg.output_dir)
     final = out / "final"
-    if (done := finished_metrics(out, overwrite)) is not None:
+    reward = build_reward(cfg.pairs.reward)  # a bad handler fails before the output dir is touched
+    if (done := prepare_output(cfg, overwrite)) is not None:
         return done
     set_seed(cfg.seed)
 
     # config-level checks before any model work: the reward spec, a trained starting checkpoint, the prompts
-    reward = build_reward(cfg.pairs.reward)  # raises RewardError naming a bad handler
     if not Path(cfg.model.path, "config.json").is_file():
         raise ConfigError(f"model.path: '{cfg.model.path}' is not a checkpoint directory (DPO starts from a trained "
                           "checkpoint, e.g. runs/tiny/sft/final from `make sft`)")

@@ -34,7 +34,7 @@ from alignment.schema import EvalOptions, TrainOptions
 from alignment.trainers import AdvantageOptions, DynamicSamplingOptions, RolloutCorrectionOptions
 from data_recipes.prompt_pool import PoolOptions
 from rewards import RewardError
-from pipelines.common import finished_metrics, stage_main
+from pipelines.common import prepare_output, stage_main
 
 
 @dataclass
@@ -111,12 +111,12 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
 
     out = Path(cfg.output_dir)
     final = out / "final"
-    if (done := finished_metrics(out, overwrite)) is not None:
+    reward_funcs, reward_weights = trl_reward_funcs(cfg.reward)  # a bad handler fails before touching output_dir
+    if (done := prepare_output(cfg, overwrite)) is not None:
         return done
     set_seed(cfg.seed)
 
     # config-level checks before any model work: reward spec, model path, tasks
-    reward_funcs, reward_weights = trl_reward_funcs(cfg.reward)  # raises RewardError naming a bad handler
     if not Path(cfg.model.path, "tokenizer_config.json").is_file():
         raise ConfigError(f"model.path: '{cfg.model.path}' is not a checkpoint directory with a tokenizer "
                           "(GRPO starts from a trained checkpoint, e.g. runs/tiny/sft/final from `make sft`)")

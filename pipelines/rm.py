@@ -27,7 +27,7 @@ from pathlib import Path
 
 from alignment.config import ConfigError, to_dict
 from alignment.schema import TrainOptions
-from pipelines.common import finished_metrics, stage_main
+from pipelines.common import prepare_output, stage_main
 
 
 @dataclass
@@ -99,7 +99,7 @@ def run(cfg: RMStageConfig, overwrite: bool = False) -> dict:
 
     out = Path(cfg.output_dir)
     final = out / "final"
-    if (done := finished_metrics(out, overwrite)) is not None:
+    if (done := prepare_output(cfg, overwrite)) is not None:
         return done
     set_seed(cfg.seed)
 

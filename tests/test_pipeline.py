@@ -146,3 +146,22 @@ def test_sigkill_mid_stage_and_mid_save_resume_to_the_same_result(tmp_path):
         ref_w, w = final_weights(ref_root), final_weights(root)
         assert max(float((ref_w[k] - w[k]).abs().max()) for k in ref_w) < 1e-4
         assert not (root / "long_sft" / "checkpoints" / ".staging").exists()
+
+
+def test_resume_refuses_other_inputs_and_overwrite_starts_clean(tmp_path):
+    """Checkpoints left by a run of another model must not be resumed silently; --overwrite clears them."""
+    from alignment.config import load_config
+    from pipelines.common import prepare_output
+    from pipelines.sft import SFTStageConfig
+
+    path = pipeline_yaml(tmp_path) and tmp_path / "short.yaml"
+    cfg = load_config(path, SFTStageConfig, {"output_dir": str(tmp_path / "out")})
+    assert prepare_output(cfg, overwrite=False) is None
+    (tmp_path / "out" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    longer = load_config(path, SFTStageConfig, {"output_dir": str(tmp_path / "out"), "training.max_steps": 9})
+    assert prepare_output(longer, overwrite=False) is None  # training length may change on resume
+    other = load_config(path, SFTStageConfig, {"output_dir": str(tmp_path / "out"), "data.max_length": 300})
+    with pytest.raises(ConfigError, match=r"different config \(changed: data.max_length\).*--overwrite"):
+        prepare_output(other, overwrite=False)
+    assert prepare_output(other, overwrite=True) is None
+    assert not (tmp_path / "out" / "checkpoints").exists()
