@@ -8,8 +8,10 @@ A pipeline YAML lists stages in order; each names its stage YAML and dotted over
    so a typo in the last stage fails before the first one trains;
 2. runs the stages in order, each starting from the previous policy stage's `final/` checkpoint (`start_from`);
 3. records status, timings and metrics in `<output_root>/manifest.json` (atomic writes) and skips finished stages on a
-   re-run — a stage whose `final/metrics.json` exists is done; an interrupted one resumes from its last complete
-   Trainer checkpoint (alignment/checkpointing.py: optimizer, scheduler, RNG and data position restored);
+   re-run — a stage whose `final/metrics.json` exists is done, unless it started from another checkpoint than the
+   one the pipeline now hands it or that checkpoint was rebuilt since (then it runs again); an interrupted stage
+   resumes from its last complete Trainer checkpoint (alignment/checkpointing.py: optimizer, scheduler, RNG and
+   data position restored);
 4. writes `<output_root>/report.md` and `report.png` (every stage's key metrics before/after, its training curves)
    after each stage, next to each stage's own TensorBoard logs.
 
@@ -80,6 +82,17 @@ class Stage:
     @property
     def done(self) -> bool:
         return (self.final / "metrics.json").is_file()
+
+    def stale(self) -> str | None:
+        """Why a finished stage no longer fits the pipeline (None when it does): it started from another checkpoint,
+        or its input checkpoint was rebuilt after it finished."""
+        recorded = json.loads((self.final / "metrics.json").read_text()).get("config", {}).get("model", {}).get("path")
+        if recorded != str(self.cfg.model.path):
+            return f"it started from {recorded}, the pipeline now hands it {self.cfg.model.path}"
+        source = Path(self.cfg.model.path, "metrics.json")
+        if source.is_file() and source.stat().st_mtime > (self.final / "metrics.json").stat().st_mtime:
+            return f"its input {self.cfg.model.path} was rebuilt after it finished"
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,10 +230,13 @@ def run(path, stages: list[Stage], selected: list[Stage]) -> dict:
         record = manifest["stages"][stage.spec.name]
         record.update(kind=stage.spec.kind, output_dir=str(stage.out), start=str(stage.cfg.model.path))
         banner = f"[pipeline {i}/{len(selected)}] {stage.spec.name} ({stage.spec.kind})"
-        if stage.done:
+        stale = stage.stale() if stage.done else None
+        if stage.done and not stale:
             print(f"{banner}: finished earlier, skipped")
             record.update(status="done", checkpoint=str(stage.final))
             continue
+        if stale:
+            print(f"{banner}: finished earlier but {stale}: running it again")
         if not Path(stage.cfg.model.path).exists():
             raise FileNotFoundError(f"{stage.spec.name}: input checkpoint {stage.cfg.model.path} does not exist; "
                                     "run the earlier stages first")
@@ -230,7 +246,7 @@ def run(path, stages: list[Stage], selected: list[Stage]) -> dict:
         t0 = time.time()
         try:
             module = importlib.import_module(STAGE_KINDS[stage.spec.kind][0])
-            module.run(stage.cfg)
+            module.run(stage.cfg, overwrite=bool(stale))
         except BaseException as err:
             record.update(status="failed", error=f"{type(err).__name__}: {err}")
             write_json_atomic(manifest_path, manifest)

@@ -165,3 +165,16 @@ def test_resume_refuses_other_inputs_and_overwrite_starts_clean(tmp_path):
         prepare_output(other, overwrite=False)
     assert prepare_output(other, overwrite=True) is None
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_finished_stage_reruns_when_its_input_was_rebuilt(tmp_path):
+    path = pipeline_yaml(tmp_path)
+    assert run_pipeline(path).returncode == 0
+    sft_metrics = tmp_path / "run" / "sft" / "final" / "metrics.json"
+    os.utime(sft_metrics)  # as if stage I had been trained again
+    again = run_pipeline(path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "sft (sft): finished earlier, skipped" in again.stdout
+    assert "long_sft (sft): finished earlier but its input" in again.stdout and "running it again" in again.stdout
+    long_final = tmp_path / "run" / "long_sft" / "final" / "metrics.json"
+    assert long_final.stat().st_mtime > sft_metrics.stat().st_mtime
