@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
     """Train one GRPO stage; returns the metrics written to `<output_dir>/metrics.json`."""
     from transformers import AutoTokenizer, set_seed
-    from alignment.checkpointing import last_checkpoint
 
+    from alignment.checkpointing import last_checkpoint
     from alignment.evaluation import evaluate
     from alignment.reporting import (atomic_directory, plot_curves, summary_markdown, write_json_atomic,
                                      write_log_history)
