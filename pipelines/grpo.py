@@ -207,36 +207,11 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
 
 
 def _trl_args(cfg: GRPOStageConfig, checkpoints: Path, reward_weights: list[float]):
-    import torch
     from trl import GRPOConfig
 
-    t = cfg.training
-    schedule = {"cosine": ("cosine_with_min_lr", {"min_lr_rate": t.min_lr_ratio}),
-                "constant": ("constant", {}), "linear": ("linear", {})}[t.lr_schedule]
     use_kl = cfg.loss.kl != "none" and cfg.loss.beta > 0
     return GRPOConfig(
-        output_dir=str(checkpoints),
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=schedule[0],
-        lr_scheduler_kwargs=schedule[1],
-        warmup_steps=t.warmup_ratio,
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        adam_epsilon=t.adam_epsilon,
-        logging_steps=t.logging_steps,
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        report_to=["tensorboard"],
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
+        **cfg.training.trainer_kwargs(checkpoints, cfg.seed),
         num_generations=cfg.num_generations,
         num_iterations=cfg.updates_per_batch,
         max_completion_length=cfg.sampling.max_new_tokens,
