@@ -14,15 +14,18 @@ from alignment.config import ConfigError, load_config, to_dict
 from alignment.reporting import write_json_atomic
 
 
-def stage_main(argv, *, prog: str, description: str, config_cls, run, example: str, errors: tuple = ()) -> int:
+def stage_main(argv, *, prog: str, description: str, config_cls, run, example: str, errors: tuple = (),
+               trains: bool = True) -> int:
     """`python -m pipelines.<stage> --config FILE [--set KEY=VALUE ...] [--overwrite]`: load + validate the YAML,
-    run the stage, and turn bad input into one `error:` line and exit code 2."""
+    run the stage, and turn bad input into one `error:` line and exit code 2. `trains=False` (an evaluation, which
+    always rewrites its report) has no `--overwrite`."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", required=True, help=f"stage YAML, e.g. {example}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (dotted, YAML value), e.g. --set training.max_steps=10")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="train again even if <output_dir>/final exists (it is replaced only when done)")
+    if trains:
+        parser.add_argument("--overwrite", action="store_true",
+                            help="train again even if <output_dir>/final exists (it is replaced only when done)")
     args = parser.parse_args(argv)
     overrides = {}
     for item in args.set:
@@ -31,7 +34,8 @@ def stage_main(argv, *, prog: str, description: str, config_cls, run, example: s
             parser.error(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key] = yaml.safe_load(value)
     try:
-        run(load_config(args.config, config_cls, overrides), overwrite=args.overwrite)
+        cfg = load_config(args.config, config_cls, overrides)
+        run(cfg, overwrite=args.overwrite) if trains else run(cfg)
     except (ConfigError, ValueError, FileNotFoundError, *errors) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -19,7 +19,6 @@ Writes `<output_dir>/eval.json`, `eval.md` and `eval.png` (accuracy per category
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -27,9 +26,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from alignment.config import ConfigError, load_config, to_dict
+from alignment.config import to_dict
+from pipelines.common import stage_main
 
 
 @dataclass
@@ -55,28 +53,11 @@ class EvalRMConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipelines.eval_rm",
+    return stage_main(
+        argv, prog="python -m pipelines.eval_rm", config_cls=EvalRMConfig, run=run,
+        example="configs/eval_rm_tiny.yaml", trains=False,
         description="Evaluate a reward model on held-out preference pairs: accuracy per category, length bias, "
-        "calibration. Writes <output_dir>/eval.json, eval.md and eval.png.",
-    )
-    parser.add_argument("--config", required=True, help="YAML, e.g. configs/eval_rm_tiny.yaml")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (dotted, YAML value), e.g. --set reward_model=runs/x/final")
-    args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
-    try:
-        cfg = load_config(args.config, EvalRMConfig, overrides)
-        run(cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        "calibration. Writes <output_dir>/eval.json, eval.md and eval.png.")
 
 
 def run(cfg: EvalRMConfig) -> dict:
