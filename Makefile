@@ -72,7 +72,7 @@ demo: setup pipeline
 	@echo "demo finished: see $(RUN)/report.md"
 
 test: setup
-	$(PY) -m pytest -q -x
+	$(PY) -m pytest -q -x -rs
 
 # GPU machine only: a python with CUDA torch and the `gpu` extra (no .venv needed there).
 BENCH_PY ?= $(PY)
