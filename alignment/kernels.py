@@ -11,8 +11,8 @@ flash-linear-attention's `chunk_simple_gla` (Triton) computes simple gated linea
 log-decay `g_gamma` makes `G_t - G_s = (t - s) · g_gamma`. So lightning attention is exactly
 `chunk_simple_gla(q, k, v, g_gamma=-slope, scale=1.0)`, and `cu_seqlens` (one entry per packed document, rows
 flattened into one sequence) restarts the state at every document start as the CPU reference does. The slope is the
-layer's own `slope_rate` buffer (so whatever rounding the model's dtype gave it is shared with transformers and the
-reference).
+layer's float32 decay (`PackedLightningAttention.slope_fp32`; the `slope_rate` buffer is rounded in a bf16 model),
+as in the torch reference and the vLLM rollout engine.
 
 Around the kernel, the whole layer (`lightning_layer_fla`) moves each activation through memory once: one Triton
 kernel applies the SiLU to the qkv projection and writes q, k, v straight into the (B, T, H, D) layout fla reads
@@ -256,7 +256,7 @@ def lightning_layer_fla(layer: mm.MiniMaxLightningAttention, hidden_states, atte
     if attention_mask is not None:  # padding rows: the same zeroing transformers applies to the activations
         q, k, v = (mm.apply_mask_to_padding_states(x.view(B, T, H * D), attention_mask).view(B, T, H, D)
                    for x in (q, k, v))
-    out, state = lightning_attention_fla_bthd(q, k, v, layer.slope_rate, doc_ids, output_state)
+    out, state = lightning_attention_fla_bthd(q, k, v, layer.slope_fp32(q.device), doc_ids, output_state)
     norm = layer.norm
     gated = rms_norm_gated(out.reshape(B, T, H * D), layer.output_gate(hidden_states), norm.weight, None,
                            activation="sigmoid", eps=norm.variance_epsilon)

@@ -32,6 +32,21 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return starts.cumsum(-1)
 
 
+def lightning_slopes(num_heads: int, layer_idx: int, num_layers: int, device=None) -> torch.Tensor:
+    """(H,) float32 decay rates of one lightning layer: transformers' `MiniMaxLightningAttention.get_slope_rate`,
+    always in float32. The model's `slope_rate` buffer is rounded to the model dtype (in a bf16 model the decay per
+    step is then up to 2⁻⁹ off, compounding over the sequence), while vLLM keeps its slopes in float32; the
+    packing-safe layers and the vLLM rollout engine both read this function, so trainer and rollout decay alike.
+
+    >>> [round(x, 6) for x in lightning_slopes(4, 0, 2).tolist()]
+    [0.250003, 0.062501, 0.015625, 0.003906]
+    """
+    base = 1 / (2 ** (8 / num_heads))
+    exponent = torch.arange(num_heads, device=device, dtype=torch.float32) + 1
+    factor = 1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5
+    return base**exponent * factor
+
+
 def lightning_attention(
     q: torch.Tensor,
     k: torch.Tensor,

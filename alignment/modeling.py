@@ -36,7 +36,7 @@ from alignment.config import ConfigError, read_yaml
 from alignment.kernels import (check_lightning_kernel, lightning_attention_fla, lightning_layer_fla,
                                resolve_lightning_kernel,
                                varlen_softmax_attention, varlen_softmax_available)
-from alignment.lightning import document_ids, lightning_attention
+from alignment.lightning import document_ids, lightning_attention, lightning_slopes
 
 # LoRA targets. Lightning layers: fused qkv, output gate, output projection; softmax layers: q/k/v/o; experts: the
 # fused 3D expert weights (peft `target_parameters`). The router (`mlp.gate`) is left out on purpose: adapting it
@@ -95,14 +95,24 @@ class PackedLightningAttention(mm.MiniMaxLightningAttention):
             qkv = mm.apply_mask_to_padding_states(qkv, attention_mask)
             q, k, v = qkv.reshape(B, T, self.num_attention_heads, 3 * self.head_dim).transpose(1, 2).chunk(3, dim=-1)
             if kernel == "fla":  # fla's chunk kernel for the attention; norm and gate below (measured in bench/)
-                out, state = lightning_attention_fla(q, k, v, self.slope_rate, docs, past_key_values is not None)
+                out, state = lightning_attention_fla(q, k, v, self.slope_fp32(q.device), docs,
+                                                     past_key_values is not None)
             else:
-                out, state = lightning_attention(q, k, v, self.slope_rate, docs, self.block_size)  # (B, H, T, D)
+                out, state = lightning_attention(q, k, v, self.slope_fp32(q.device), docs, self.block_size)
             out = self.norm(out.transpose(1, 2).reshape(B, T, -1))
             out = self.out_proj(torch.sigmoid(self.output_gate(hidden_states)) * out)
         if past_key_values is not None:
             past_key_values.set_linear_cache(self.layer_idx, state)
         return out, state
+
+    def slope_fp32(self, device) -> torch.Tensor:
+        """This layer's decay rates in float32 (`alignment.lightning.lightning_slopes`), not the `slope_rate` buffer,
+        which a bf16 model holds rounded; cached per device (a plain attribute, so `.to(dtype)` leaves it alone)."""
+        cached = getattr(self, "_slope_fp32", None)
+        if cached is None or cached.device != torch.device(device):
+            cached = lightning_slopes(self.num_attention_heads, self.layer_idx, self.num_hidden_layers, device)
+            self._slope_fp32 = cached
+        return cached
 
 
 class PackedSoftmaxAttention(mm.MiniMaxAttention):

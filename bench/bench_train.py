@@ -135,7 +135,7 @@ def unfused_lightning_layer(layer, x):
     B, T, _ = x.shape
     qkv = layer.act_fn(layer.qkv_proj(x))
     q, k, v = qkv.reshape(B, T, layer.num_attention_heads, 3 * layer.head_dim).transpose(1, 2).chunk(3, dim=-1)
-    out, _ = kernels.lightning_attention_fla(q, k, v, layer.slope_rate, None, False)
+    out, _ = kernels.lightning_attention_fla(q, k, v, layer.slope_fp32(x.device), None, False)
     out = layer.norm(out.transpose(1, 2).reshape(B, T, -1))
     return (layer.out_proj(torch.sigmoid(layer.output_gate(x)) * out),)
 

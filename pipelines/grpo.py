@@ -39,9 +39,23 @@ from pipelines.common import prepare_output, stage_main
 
 @dataclass
 class RolloutOptions:
-    # `transformers`: model.generate on the training model itself (CPU/GPU). vLLM plugs in by name when it lands.
-    backend: Literal["transformers"] = "transformers"
-    batch_size: int = 128  # completions generated together
+    # `transformers`: model.generate on the training model itself (CPU/GPU). `vllm`: an in-process vLLM engine on the
+    # same GPU, weights synced in place after every optimizer step (alignment.rollout.vllm_backend; the `gpu` extra).
+    backend: Literal["transformers", "vllm"] = "transformers"
+    batch_size: int = 128  # completions generated together (vLLM: its max_num_seqs)
+    # vLLM only:
+    gpu_memory_utilization: float = 0.3  # vLLM's share of the GPU (weights + KV cache); the trainer has the rest
+    max_model_len: int = 4096  # prompt + completion tokens
+    enforce_eager: bool = False  # True: no CUDA graphs (slower decoding, faster start)
+    # trainer-matching numerics and the batched lightning prefill (see vllm_backend); [] = stock vLLM
+    engine_patches: list[str] = field(default_factory=lambda: ["numerics", "batched_prefill"])
+
+    def worker_kwargs(self, seed: int) -> dict:
+        if self.backend != "vllm":
+            return {"batch_size": self.batch_size}
+        return {"batch_size": self.batch_size, "gpu_memory_utilization": self.gpu_memory_utilization,
+                "max_model_len": self.max_model_len, "enforce_eager": self.enforce_eager, "seed": seed,
+                "engine_patches": tuple(self.engine_patches)}
 
 
 @dataclass
@@ -133,7 +147,7 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
     model = load_model(cfg.model, seed=cfg.seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    worker = build_rollout(cfg.rollout.backend, model, tokenizer, batch_size=cfg.rollout.batch_size)
+    worker = build_rollout(cfg.rollout.backend, model, tokenizer, **cfg.rollout.worker_kwargs(cfg.seed))
 
     before_path = out / "eval_before.json"  # kept across resumes: the 'before' model is the stage's input
     if before_path.is_file():
@@ -181,7 +195,8 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
 
     history = trainer.state.log_history
     train = {**result.metrics, "resumed_from": last, "global_step": trainer.state.global_step}
-    for key in ("reward", "success_rate", "dynamic/kept_frac", "mismatch/prob_corr", "completions/mean_length"):
+    for key in ("reward", "success_rate", "dynamic/kept_frac", "mismatch/prob_corr", "mismatch/logp_abs_mean",
+                "completions/mean_length", "rollout/tokens_per_s", "rollout/sync_s"):
         series = [e[key] for e in history if key in e]
         if series:
             train[f"{key}/first"], train[f"{key}/last"] = series[0], series[-1]

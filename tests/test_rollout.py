@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from alignment.modeling import load_model
-from alignment.rollout import SamplingOptions, build_rollout, importance_weights, logprob_mismatch
+from alignment.rollout import SamplingOptions, build_rollout, encode_prompts, importance_weights, logprob_mismatch
 from alignment.tokenizer import build_tokenizer
 
 TINY = "configs/model/tiny.yaml"
@@ -36,7 +36,7 @@ def test_logprobs_match_the_trained_model_and_groups_are_prompt_major(model, tok
     worker = build_rollout("transformers", model, tokenizer, batch_size=4)  # 6 rows: two generate batches
     batch = worker.generate(PROMPTS, n=3, sampling=SamplingOptions(temperature=0.7, max_new_tokens=12))
     assert len(batch) == 6 and batch.n == 3
-    encoded = worker.encode(PROMPTS)
+    encoded = encode_prompts(tokenizer, PROMPTS)
     assert batch.prompt_ids == [encoded[0]] * 3 + [encoded[1]] * 3
     for p, c, lp, reason in zip(batch.prompt_ids, batch.completion_ids, batch.logprobs, batch.stop_reasons):
         assert len(c) == len(lp) > 0

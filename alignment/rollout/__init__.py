@@ -1,17 +1,24 @@
 """Rollout workers: sampled completions with per-token log-probs, behind one interface (see `base`).
 
-    worker = build_rollout("transformers", model, tokenizer)
+    worker = build_rollout("transformers", model, tokenizer)      # or "vllm" (GPU, the `gpu` extra)
     batch = worker.generate(prompts, n=8, sampling=SamplingOptions(temperature=1.0, max_new_tokens=32))
     worker.sync_weights(model)
 
-Backends by name in `BACKENDS`; `vllm` registers itself in its own module (GPU, lazy import) when it lands.
+Backends by name in `BACKENDS`; the vLLM one is imported only when asked for (`vllm_backend`).
 """
 
-from alignment.rollout.base import (RolloutBatch, RolloutWorker, SamplingOptions, importance_weights,
+from alignment.rollout.base import (RolloutBatch, RolloutWorker, SamplingOptions, encode_prompts, importance_weights,
                                     logprob_mismatch)
 from alignment.rollout.transformers_backend import TransformersRollout
 
-BACKENDS = {"transformers": TransformersRollout}
+
+def _vllm_rollout(model, tokenizer, **kwargs):
+    from alignment.rollout.vllm_backend import VLLMRollout
+
+    return VLLMRollout(model, tokenizer, **kwargs)
+
+
+BACKENDS = {"transformers": TransformersRollout, "vllm": _vllm_rollout}
 
 
 def build_rollout(backend: str, model, tokenizer, **kwargs) -> RolloutWorker:
@@ -22,4 +29,4 @@ def build_rollout(backend: str, model, tokenizer, **kwargs) -> RolloutWorker:
 
 
 __all__ = ["BACKENDS", "RolloutBatch", "RolloutWorker", "SamplingOptions", "TransformersRollout", "build_rollout",
-           "importance_weights", "logprob_mismatch"]
+           "encode_prompts", "importance_weights", "logprob_mismatch"]

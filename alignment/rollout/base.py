@@ -6,7 +6,7 @@ sampling engine**:
     worker.generate(prompts, n, sampling) -> RolloutBatch      # n completions per prompt, grouped per prompt
     worker.sync_weights(model)                                  # make the engine sample from `model`'s weights
 
-Contract for backends (transformers now, vLLM in its own issue):
+Contract for backends (`transformers_backend`, `vllm_backend`):
 - `prompts` are token-id lists (already chat-templated) or strings (templated by the worker's tokenizer).
 - completions are returned in prompt order, the n of one prompt consecutive (GRPO groups).
 - `completion_ids` end with the EOS token when the model emitted one (no padding), else they were cut by
@@ -70,6 +70,27 @@ class RolloutWorker(Protocol):
     def generate(self, prompts: list, n: int, sampling: SamplingOptions) -> RolloutBatch: ...
 
     def sync_weights(self, model: torch.nn.Module) -> None: ...
+
+
+def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
+    """Token ids of prompts given as chat conversations (templated with the generation prompt), strings, or id
+    lists (kept as they are; the only form that needs no tokenizer)."""
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            out.append(tokenizer(p, add_special_tokens=False)["input_ids"])
+        elif p and isinstance(p[0], dict):
+            out.append(list(tokenizer.apply_chat_template(p, tokenize=True, add_generation_prompt=True,
+                                                          return_dict=True)["input_ids"]))
+        else:
+            out.append([int(t) for t in p])
+    return out
+
+
+def stop_metrics(reasons: list[str]) -> dict[str, float]:
+    """Share of completions per stop reason ("eos", "length", "repetition")."""
+    return {f"rollout/stop_{k}": sum(r == k for r in reasons) / max(len(reasons), 1)
+            for k in ("eos", "length", "repetition")}
 
 
 def logprob_mismatch(train_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:

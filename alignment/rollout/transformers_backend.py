@@ -14,7 +14,7 @@ import math
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from alignment.rollout.base import RolloutBatch, SamplingOptions
+from alignment.rollout.base import RolloutBatch, SamplingOptions, encode_prompts, stop_metrics
 
 
 class _StepRecorder(LogitsProcessor):
@@ -71,22 +71,9 @@ class TransformersRollout:
     def sync_weights(self, model) -> None:
         self.model = model
 
-    def encode(self, prompts: list) -> list[list[int]]:
-        """Token ids of chat conversations (templated with the generation prompt), strings or id lists."""
-        out = []
-        for p in prompts:
-            if isinstance(p, str):
-                out.append(self.tokenizer(p, add_special_tokens=False)["input_ids"])
-            elif p and isinstance(p[0], dict):
-                out.append(list(self.tokenizer.apply_chat_template(p, tokenize=True, add_generation_prompt=True,
-                                                                   return_dict=True)["input_ids"]))
-            else:
-                out.append([int(t) for t in p])
-        return out
-
     @torch.no_grad()
     def generate(self, prompts: list, n: int, sampling: SamplingOptions) -> RolloutBatch:
-        prompt_ids = [ids for ids in self.encode(prompts) for _ in range(n)]
+        prompt_ids = [ids for ids in encode_prompts(self.tokenizer, prompts) for _ in range(n)]
         completions, logprobs, reasons = [], [], []
         for start in range(0, len(prompt_ids), self.batch_size):
             c, lp, r = self._generate_batch(prompt_ids[start : start + self.batch_size], sampling)
@@ -94,9 +81,7 @@ class TransformersRollout:
             logprobs += lp
             reasons += r
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        metrics = {f"rollout/stop_{k}": sum(r == k for r in reasons) / max(len(reasons), 1)
-                   for k in ("eos", "length", "repetition")}
-        return RolloutBatch(prompt_ids, completions, logprobs, texts, reasons, n=n, metrics=metrics)
+        return RolloutBatch(prompt_ids, completions, logprobs, texts, reasons, n=n, metrics=stop_metrics(reasons))
 
     def _generate_batch(self, prompt_ids: list[list[int]], sampling: SamplingOptions):
         model, tok = self.model, self.tokenizer

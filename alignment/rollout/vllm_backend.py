@@ -1,0 +1,371 @@
+"""Rollout backend 2: an in-process (colocated) vLLM engine, with in-place weight sync from the trainer.
+
+    worker = VLLMRollout(model, tokenizer, gpu_memory_utilization=0.3)   # builds the engine from `model`'s weights
+    batch = worker.generate(prompts, n=8, sampling=SamplingOptions(...))  # RolloutBatch, as the transformers backend
+    worker.sync_weights(model)                                             # after each optimizer step
+
+GPU only (the `gpu` extra); vLLM is imported lazily and a missing package fails with the install hint. Tested with
+vLLM 0.22.1 (its `MiniMaxText01ForCausalLM`). What it takes to make vLLM sample from *our* model, and why:
+
+- Export (`export_for_vllm`): vLLM reads `config.postnorm` (default False: a pre-norm network) while transformers'
+  MiniMax is always post-norm, so the exported config says `postnorm: true`, or vLLM runs a different network
+  silently. `head_dim` and `rotary_dim = head_dim` are written out (transformers rotates the whole head; vLLM would
+  read a checkpoint's `rotary_dim`), and `eos_token_id` is the tokenizer's, so both engines stop alike. Weights go in
+  the checkpoint layout (`vllm_checkpoint_tensors`), without the lightning buffers vLLM has no parameter for.
+- Weight sync (`sync_weights`): the trainer's tensors are handed to vLLM's own `load_weights` in the checkpoint layout
+  (experts split from transformers' fused 3D tensors into `block_sparse_moe.experts.E.w1/w2/w3`, the router renamed
+  `block_sparse_moe.gate`), LoRA deltas added out of place (peft's merge/unmerge would round the base weights of a
+  bf16 model a little more on every step). A tensor vLLM rejects raises `WeightSyncError` naming it; a vLLM
+  parameter left unset raises too. (`collective_rpc("reload_weights")` breaks on MiniMax in 0.22.1.)
+- Numerics (`engine_patches="numerics"`), so the train/rollout log-prob gap is kernels only: the linear-attention
+  state cache in float32 (vLLM defaults to the model dtype: a bf16 state rounded at every decode step), the output
+  RMSNorm epsilon of the trainer (vLLM hard-codes 1e-5, transformers' layer uses 1e-6) and the trainer's float32
+  slopes (`alignment.lightning.lightning_slopes`; vLLM's own formula differs in the last digits).
+- Speed (`engine_patches="batched_prefill"`): vLLM 0.22.1 prefills lightning layers one sequence at a time, in a
+  Python loop with a device sync per sequence per layer, which dominates rollouts of many short prompts. The patch
+  runs all prefills of a step in one flash-linear-attention `chunk_simple_gla` call (`cu_seqlens`, initial states
+  from the cache, final states written back): the same kernel the trainer uses (`alignment.kernels`).
+
+Log-probs are vLLM's `processed_logprobs`: log softmax(logits / T) of the sampled token, the quantity the trainer
+recomputes (top-k / top-p, when set, renormalise it). The repetition early stop [M1 §3] is applied to the returned
+completions (cut at the first run of K confident tokens), which gives the same completions as the transformers
+backend but saves no generation time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from alignment.lightning import lightning_slopes
+from alignment.rollout.base import RolloutBatch, SamplingOptions, encode_prompts, stop_metrics
+
+VLLM_HINT = "the vLLM rollout backend needs vLLM and a CUDA GPU: pip install -e '.[gpu]'"
+ENGINE_PATCHES = ("numerics", "batched_prefill")
+# transformers saves these lightning-layer buffers; vLLM's loader has no parameter for them (they are recomputed)
+LIGHTNING_BUFFERS = (".slope_rate", ".query_decay", ".key_decay", ".diagonal_decay")
+
+
+class WeightSyncError(RuntimeError):
+    """A weight sync into the rollout engine failed; the message names the tensor."""
+
+
+def import_vllm():
+    """vLLM, imported on first use with the in-process engine settings this backend relies on."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process: in-place sync
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    try:
+        import vllm
+    except ImportError as err:
+        raise ImportError(f"{VLLM_HINT} ({err})") from None
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"{VLLM_HINT} (no CUDA device visible)")
+    return vllm
+
+
+# -- weights in the checkpoint layout ---------------------------------------------------------------------------
+
+
+def merged_parameters(model: torch.nn.Module):
+    """(name, tensor) of every base-model parameter with transformers' names, active LoRA deltas added out of place
+    (the model's own weights are not touched). A plain model yields its parameters as they are."""
+    if not hasattr(model, "get_base_model"):
+        yield from model.named_parameters()
+        return
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+
+    base = model.get_base_model()
+    deltas: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for module in base.modules():
+            if not isinstance(module, LoraLayer) or module.merged or module.disable_adapters:
+                continue
+            param = module.get_param() if isinstance(module, ParamWrapper) else module.get_base_layer().weight
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    delta = module.get_delta_weight(adapter).to(param.dtype)
+                    deltas[id(param)] = deltas[id(param)] + delta if id(param) in deltas else delta
+        for name, param in base.named_parameters():
+            if "lora_" in name:
+                continue
+            clean = name.replace(".base_layer", "").replace(".parametrizations", "").replace(".original", "")
+            yield clean, param + deltas[id(param)] if id(param) in deltas else param
+
+
+def vllm_checkpoint_tensors(model: torch.nn.Module):
+    """(name, tensor) in the MiniMax checkpoint layout that vLLM's loader (and `save_pretrained`) uses: experts as
+    `block_sparse_moe.experts.E.w1/w3` (the halves of transformers' fused `gate_up_proj` [E, 2I, H]) and `.w2`
+    (`down_proj` [E, H, I]), the router as `block_sparse_moe.gate`. Views, no copies."""
+    for name, p in merged_parameters(model):
+        p = p.detach()
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = name[: -len("mlp.experts.gate_up_proj")] + "block_sparse_moe.experts."
+            inter = p.shape[1] // 2
+            for e in range(p.shape[0]):
+                yield f"{prefix}{e}.w1.weight", p[e, :inter]
+                yield f"{prefix}{e}.w3.weight", p[e, inter:]
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name[: -len("mlp.experts.down_proj")] + "block_sparse_moe.experts."
+            for e in range(p.shape[0]):
+                yield f"{prefix}{e}.w2.weight", p[e]
+        elif name.endswith("mlp.gate.weight"):
+            yield name[: -len("mlp.gate.weight")] + "block_sparse_moe.gate.weight", p
+        else:
+            yield name, p
+
+
+def _base_config(model):
+    return (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+
+
+def export_for_vllm(model, tokenizer, path: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write `model` (LoRA merged) as a checkpoint vLLM's MiniMax loader reads the way the trainer computes (see the
+    module docstring). Returns the directory."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = _base_config(model)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    data = config.to_dict()
+    data.update(architectures=["MiniMaxForCausalLM"], postnorm=True, head_dim=head_dim, rotary_dim=head_dim,
+                dtype=str(dtype).removeprefix("torch."))
+    data.pop("torch_dtype", None)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        data["eos_token_id"] = tokenizer.eos_token_id
+    tensors = {name: t.to(dtype).contiguous() for name, t in vllm_checkpoint_tensors(model)}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(data, indent=1, default=str))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+# -- engine patches ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def patched_engine_build(patches: tuple[str, ...], norm_eps: float):
+    """While vLLM builds its model (before compilation and CUDA-graph capture, which freeze constants), give every
+    MiniMax lightning layer the trainer's numerics and/or the batched prefill. Instance attributes only: an engine
+    built outside this context is stock."""
+    unknown = set(patches) - set(ENGINE_PATCHES)
+    if unknown:
+        raise ValueError(f"engine_patches: unknown {sorted(unknown)}; known: {', '.join(ENGINE_PATCHES)}")
+    if not patches:
+        yield
+        return
+    from vllm.model_executor.layers.mamba import linear_attn
+
+    cls = linear_attn.MiniMaxText01LinearAttention
+    original_init, original_clear = cls.__init__, linear_attn.clear_linear_attention_cache_for_new_sequences
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        if "numerics" in patches:
+            self.norm.variance_epsilon = norm_eps
+            num_layers = kwargs.get("num_hidden_layer", args[6] if len(args) > 6 else None)
+            slopes = lightning_slopes(self.total_num_heads, self.layer_idx, num_layers, self.slope_rate.device)
+            self.slope_rate = slopes.reshape(self.slope_rate.shape)
+            heads = slice(self.tp_rank * self.tp_heads, (self.tp_rank + 1) * self.tp_heads)
+            self.tp_slope = self.slope_rate[heads].contiguous()
+        if "batched_prefill" in patches:
+            self._prefill_and_mix_infer = _batched_prefill_and_mix.__get__(self)
+
+    cls.__init__ = init
+    if "batched_prefill" in patches:  # same semantics, no per-sequence device sync; stays for the process
+        linear_attn.clear_linear_attention_cache_for_new_sequences = _clear_new_sequence_states
+    try:
+        yield
+    finally:
+        cls.__init__ = original_init
+        del original_clear
+
+
+def _clear_new_sequence_states(kv_cache, state_indices_tensor, attn_metadata) -> None:
+    """vLLM's `clear_linear_attention_cache_for_new_sequences` without the loop: zero the state slot of every prefill
+    that starts a sequence (no cached context)."""
+    n = getattr(attn_metadata, "num_prefills", 0)
+    if n <= 0:
+        return
+    d = attn_metadata.num_decode_tokens
+    starts = attn_metadata.query_start_loc[d : d + n + 1]
+    context = attn_metadata.seq_lens[d : d + n] - (starts[1:] - starts[:-1])
+    slots = state_indices_tensor[d : d + n]
+    fresh = (context == 0).view(-1, *([1] * (kv_cache.dim() - 1)))
+    kv_cache[slots] = torch.where(fresh, torch.zeros((), dtype=kv_cache.dtype, device=kv_cache.device),
+                                  kv_cache[slots])
+
+
+def _batched_prefill_and_mix(self, q, k, v, kv_cache, state_indices_tensor, attn_metadata):
+    """Replacement for `MiniMaxText01LinearAttention._prefill_and_mix_infer`: decode tokens through vLLM's decode
+    kernel, then every prefill of the step in one varlen fla call. q, k, v: (tokens, heads, head_dim) float32, decode
+    tokens first; the state cache holds k^T v per slot (heads, head_dim, head_dim), as fla's state does."""
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    parts = []
+    d, n = attn_metadata.num_decode_tokens, attn_metadata.num_prefills
+    if d > 0:
+        parts.append(self._decode_infer(q, k, v, kv_cache, state_indices_tensor, attn_metadata))
+    if n > 0:
+        starts = attn_metadata.query_start_loc[d : d + n + 1]
+        cu_seqlens = (starts - starts[0]).long()
+        tokens = slice(d, d + attn_metadata.num_prefill_tokens)
+        slots = state_indices_tensor[d : d + n]
+        out, final = chunk_simple_gla(
+            q[tokens].unsqueeze(0), k[tokens].unsqueeze(0), v[tokens].unsqueeze(0),
+            g_gamma=-self.tp_slope.reshape(-1).to(q.device, torch.float32), scale=1.0,
+            initial_state=kv_cache[slots].float(), output_final_state=True, cu_seqlens=cu_seqlens)
+        kv_cache[slots] = final.to(kv_cache.dtype)
+        parts.append(out.squeeze(0).reshape(out.shape[1], -1).to(q.dtype))
+    if not parts:
+        return torch.empty((0, q.shape[1] * q.shape[2]), device=q.device, dtype=q.dtype)
+    return torch.cat(parts).contiguous()
+
+
+def _lightning_norm_eps(model) -> float:
+    for module in model.modules():
+        if type(module).__name__.endswith("LightningAttention"):
+            return float(module.norm.variance_epsilon)
+    return 1e-6
+
+
+# -- the worker -------------------------------------------------------------------------------------------------
+
+
+class VLLMRollout:
+    """`RolloutWorker` on an in-process vLLM engine built from the policy's current weights.
+
+    The engine shares the GPU with the trainer: `gpu_memory_utilization` is vLLM's share of the card (weights + KV
+    cache). `engine_patches` (see the module docstring) default to all; `()` builds stock vLLM (for comparisons)."""
+
+    def __init__(self, model, tokenizer=None, batch_size: int | None = None, *, gpu_memory_utilization: float = 0.3,
+                 max_model_len: int = 4096, max_num_seqs: int = 256, enforce_eager: bool = False, seed: int = 0,
+                 dtype: str = "bfloat16", engine_patches: tuple[str, ...] = ENGINE_PATCHES,
+                 workdir: str | Path | None = None):
+        vllm = import_vllm()
+        self.tokenizer = tokenizer
+        self.engine_patches = tuple(engine_patches)
+        self._tmp = tempfile.TemporaryDirectory(prefix="vllm_policy_", dir=workdir)
+        path = export_for_vllm(model, tokenizer, self._tmp.name, dtype=getattr(torch, dtype))
+        kwargs = dict(model=str(path), skip_tokenizer_init=True, dtype=dtype, seed=seed,
+                      gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                      max_num_seqs=batch_size or max_num_seqs, enforce_eager=enforce_eager,
+                      logprobs_mode="processed_logprobs")
+        if "numerics" in self.engine_patches:
+            kwargs["mamba_cache_dtype"] = "float32"
+        with patched_engine_build(self.engine_patches, _lightning_norm_eps(model)):
+            self.llm = vllm.LLM(**kwargs)
+        self._param_names = set(self.llm.apply_model(lambda m: [n for n, _ in m.named_parameters()])[0])
+        self.last_sync_s: float | None = None
+
+    def close(self) -> None:
+        """Free the engine (and its GPU memory)."""
+        import gc
+
+        self.llm = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        self._tmp.cleanup()
+
+    def sync_weights(self, model) -> None:
+        """Push `model`'s current weights into the engine in place (no re-export), then check every vLLM parameter
+        was written. Raises `WeightSyncError` naming the tensor that failed."""
+        last = [None]
+
+        def stream():
+            for name, tensor in vllm_checkpoint_tensors(model):
+                last[0] = name
+                yield name, tensor
+
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            with torch.no_grad():
+                loaded = self.llm.apply_model(lambda m: m.load_weights(stream()))[0]
+        except Exception as err:
+            raise WeightSyncError(f"weight sync into vLLM failed at tensor '{last[0]}': "
+                                  f"{type(err).__name__}: {err}") from err
+        missing = self._param_names - set(loaded or ())
+        if missing:
+            raise WeightSyncError(f"weight sync left {len(missing)} vLLM parameters unwritten, e.g. "
+                                  f"{sorted(missing)[:4]} (names the trainer's model does not provide)")
+        torch.cuda.synchronize()
+        self.last_sync_s = time.perf_counter() - start
+        self.llm.reset_prefix_cache()
+
+    def generate(self, prompts: list, n: int, sampling: SamplingOptions) -> RolloutBatch:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        ids = encode_prompts(self.tokenizer, prompts)
+        eos = self._eos_ids()
+        params = SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                                max_tokens=sampling.max_new_tokens, stop_token_ids=eos, logprobs=0,
+                                detokenize=False)
+        start = time.perf_counter()
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        prompt_ids, completions, logprobs, reasons = [], [], [], []
+        for p, out in zip(ids, outputs):
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                tokens = list(c.token_ids)
+                lp = [c.logprobs[t][tok].logprob for t, tok in enumerate(tokens)]
+                reason = "eos" if tokens and tokens[-1] in eos else "length"
+                cut = repetition_cut(lp, sampling.repetition_stop_k, sampling.repetition_stop_p)
+                if cut is not None and not (reason == "eos" and cut == len(tokens)):  # EOS first, as online
+                    tokens, lp, reason = tokens[:cut], lp[:cut], "repetition"
+                prompt_ids.append(p)
+                completions.append(tokens)
+                logprobs.append(lp)
+                reasons.append(reason)
+        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True) if self.tokenizer else [""] * len(
+            completions)
+        generated = sum(len(c) for c in completions)
+        metrics = {**stop_metrics(reasons), "rollout/seconds": seconds,
+                   "rollout/tokens_per_s": generated / max(seconds, 1e-9)}
+        if self.last_sync_s is not None:
+            metrics["rollout/sync_s"] = self.last_sync_s
+        return RolloutBatch(prompt_ids, completions, logprobs, texts, reasons, n=n, metrics=metrics)
+
+    def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
+        """The engine's log-probs (temperature 1) of given completions, teacher-forced: for checking a weight sync
+        against the trainer on fixed sequences."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompt_ids, completion_ids)],
+                                    params, use_tqdm=False)
+        return [[out.prompt_logprobs[len(p) + t][tok].logprob for t, tok in enumerate(c)]
+                for p, c, out in zip(prompt_ids, completion_ids, outputs)]
+
+    def _eos_ids(self) -> list[int]:
+        if self.tokenizer is None or self.tokenizer.eos_token_id is None:
+            return []
+        eos = self.tokenizer.eos_token_id
+        return [eos] if isinstance(eos, int) else list(eos)
+
+
+def repetition_cut(logprobs: list[float], k: int | None, p: float) -> int | None:
+    """Length after the M1 §3 early stop: the index just past the first run of `k` consecutive tokens each with
+    probability > `p`, or None (no such run, or the rule is off). Matches the transformers backend's online rule.
+
+    >>> repetition_cut([-2.0, -0.001, -0.001, -0.001, -3.0], k=3, p=0.99)
+    4
+    """
+    if not k:
+        return None
+    threshold, run = math.log(p), 0
+    for t, lp in enumerate(logprobs):
+        run = run + 1 if lp > threshold else 0
+        if run >= k:
+            return t + 1
+    return None
