@@ -478,6 +478,13 @@ def main(argv=None):
         model, opt = build("ours", fp32_lm_head=False)
         thr["ours, bf16 LM head"] = bench_throughput("ours", model, opt, lengths[-1:], tokens_per_step, warmup, iters)
         save(res, out_dir, start)
+        del model, opt
+        free_memory()
+    if time.time() < deadline:  # the whole lightning layer fused (opt-in `fla_fused`) in the model
+        model, opt = build("ours", lightning_kernel="fla_fused")
+        thr["ours, fused lightning layer (fla_fused)"] = bench_throughput("ours", model, opt, lengths, tokens_per_step,
+                                                                          warmup, iters)
+        save(res, out_dir, start)
     print(markdown(res))
 
 
