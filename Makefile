@@ -4,6 +4,7 @@
 #   make pipeline  the pipeline alone (PIPELINE_CONFIG=...); make sft / long-sft / dpo / long-dpo / grpo / rm / eval-rm
 #                  run one stage
 #   make bench     GPU machine only: fast path vs stock transformers (bench/README.md); BENCH_PY=python3 there
+#   make bench-rollout  GPU machine only (+ vLLM): rollout speed, weight sync and train/rollout mismatch, vLLM vs HF
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -26,10 +27,10 @@ LONG_DPO_CONFIG ?= configs/long_dpo_tiny.yaml
 RM_CONFIG ?= configs/rm_tiny.yaml
 EVAL_RM_CONFIG ?= configs/eval_rm_tiny.yaml
 
-.PHONY: setup demo pipeline sft long-sft dpo long-dpo grpo rm eval-rm test bench clean help
+.PHONY: setup demo pipeline sft long-sft dpo long-dpo grpo rm eval-rm test bench bench-rollout clean help
 
 help:
-	@sed -n '1,6p' Makefile
+	@sed -n '1,7p' Makefile
 
 setup: $(VENV)/.installed
 
@@ -78,6 +79,9 @@ test: setup
 BENCH_PY ?= $(PY)
 bench:
 	$(BENCH_PY) -m bench.bench_train --out bench/results
+
+bench-rollout:
+	$(BENCH_PY) -m bench.bench_rollout --out bench/results
 
 clean:
 	rm -rf runs
