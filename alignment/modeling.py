@@ -300,6 +300,9 @@ def load_model(spec: str | Path | ModelOptions, seed: int = 0) -> torch.nn.Modul
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = MiniMaxForCausalLM(config).to(dtype)
+        # .to(dtype) also rounded RoPE's inverse frequencies (in bf16, ~0.3 rad of phase off by position 256);
+        # from_pretrained and vLLM keep them in fp32: rebuild the (parameter-free) rotary module in fp32
+        model.model.rotary_emb = mm.MiniMaxRotaryEmbedding(config)
     make_packing_safe(model)
     for module in model.modules():
         if isinstance(module, (PackedLightningAttention, PackedSoftmaxAttention)):

@@ -104,8 +104,14 @@ def test_vectorised_state_clearing_equals_vllms_loop():
     assert torch.equal(cache, expected) and cache[5].abs().sum() > 0 and cache[2].abs().sum() == 0
 
 
-def test_bf16_model_decays_with_float32_slopes():
+def test_bf16_model_decays_with_float32_slopes_and_rotates_with_float32_frequencies(tmp_path):
     model = load_model(ModelOptions(path=TINY, dtype="bfloat16"), seed=0)
+    reference = load_model(TINY, seed=0).model.rotary_emb.inv_freq
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(model.model.rotary_emb.inv_freq, reference)
+    model.save_pretrained(tmp_path)
+    reloaded = load_model(ModelOptions(path=str(tmp_path), dtype="bfloat16"))
+    assert torch.equal(reloaded.model.rotary_emb.inv_freq, reference)
     layer = next(m for m in model.modules() if isinstance(m, PackedLightningAttention))
     exact = lightning_slopes(layer.num_attention_heads, layer.layer_idx, layer.num_hidden_layers)
     assert layer.slope_rate.dtype == torch.bfloat16 and not torch.equal(layer.slope_rate.float().flatten(), exact)

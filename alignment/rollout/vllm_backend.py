@@ -318,7 +318,7 @@ class VLLMRollout:
             for c in sorted(out.outputs, key=lambda c: c.index):
                 tokens = list(c.token_ids)
                 lp = [c.logprobs[t][tok].logprob for t, tok in enumerate(tokens)]
-                reason = "eos" if tokens and tokens[-1] in eos else "length"
+                reason = "eos" if c.finish_reason == "stop" else "length"  # vLLM also stops on the config's EOS
                 cut = repetition_cut(lp, sampling.repetition_stop_k, sampling.repetition_stop_p)
                 if cut is not None and not (reason == "eos" and cut == len(tokens)):  # EOS first, as online
                     tokens, lp, reason = tokens[:cut], lp[:cut], "repetition"
