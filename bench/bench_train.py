@@ -480,7 +480,7 @@ def main(argv=None):
         save(res, out_dir, start)
         del model, opt
         free_memory()
-    if time.time() < deadline:  # the whole lightning layer fused (opt-in `fla_fused`) in the model
+    if time.time() < deadline:  # the whole lightning layer fused (`fla_fused`) in the model
         model, opt = build("ours", lightning_kernel="fla_fused")
         thr["ours, fused lightning layer (fla_fused)"] = bench_throughput("ours", model, opt, lengths, tokens_per_step,
                                                                           warmup, iters)

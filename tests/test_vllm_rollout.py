@@ -34,6 +34,10 @@ fla_gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_FLA), reason="batched prefill
 vllm_gpu = pytest.mark.skipif(not (HAS_CUDA and HAS_VLLM and HAS_FLA),
                               reason="vLLM backend: needs a CUDA GPU, vLLM and flash-linear-attention (the `gpu` "
                                      "extra); CPU machines use the transformers backend")
+if HAS_CUDA and HAS_FLA:  # fla's full autotuning of the training kernels takes minutes on a fresh machine
+    from alignment.kernels import limit_triton_autotuning
+
+    limit_triton_autotuning()
 
 
 @pytest.fixture(scope="module")

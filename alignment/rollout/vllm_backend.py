@@ -267,10 +267,15 @@ class VLLMRollout:
         self.last_sync_s: float | None = None
 
     def close(self) -> None:
-        """Free the engine (and its GPU memory)."""
+        """Shut the in-process engine core down and drop the engine (dropping the `LLM` alone kept its memory: 49 GiB
+        still allocated after a 0.35-share engine in bench_rollout)."""
         import gc
 
-        self.llm = None
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+            del llm
         gc.collect()
         torch.cuda.empty_cache()
         self._tmp.cleanup()
