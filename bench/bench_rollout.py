@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata as md
 import os
 import platform
 import random
@@ -52,7 +51,7 @@ from alignment.modeling import (ModelOptions, PackedLightningAttention, PackedSo
                                 load_model, stock_model_copy)
 from alignment.reporting import write_json_atomic  # noqa: E402
 from alignment.rollout.base import SamplingOptions, logprob_mismatch  # noqa: E402
-from bench.bench_train import MODEL_YAML, free_memory  # noqa: E402
+from bench.bench_train import MODEL_YAML, free_memory, package_versions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_YAML = str(ROOT / "configs" / "model" / "tiny.yaml")
@@ -156,17 +155,11 @@ class Run:
 
 
 def environment() -> dict:
-    def version(name):
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return None
-
     gpu = DEVICE == "cuda"
     return {"gpu": torch.cuda.get_device_name(0) if gpu else "none (CPU)", "torch": torch.__version__,
             "cuda": torch.version.cuda, "python": platform.python_version(),
             "gpu_mem_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if gpu else None,
-            **{n.replace("-", "_"): version(n) for n in ("transformers", "triton", "vllm", "fla-core")}}
+            **package_versions(("transformers", "triton", "vllm", "fla-core"))}
 
 
 # ---- the trainer-side model ---------------------------------------------------------------------------------------

@@ -413,7 +413,8 @@ def save(res, out_dir: Path, start: float):
     os.replace(tmp, out_dir / "train_bench.md")
 
 
-def environment() -> dict:
+def package_versions(names) -> dict:
+    """{name with '_' for '-': installed version or None}."""
     import importlib.metadata as md
 
     def version(name):
@@ -422,9 +423,13 @@ def environment() -> dict:
         except md.PackageNotFoundError:
             return None
 
+    return {n.replace("-", "_"): version(n) for n in names}
+
+
+def environment() -> dict:
     return {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "python": platform.python_version(),
-            **{n.replace("-", "_"): version(n) for n in ("triton", "transformers", "liger-kernel")},
-            "fla": version("fla-core")}
+            **package_versions(("triton", "transformers", "liger-kernel")),
+            "fla": package_versions(["fla-core"])["fla_core"]}
 
 
 def main(argv=None):
