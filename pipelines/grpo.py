@@ -100,7 +100,7 @@ class GRPOStageConfig:
 def main(argv: list[str] | None = None) -> int:
     return stage_main(
         argv, prog="python -m pipelines.grpo", config_cls=GRPOStageConfig, run=run, example="configs/grpo_tiny.yaml",
-        errors=(RewardError,),
+        errors=(RewardError, ImportError),
         description="Online modified GRPO (stage V of the MiniMax-01 recipe) with success-rate prompt filtering. "
         "Writes <output_dir>/prompt_pool.jsonl, final/ (the checkpoint), metrics.json, summary.md, curves.png and "
         "TensorBoard logs; a re-run resumes from the last checkpoint in <output_dir>/checkpoints.")
@@ -126,6 +126,10 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
     out = Path(cfg.output_dir)
     final = out / "final"
     reward_funcs, reward_weights = trl_reward_funcs(cfg.reward)  # a bad handler fails before touching output_dir
+    if cfg.rollout.backend == "vllm":  # a missing vLLM / GPU fails here too, with the install hint
+        from alignment.rollout.vllm_backend import import_vllm
+
+        import_vllm()
     if (done := prepare_output(cfg, overwrite)) is not None:
         return done
     set_seed(cfg.seed)

@@ -122,6 +122,15 @@ def test_bf16_model_decays_with_float32_slopes_and_rotates_with_float32_frequenc
     assert torch.equal(layer.slope_fp32(torch.device("cpu")), exact)
 
 
+@pytest.mark.skipif(HAS_VLLM and HAS_CUDA, reason="checks the error where vLLM or a GPU is missing")
+def test_grpo_stage_asks_for_vllm_before_touching_its_output(tmp_path, capsys):
+    from pipelines.grpo import main
+
+    out = tmp_path / "run"
+    code = main(["--config", "configs/grpo_tiny.yaml", "--set", "rollout.backend=vllm", "--set", f"output_dir={out}"])
+    assert code != 0 and "pip install -e '.[gpu]'" in capsys.readouterr().err and not out.exists()
+
+
 # -- GPU ----------------------------------------------------------------------------------------------------------
 
 
