@@ -49,13 +49,15 @@ class RolloutOptions:
     enforce_eager: bool = False  # True: no CUDA graphs (slower decoding, faster start)
     # trainer-matching numerics and the batched lightning prefill (see vllm_backend); [] = stock vLLM
     engine_patches: list[str] = field(default_factory=lambda: ["numerics", "batched_prefill"])
+    # further vLLM engine arguments, passed as they are (e.g. {async_scheduling: true, max_num_batched_tokens: 16384})
+    engine_kwargs: dict = field(default_factory=dict)
 
     def worker_kwargs(self, seed: int) -> dict:
         if self.backend != "vllm":
             return {"batch_size": self.batch_size}
         return {"batch_size": self.batch_size, "gpu_memory_utilization": self.gpu_memory_utilization,
                 "max_model_len": self.max_model_len, "enforce_eager": self.enforce_eager, "seed": seed,
-                "engine_patches": tuple(self.engine_patches)}
+                "engine_patches": tuple(self.engine_patches), **self.engine_kwargs}
 
 
 @dataclass

@@ -244,12 +244,13 @@ class VLLMRollout:
     """`RolloutWorker` on an in-process vLLM engine built from the policy's current weights.
 
     The engine shares the GPU with the trainer: `gpu_memory_utilization` is vLLM's share of the card (weights + KV
-    cache). `engine_patches` (see the module docstring) default to all; `()` builds stock vLLM (for comparisons)."""
+    cache). `engine_patches` (see the module docstring) default to all; `()` builds stock vLLM (for comparisons).
+    Further keyword arguments go to `vllm.LLM` as they are."""
 
     def __init__(self, model, tokenizer=None, batch_size: int | None = None, *, gpu_memory_utilization: float = 0.3,
                  max_model_len: int = 4096, max_num_seqs: int = 256, enforce_eager: bool = False, seed: int = 0,
                  dtype: str = "bfloat16", engine_patches: tuple[str, ...] = ENGINE_PATCHES,
-                 workdir: str | Path | None = None):
+                 workdir: str | Path | None = None, **engine_kwargs):
         vllm = import_vllm()
         self.tokenizer = tokenizer
         self.engine_patches = tuple(engine_patches)
@@ -261,6 +262,7 @@ class VLLMRollout:
                       logprobs_mode="processed_logprobs")
         if "numerics" in self.engine_patches:
             kwargs["mamba_cache_dtype"] = "float32"
+        kwargs.update(engine_kwargs)  # any other vLLM engine argument, e.g. async_scheduling=True
         with patched_engine_build(self.engine_patches, _lightning_norm_eps(model)):
             self.llm = vllm.LLM(**kwargs)
         self._param_names = set(self.llm.apply_model(lambda m: [n for n, _ in m.named_parameters()])[0])
