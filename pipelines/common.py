@@ -79,3 +79,39 @@ def _diff_keys(a, b, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         return [k for key in sorted(set(a) | set(b)) for k in _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
     return [] if a == b else [prefix.rstrip(".")]
+
+
+def cached_eval_before(out: Path, evaluate_fn) -> dict:
+    """The stage's held-out metrics before training, computed once and kept in `<out>/eval_before.json` across
+    resumes (the 'before' model is the stage's input, not a half-trained checkpoint)."""
+    path = out / "eval_before.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    before = evaluate_fn()
+    write_json_atomic(path, before)
+    return before
+
+
+def save_stage(cfg, model, tokenizer, metrics: dict, history: list, curve_keys: tuple, notes: dict,
+               extra_files: dict | None = None, heading: str = "held-out metrics") -> None:
+    """The end of every training stage: `<output_dir>/final` written atomically (LoRA merged; `metrics.json` last,
+    its presence marks a finished checkpoint; `extra_files` = {name: json data} beside it), then metrics.json,
+    log_history.json, curves.png (the `curve_keys` found in the log) and summary.md in the output dir."""
+    from alignment.reporting import atomic_directory, plot_curves, summary_markdown, write_log_history
+
+    out = Path(cfg.output_dir)
+    final = out / "final"
+    with atomic_directory(final) as tmp:
+        to_save = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        to_save.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, data in (extra_files or {}).items():
+            write_json_atomic(tmp / name, data)
+        write_json_atomic(tmp / "metrics.json", metrics)
+    write_json_atomic(out / "metrics.json", metrics)
+    write_log_history(out, history)
+    plotted = plot_curves(history, out / "curves.png", keys=curve_keys)
+    notes = {**notes, "curves": f"curves.png ({', '.join(plotted)})", "checkpoint": str(final)}
+    (out / "summary.md").write_text(summary_markdown(f"{cfg.title}: {heading}", metrics["before"], metrics["after"],
+                                                     notes))
+    print(f"[{cfg.title}] wrote {final}, {out / 'summary.md'}")

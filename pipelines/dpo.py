@@ -34,7 +34,7 @@ from alignment.modeling import ModelOptions, load_model
 from alignment.schema import EvalOptions, TrainOptions
 from data_recipes.dpo_pairs import PairOptions
 from rewards import RewardError
-from pipelines.common import prepare_output, stage_main
+from pipelines.common import cached_eval_before, prepare_output, save_stage, stage_main
 
 
 @dataclass
@@ -115,17 +115,14 @@ def run(cfg: DPOStageConfig, overwrite: bool = False) -> dict:
 
     from alignment.checkpointing import last_checkpoint
     from alignment.evaluation import evaluate
-    from alignment.reporting import (atomic_directory, plot_curves, summary_markdown, write_json_atomic,
-                                     write_log_history)
     from alignment.rollout import build_rollout
     from alignment.trainers import MiniMaxDPOTrainer
     from data_recipes import build_sft_mix, heldout_sets
     from data_recipes.dpo_pairs import build_dpo_pairs, load_pairs, select_prompts
-    from pipelines.sft import _load_tokenizer, _read_json, _short
+    from pipelines.sft import _load_tokenizer, _short
     from rewards import build_reward
 
     out = Path(cfg.output_dir)
-    final = out / "final"
     reward = build_reward(cfg.pairs.reward)  # a bad handler fails before the output dir is touched
     if (done := prepare_output(cfg, overwrite)) is not None:
         return done
@@ -148,12 +145,8 @@ def run(cfg: DPOStageConfig, overwrite: bool = False) -> dict:
     for conf in (model.config, model.generation_config):
         conf.pad_token_id, conf.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
 
-    before_path = out / "eval_before.json"  # kept across resumes: the 'before' model is the stage's input
-    if before_path.is_file():
-        before = _read_json(before_path)
-    else:
-        before = evaluate(model, tokenizer, heldout, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-        write_json_atomic(before_path, before)
+    before = cached_eval_before(out, lambda: evaluate(model, tokenizer, heldout, cfg.eval.max_new_tokens,
+                                                      cfg.eval.batch_size))
     print(f"[{cfg.title}] before: {_short(before)}")
 
     # pairs sampled by the starting policy [01 §5.4.1]; reused on resume (and deterministic under the seed anyway)
@@ -205,25 +198,15 @@ def run(cfg: DPOStageConfig, overwrite: bool = False) -> dict:
             train[f"{key}/first"], train[f"{key}/last"] = series[0], series[-1]
     metrics = {"stage": cfg.title, "before": before, "after": after, "pairs": pair_stats, "train": train,
                "config": to_dict(cfg)}
-    with atomic_directory(final) as tmp:
-        to_save = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        to_save.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / "metrics.json", metrics)  # last: its presence marks a finished checkpoint
-    write_json_atomic(out / "metrics.json", metrics)
-    write_log_history(out, history)
-    plotted = plot_curves(history, out / "curves.png", keys=(
-        "loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "learning_rate"))
     notes = {"pairs": f"{len(pairs)} from {pair_stats['prompts']} SFT prompts x {cfg.pairs.n} samples at "
                       f"T={cfg.pairs.temperatures} ({pair_stats['dropped_all_tied']} groups all tied, "
                       f"{pair_stats['dropped_below_margin']} below margin, {n_too_long} too long); chosen score "
                       f"{pair_stats['mean_score_chosen']:.3f} vs rejected {pair_stats['mean_score_rejected']:.3f}",
              "DPO reward margin": f"{train.get('rewards/margins/first')} -> {train.get('rewards/margins/last')}",
              "DPO reward accuracy": f"{train.get('rewards/accuracies/first')} -> "
-                                    f"{train.get('rewards/accuracies/last')}",
-             "curves": f"curves.png ({', '.join(plotted)})", "checkpoint": str(final)}
-    (out / "summary.md").write_text(summary_markdown(f"{cfg.title}: held-out metrics", before, after, notes))
-    print(f"[{cfg.title}] wrote {final}, {out / 'summary.md'}")
+                                    f"{train.get('rewards/accuracies/last')}"}
+    save_stage(cfg, model, tokenizer, metrics, history, notes=notes, curve_keys=(
+        "loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "learning_rate"))
     return metrics
 
 

@@ -34,7 +34,7 @@ from alignment.schema import EvalOptions, TrainOptions
 from alignment.trainers import AdvantageOptions, DynamicSamplingOptions, RolloutCorrectionOptions
 from data_recipes.prompt_pool import PoolOptions
 from rewards import RewardError
-from pipelines.common import prepare_output, stage_main
+from pipelines.common import cached_eval_before, prepare_output, save_stage, stage_main
 
 
 @dataclass
@@ -114,8 +114,7 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
 
     from alignment.checkpointing import last_checkpoint
     from alignment.evaluation import evaluate
-    from alignment.reporting import (atomic_directory, plot_curves, summary_markdown, write_json_atomic,
-                                     write_log_history)
+    from alignment.reporting import (write_json_atomic)
     from alignment.rollout import build_rollout
     from alignment.trainers import MiniMaxGRPOTrainer
     from data_recipes import heldout_sets
@@ -126,7 +125,6 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
     from rewards.verifiers import VERIFIERS, verify
 
     out = Path(cfg.output_dir)
-    final = out / "final"
     reward_funcs, reward_weights = trl_reward_funcs(cfg.reward)  # a bad handler fails before touching output_dir
     if cfg.rollout.backend == "vllm":  # a missing vLLM / GPU fails here too, with the install hint
         from alignment.rollout.vllm_backend import import_vllm
@@ -155,12 +153,8 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     worker = build_rollout(cfg.rollout.backend, model, tokenizer, **cfg.rollout.worker_kwargs(cfg.seed))
 
-    before_path = out / "eval_before.json"  # kept across resumes: the 'before' model is the stage's input
-    if before_path.is_file():
-        before = _read_json(before_path)
-    else:
-        before = evaluate(model, tokenizer, heldout, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-        write_json_atomic(before_path, before)
+    before = cached_eval_before(out, lambda: evaluate(model, tokenizer, heldout, cfg.eval.max_new_tokens,
+                                                      cfg.eval.batch_size))
     print(f"[{cfg.title}] before: {_short(before)}")
 
     # offline success-rate filter with the starting policy; reused on resume
@@ -208,22 +202,12 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
             train[f"{key}/first"], train[f"{key}/last"] = series[0], series[-1]
     metrics = {"stage": cfg.title, "before": before, "after": after, "prompt_pool": pool_stats, "train": train,
                "config": to_dict(cfg)}
-    with atomic_directory(final) as tmp:
-        to_save = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        to_save.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / "metrics.json", metrics)  # last: its presence marks a finished checkpoint
-    write_json_atomic(out / "metrics.json", metrics)
-    write_log_history(out, history)
-    plotted = plot_curves(history, out / "curves.png", keys=(
-        "reward", "success_rate", "dynamic/kept_frac", "kl", "entropy", "completions/mean_length", "dropped",
-        "mismatch/prob_corr"))
     notes = {"prompt pool": f"{pool_stats['kept']} of {pool_stats['scored']} prompts kept "
                             f"(pass rate in ({cfg.prompts.lo}, {cfg.prompts.hi}))",
-             "reward": f"{train.get('reward/first')} -> {train.get('reward/last')}",
-             "curves": f"curves.png ({', '.join(plotted)})", "checkpoint": str(final)}
-    (out / "summary.md").write_text(summary_markdown(f"{cfg.title}: held-out metrics", before, after, notes))
-    print(f"[{cfg.title}] wrote {final}, {out / 'summary.md'}")
+             "reward": f"{train.get('reward/first')} -> {train.get('reward/last')}"}
+    save_stage(cfg, model, tokenizer, metrics, history, notes=notes, curve_keys=(
+        "reward", "success_rate", "dynamic/kept_frac", "kl", "entropy", "completions/mean_length", "dropped",
+        "mismatch/prob_corr"))
     return metrics
 
 

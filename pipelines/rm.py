@@ -27,7 +27,7 @@ from pathlib import Path
 
 from alignment.config import ConfigError, to_dict
 from alignment.schema import TrainOptions
-from pipelines.common import prepare_output, stage_main
+from pipelines.common import cached_eval_before, prepare_output, save_stage, stage_main
 
 
 @dataclass
@@ -91,14 +91,11 @@ def run(cfg: RMStageConfig, overwrite: bool = False) -> dict:
     from transformers import set_seed
 
     from alignment.checkpointing import last_checkpoint
-    from alignment.reporting import (atomic_directory, plot_curves, summary_markdown, write_json_atomic,
-                                     write_log_history)
     from data_recipes.preferences import build_preferences
-    from pipelines.sft import _load_tokenizer, _read_json
+    from pipelines.sft import _load_tokenizer
     from rewards.reward_model import load_reward_model
 
     out = Path(cfg.output_dir)
-    final = out / "final"
     if (done := prepare_output(cfg, overwrite)) is not None:
         return done
     set_seed(cfg.seed)
@@ -123,12 +120,8 @@ def run(cfg: RMStageConfig, overwrite: bool = False) -> dict:
     print(f"[{cfg.title}] {len(train_rows)} training pairs ({n_dropped} longer than {cfg.data.max_length} tokens "
           f"dropped), {len(heldout_rows)} held-out pairs")
 
-    before_path = out / "eval_before.json"
-    if before_path.is_file():
-        before = _read_json(before_path)
-    else:
-        before = pairwise_accuracy(model, heldout_rows, tokenizer.pad_token_id, cfg.eval.batch_size)
-        write_json_atomic(before_path, before)
+    before = cached_eval_before(out, lambda: pairwise_accuracy(model, heldout_rows, tokenizer.pad_token_id,
+                                                               cfg.eval.batch_size))
     print(f"[{cfg.title}] before: {_short(before)}")
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
@@ -163,22 +156,11 @@ def run(cfg: RMStageConfig, overwrite: bool = False) -> dict:
                   "global_step": trainer.state.global_step},
         "config": to_dict(cfg),
     }
-    with atomic_directory(final) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / "reward_meta.json", meta)
-        write_json_atomic(tmp / "metrics.json", metrics)  # last: its presence marks a finished checkpoint
-    write_json_atomic(out / "metrics.json", metrics)
-    write_log_history(out, history)
-    plotted = plot_curves(history, out / "curves.png", keys=("loss", "accuracy", "margin", "learning_rate",
-                                                               "grad_norm"))
     notes = {"training loss": f"{metrics['train']['first_loss']} -> {metrics['train']['last_loss']}",
-             "refusal threshold (safety handler)": f"{meta['refusal_threshold']:.3f}",
-             "curves": f"curves.png ({', '.join(plotted)})", "checkpoint": str(final),
-             "full report": "make eval-rm"}
-    (out / "summary.md").write_text(summary_markdown(f"{cfg.title}: held-out pairwise accuracy", before, after,
-                                                     notes))
-    print(f"[{cfg.title}] wrote {final}, {out / 'summary.md'}")
+             "refusal threshold (safety handler)": f"{meta['refusal_threshold']:.3f}", "full report": "make eval-rm"}
+    save_stage(cfg, model, tokenizer, metrics, history, notes=notes, extra_files={"reward_meta.json": meta},
+               curve_keys=("loss", "accuracy", "margin", "learning_rate", "grad_norm"),
+               heading="held-out pairwise accuracy")
     return metrics
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from alignment.config import ConfigError, to_dict
 from alignment.modeling import ModelOptions, load_model
 from alignment.schema import DataOptions, EvalOptions, TrainOptions
-from pipelines.common import prepare_output, stage_main
+from pipelines.common import cached_eval_before, prepare_output, save_stage, stage_main
 
 
 @dataclass
@@ -58,13 +58,10 @@ def run(cfg: SFTStageConfig, overwrite: bool = False) -> dict:
 
     from alignment.checkpointing import last_checkpoint
     from alignment.evaluation import evaluate
-    from alignment.reporting import (atomic_directory, plot_curves, summary_markdown, write_json_atomic,
-                                     write_log_history)
     from alignment.trainers import MiniMaxSFTTrainer
     from data_recipes import build_sft_mix, heldout_sets
 
     out = Path(cfg.output_dir)
-    final = out / "final"
     if (done := prepare_output(cfg, overwrite)) is not None:
         return done
     set_seed(cfg.seed)
@@ -86,12 +83,8 @@ def run(cfg: SFTStageConfig, overwrite: bool = False) -> dict:
     print(f"[{cfg.title}] {len(train_rows)} training conversations ({n_dropped} longer than "
           f"{cfg.data.max_length} tokens dropped); held-out sets: {', '.join(heldout) or 'none'}")
 
-    before_path = out / "eval_before.json"  # kept across resumes: the 'before' model is the stage's input
-    if before_path.is_file():
-        before = _read_json(before_path)
-    else:
-        before = evaluate(model, tokenizer, heldout, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-        write_json_atomic(before_path, before)
+    before = cached_eval_before(out, lambda: evaluate(model, tokenizer, heldout, cfg.eval.max_new_tokens,
+                                                      cfg.eval.batch_size))
     print(f"[{cfg.title}] before: {_short(before)}")
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
@@ -122,19 +115,9 @@ def run(cfg: SFTStageConfig, overwrite: bool = False) -> dict:
                   "global_step": trainer.state.global_step},
         "config": to_dict(cfg),
     }
-    with atomic_directory(final) as tmp:
-        to_save = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        to_save.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / "metrics.json", metrics)  # last: its presence marks a finished checkpoint
-    write_json_atomic(out / "metrics.json", metrics)
-    write_log_history(out, history)
-    plotted = plot_curves(history, out / "curves.png", keys=("loss", "mean_token_accuracy", "learning_rate",
-                                                               "grad_norm", "aux_loss"))
-    notes = {"training loss": f"{metrics['train']['first_loss']} -> {metrics['train']['last_loss']}",
-             "curves": f"curves.png ({', '.join(plotted)})", "checkpoint": str(final)}
-    (out / "summary.md").write_text(summary_markdown(f"{cfg.title}: held-out metrics", before, after, notes))
-    print(f"[{cfg.title}] wrote {final}, {out / 'summary.md'}")
+    save_stage(cfg, model, tokenizer, metrics, history,
+               curve_keys=("loss", "mean_token_accuracy", "learning_rate", "grad_norm", "aux_loss"),
+               notes={"training loss": f"{metrics['train']['first_loss']} -> {metrics['train']['last_loss']}"})
     return metrics
 
 
