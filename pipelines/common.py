@@ -115,3 +115,25 @@ def save_stage(cfg, model, tokenizer, metrics: dict, history: list, curve_keys: 
     (out / "summary.md").write_text(summary_markdown(f"{cfg.title}: {heading}", metrics["before"], metrics["after"],
                                                      notes))
     print(f"[{cfg.title}] wrote {final}, {out / 'summary.md'}")
+
+
+def train_resuming(trainer, out: Path, title: str):
+    """`trainer.train()` from the last complete checkpoint in `<out>/checkpoints`, if there is one; returns the
+    train result and that checkpoint (None for a fresh start)."""
+    from alignment.checkpointing import last_checkpoint
+
+    last = last_checkpoint(out / "checkpoints")
+    if last:
+        print(f"[{title}] resuming from {last}")
+    return trainer.train(resume_from_checkpoint=last), last
+
+
+def series_ends(history: list[dict], keys) -> dict:
+    """`{key}/first` and `{key}/last` of each series logged in a Trainer's log history (keys never logged are left
+    out)."""
+    ends = {}
+    for key in keys:
+        series = [e[key] for e in history if key in e]
+        if series:
+            ends[f"{key}/first"], ends[f"{key}/last"] = series[0], series[-1]
+    return ends

@@ -34,7 +34,8 @@ from alignment.modeling import ModelOptions, load_model
 from alignment.schema import EvalOptions, TrainOptions
 from data_recipes.dpo_pairs import PairOptions
 from rewards import RewardError
-from pipelines.common import cached_eval_before, prepare_output, save_stage, stage_main
+from pipelines.common import (cached_eval_before, prepare_output, save_stage, series_ends, stage_main,
+                              train_resuming)
 
 
 @dataclass
@@ -113,7 +114,6 @@ def run(cfg: DPOStageConfig, overwrite: bool = False) -> dict:
     """Build pairs and train one DPO stage; returns the metrics written to `<output_dir>/metrics.json`."""
     from transformers import set_seed
 
-    from alignment.checkpointing import last_checkpoint
     from alignment.evaluation import evaluate
     from alignment.rollout import build_rollout
     from alignment.trainers import MiniMaxDPOTrainer
@@ -179,10 +179,7 @@ def run(cfg: DPOStageConfig, overwrite: bool = False) -> dict:
         train_dataset=pairs.select_columns(["prompt", "chosen", "rejected"]),
         processing_class=tokenizer,
     )
-    last = last_checkpoint(out / "checkpoints")
-    if last:
-        print(f"[{cfg.title}] resuming from {last}")
-    result = trainer.train(resume_from_checkpoint=last)
+    result, last = train_resuming(trainer, out, cfg.title)
 
     model = trainer.model
     after = evaluate(model, tokenizer, heldout, cfg.eval.max_new_tokens, cfg.eval.batch_size)
@@ -190,12 +187,9 @@ def run(cfg: DPOStageConfig, overwrite: bool = False) -> dict:
 
     history = trainer.state.log_history
     train = {**result.metrics, "pairs": len(pairs), "dropped_too_long": n_too_long, "resumed_from": last,
-             "global_step": trainer.state.global_step}
-    for key in ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected",
-                "logps/chosen", "logps/rejected"):
-        series = [e[key] for e in history if key in e]
-        if series:
-            train[f"{key}/first"], train[f"{key}/last"] = series[0], series[-1]
+             "global_step": trainer.state.global_step,
+             **series_ends(history, ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen",
+                                     "rewards/rejected", "logps/chosen", "logps/rejected"))}
     metrics = {"stage": cfg.title, "before": before, "after": after, "pairs": pair_stats, "train": train,
                "config": to_dict(cfg)}
     notes = {"pairs": f"{len(pairs)} from {pair_stats['prompts']} SFT prompts x {cfg.pairs.n} samples at "

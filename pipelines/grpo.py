@@ -34,7 +34,8 @@ from alignment.schema import EvalOptions, TrainOptions
 from alignment.trainers import AdvantageOptions, DynamicSamplingOptions, RolloutCorrectionOptions
 from data_recipes.prompt_pool import PoolOptions
 from rewards import RewardError
-from pipelines.common import cached_eval_before, prepare_output, save_stage, stage_main
+from pipelines.common import (cached_eval_before, prepare_output, save_stage, series_ends, stage_main,
+                              train_resuming)
 
 
 @dataclass
@@ -112,7 +113,6 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
     """Train one GRPO stage; returns the metrics written to `<output_dir>/metrics.json`."""
     from transformers import AutoTokenizer, set_seed
 
-    from alignment.checkpointing import last_checkpoint
     from alignment.evaluation import evaluate
     from alignment.reporting import (write_json_atomic)
     from alignment.rollout import build_rollout
@@ -184,22 +184,17 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
         dynamic_sampling=cfg.dynamic_sampling, rollout_correction=cfg.rollout_correction,
         length_monitor=monitor, success_fn=success_fn,
     )
-    last = last_checkpoint(out / "checkpoints")
-    if last:
-        print(f"[{cfg.title}] resuming from {last}")
-    result = trainer.train(resume_from_checkpoint=last)
+    result, last = train_resuming(trainer, out, cfg.title)
 
     model = trainer.model
     after = evaluate(model, tokenizer, heldout, cfg.eval.max_new_tokens, cfg.eval.batch_size)
     print(f"[{cfg.title}] after:  {_short(after)}")
 
     history = trainer.state.log_history
-    train = {**result.metrics, "resumed_from": last, "global_step": trainer.state.global_step}
-    for key in ("reward", "success_rate", "dynamic/kept_frac", "mismatch/prob_corr", "mismatch/logp_abs_mean",
-                "completions/mean_length", "rollout/tokens_per_s", "rollout/sync_s"):
-        series = [e[key] for e in history if key in e]
-        if series:
-            train[f"{key}/first"], train[f"{key}/last"] = series[0], series[-1]
+    train = {**result.metrics, "resumed_from": last, "global_step": trainer.state.global_step,
+             **series_ends(history, ("reward", "success_rate", "dynamic/kept_frac", "mismatch/prob_corr",
+                                     "mismatch/logp_abs_mean", "completions/mean_length", "rollout/tokens_per_s",
+                                     "rollout/sync_s"))}
     metrics = {"stage": cfg.title, "before": before, "after": after, "prompt_pool": pool_stats, "train": train,
                "config": to_dict(cfg)}
     notes = {"prompt pool": f"{pool_stats['kept']} of {pool_stats['scored']} prompts kept "

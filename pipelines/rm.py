@@ -27,7 +27,7 @@ from pathlib import Path
 
 from alignment.config import ConfigError, to_dict
 from alignment.schema import TrainOptions
-from pipelines.common import cached_eval_before, prepare_output, save_stage, stage_main
+from pipelines.common import cached_eval_before, prepare_output, save_stage, stage_main, train_resuming
 
 
 @dataclass
@@ -90,7 +90,6 @@ def run(cfg: RMStageConfig, overwrite: bool = False) -> dict:
     import datasets
     from transformers import set_seed
 
-    from alignment.checkpointing import last_checkpoint
     from data_recipes.preferences import build_preferences
     from pipelines.sft import _load_tokenizer
     from rewards.reward_model import load_reward_model
@@ -132,10 +131,7 @@ def run(cfg: RMStageConfig, overwrite: bool = False) -> dict:
         train_dataset=datasets.Dataset.from_list([{k: r[k] for k in columns} for r in train_rows]),
         processing_class=tokenizer,
     )
-    last = last_checkpoint(out / "checkpoints")
-    if last:
-        print(f"[{cfg.title}] resuming from {last}")
-    result = trainer.train(resume_from_checkpoint=last)
+    result, last = train_resuming(trainer, out, cfg.title)
     model = trainer.model
 
     after = pairwise_accuracy(model, heldout_rows, tokenizer.pad_token_id, cfg.eval.batch_size)

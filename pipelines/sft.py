@@ -27,7 +27,7 @@ from pathlib import Path
 from alignment.config import ConfigError, to_dict
 from alignment.modeling import ModelOptions, load_model
 from alignment.schema import DataOptions, EvalOptions, TrainOptions
-from pipelines.common import cached_eval_before, prepare_output, save_stage, stage_main
+from pipelines.common import cached_eval_before, prepare_output, save_stage, stage_main, train_resuming
 
 
 @dataclass
@@ -56,7 +56,6 @@ def run(cfg: SFTStageConfig, overwrite: bool = False) -> dict:
     """Train one SFT stage; returns the metrics written to `<output_dir>/metrics.json`."""
     from transformers import set_seed
 
-    from alignment.checkpointing import last_checkpoint
     from alignment.evaluation import evaluate
     from alignment.trainers import MiniMaxSFTTrainer
     from data_recipes import build_sft_mix, heldout_sets
@@ -94,10 +93,7 @@ def run(cfg: SFTStageConfig, overwrite: bool = False) -> dict:
         train_dataset=train_rows.select_columns(["messages"]),
         processing_class=tokenizer,
     )
-    last = last_checkpoint(out / "checkpoints")
-    if last:
-        print(f"[{cfg.title}] resuming from {last}")
-    result = trainer.train(resume_from_checkpoint=last)
+    result, last = train_resuming(trainer, out, cfg.title)
 
     model = trainer.model
     after = evaluate(model, tokenizer, heldout, cfg.eval.max_new_tokens, cfg.eval.batch_size)
