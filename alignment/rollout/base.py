@@ -87,6 +87,14 @@ def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
     return out
 
 
+def eos_ids(tokenizer) -> list[int]:
+    """The tokenizer's EOS id(s) as a list ([] without a tokenizer or EOS)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
 def stop_metrics(reasons: list[str]) -> dict[str, float]:
     """Share of completions per stop reason ("eos", "length", "repetition")."""
     return {f"rollout/stop_{k}": sum(r == k for r in reasons) / max(len(reasons), 1)

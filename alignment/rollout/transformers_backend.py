@@ -14,7 +14,7 @@ import math
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from alignment.rollout.base import RolloutBatch, SamplingOptions, encode_prompts, stop_metrics
+from alignment.rollout.base import RolloutBatch, SamplingOptions, encode_prompts, eos_ids, stop_metrics
 
 
 class _StepRecorder(LogitsProcessor):
@@ -90,8 +90,8 @@ class TransformersRollout:
         pad = tok.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=device)
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
-        eos_ids = [tok.eos_token_id] if isinstance(tok.eos_token_id, int) else list(tok.eos_token_id)
-        recorder = _StepRecorder(len(prompt_ids), sampling.temperature, eos_ids, sampling.repetition_stop_k,
+        eos = eos_ids(tok)
+        recorder = _StepRecorder(len(prompt_ids), sampling.temperature, eos, sampling.repetition_stop_k,
                                  sampling.repetition_stop_p, device)
         was_training = model.training
         model.eval()
@@ -101,7 +101,7 @@ class TransformersRollout:
                 input_ids=input_ids, attention_mask=attention, do_sample=True, temperature=sampling.temperature,
                 top_k=sampling.top_k, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
                 logits_processor=LogitsProcessorList([recorder]), stopping_criteria=StoppingCriteriaList([_AfterStep(recorder)]),
-                eos_token_id=eos_ids, pad_token_id=pad, output_router_logits=False)
+                eos_token_id=eos, pad_token_id=pad, output_router_logits=False)
         finally:
             model.train(was_training)
         new = out[:, width:].tolist()

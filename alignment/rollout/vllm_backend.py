@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from alignment.lightning import lightning_slopes
-from alignment.rollout.base import RolloutBatch, SamplingOptions, encode_prompts, stop_metrics
+from alignment.rollout.base import RolloutBatch, SamplingOptions, encode_prompts, eos_ids, stop_metrics
 
 VLLM_HINT = "the vLLM rollout backend needs vLLM and a CUDA GPU: pip install -e '.[gpu]'"
 ENGINE_PATCHES = ("numerics", "batched_prefill")
@@ -165,14 +165,14 @@ def patched_engine_build(patches: tuple[str, ...], norm_eps: float):
     from vllm.model_executor.layers.mamba import linear_attn
 
     cls = linear_attn.MiniMaxText01LinearAttention
-    original_init, original_clear = cls.__init__, linear_attn.clear_linear_attention_cache_for_new_sequences
+    original_init = cls.__init__
 
     def init(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
         if "numerics" in patches:
             self.norm.variance_epsilon = norm_eps
-            num_layers = kwargs.get("num_hidden_layer", args[6] if len(args) > 6 else None)
-            slopes = lightning_slopes(self.total_num_heads, self.layer_idx, num_layers, self.slope_rate.device)
+            slopes = lightning_slopes(self.total_num_heads, self.layer_idx, kwargs["num_hidden_layer"],
+                                      self.slope_rate.device)  # vLLM's decoder layer passes it by keyword
             self.slope_rate = slopes.reshape(self.slope_rate.shape)
             heads = slice(self.tp_rank * self.tp_heads, (self.tp_rank + 1) * self.tp_heads)
             self.tp_slope = self.slope_rate[heads].contiguous()
@@ -186,7 +186,6 @@ def patched_engine_build(patches: tuple[str, ...], norm_eps: float):
         yield
     finally:
         cls.__init__ = original_init
-        del original_clear
 
 
 def _clear_new_sequence_states(kv_cache, state_indices_tensor, attn_metadata) -> None:
@@ -231,8 +230,10 @@ def _batched_prefill_and_mix(self, q, k, v, kv_cache, state_indices_tensor, attn
 
 
 def _lightning_norm_eps(model) -> float:
+    from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
+
     for module in model.modules():
-        if type(module).__name__.endswith("LightningAttention"):
+        if isinstance(module, MiniMaxLightningAttention):
             return float(module.norm.variance_epsilon)
     return 1e-6
 
@@ -313,7 +314,7 @@ class VLLMRollout:
         from vllm.inputs import TokensPrompt
 
         ids = encode_prompts(self.tokenizer, prompts)
-        eos = self._eos_ids()
+        eos = eos_ids(self.tokenizer)
         params = SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                                 max_tokens=sampling.max_new_tokens, stop_token_ids=eos, logprobs=0,
                                 detokenize=False)
@@ -353,12 +354,6 @@ class VLLMRollout:
                                     params, use_tqdm=False)
         return [[out.prompt_logprobs[len(p) + t][tok].logprob for t, tok in enumerate(c)]
                 for p, c, out in zip(prompt_ids, completion_ids, outputs)]
-
-    def _eos_ids(self) -> list[int]:
-        if self.tokenizer is None or self.tokenizer.eos_token_id is None:
-            return []
-        eos = self.tokenizer.eos_token_id
-        return [eos] if isinstance(eos, int) else list(eos)
 
 
 def repetition_cut(logprobs: list[float], k: int | None, p: float) -> int | None:
