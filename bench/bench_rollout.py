@@ -393,6 +393,59 @@ def bench_weight_sync(run: Run, worker, model, sizes: Sizes, vocab: int):
     log(f"weight sync: {out}")
 
 
+class MarkovChain:
+    """A sparse random Markov chain over `vocab` token ids: each token has `fanout` likely successors (probability
+    `stick` in all, uniform among them), otherwise any token of the vocabulary. A model fitted to it has peaked,
+    structured next-token distributions, as a trained LM does — random weights give chaotic ones whose log-probs
+    swing with every bf16 rounding, which is a poor stand-in for what a GRPO run samples from."""
+
+    def __init__(self, vocab: int, seed: int = 0, fanout: int = 4, stick: float = 0.9):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.vocab, self.stick = vocab, stick
+        self.succ = torch.randint(3, vocab, (vocab, fanout), generator=self.gen)
+
+    def sample(self, n: int, length: int) -> torch.Tensor:
+        out = torch.empty(n, length, dtype=torch.long)
+        out[:, 0] = torch.randint(3, self.vocab, (n,), generator=self.gen)
+        for t in range(1, length):
+            pick = self.succ[out[:, t - 1], torch.randint(0, self.succ.shape[1], (n,), generator=self.gen)]
+            noise = torch.randint(3, self.vocab, (n,), generator=self.gen)
+            out[:, t] = torch.where(torch.rand(n, generator=self.gen) < self.stick, pick, noise)
+        return out
+
+
+def bench_trained_mismatch(run: Run, worker, model, sizes: Sizes, steps: int = 150, vocab: int = 2000):
+    """Fit the trainer's model to a Markov chain (`MarkovChain`, AdamW, `steps` steps of 16 x 256 tokens), sync it into
+    the engine, sample continuations of in-distribution prompts and teacher-force them: the mismatch of a model whose
+    distributions have structure, next to the random-weights figures."""
+    chain = MarkovChain(vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        ids = chain.sample(16, 256).to(DEVICE)
+        loss = kernels.causal_lm_loss(model, ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    model.eval()
+    del opt
+    with torch.no_grad():
+        round_fp32_params_to_bf16_(model)
+    worker.sync_weights(model)
+    prompts = chain.sample(sizes.mismatch_n, sizes.prompt_len).tolist()
+    completions, rollout, _ = sample(worker, prompts, sizes)
+    train, mask = teacher_forced_logp(model, prompts, completions)
+    chosen = [t for c in completions for t in c]
+    run.res["mismatch"]["e_ours_trained"] = {
+        "trainer": f"ours, fitted to a Markov chain ({steps} AdamW steps, loss {losses[0]:.2f} -> {losses[-1]:.2f})",
+        "engine": "vLLM patched, after sync", "tokens": int(mask.sum()), "train_loss": [losses[0], losses[-1]],
+        "sync_s": worker.last_sync_s, "in_vocab_share": sum(t < vocab for t in chosen) / max(1, len(chosen)),
+        **logprob_mismatch(train, rollout, mask)}
+    log(f"trained mismatch: {run.res['mismatch']['e_ours_trained']}")
+
+
 def build_engine(run: Run, name: str, model):
     from alignment.rollout.vllm_backend import VLLMRollout
 
@@ -414,8 +467,10 @@ def run_engine(run: Run, name: str, model, sizes: Sizes, vocab: int, skip: str |
     }
     if name != "patched_async":  # the same numerics as "patched"
         sections["mismatch"] = (25, lambda: bench_mismatch(run, name, worker, model, sizes, vocab))
-    if name == "patched":  # last of all: it perturbs the trainer's weights
+    if name == "patched":  # last of all: they change the trainer's weights
         sections["weight_sync"] = (20, lambda: bench_weight_sync(run, worker, model, sizes, vocab))
+        sections["trained_mismatch"] = (40, lambda: bench_trained_mismatch(
+            run, worker, model, sizes, steps=150 if sizes is FULL else 5, vocab=min(2000, vocab)))
     worker = run.section(f"{name}/build", lambda: build_engine(run, name, model), need_s=100, skip=skip)
     try:
         for sub, (need_s, fn) in sections.items():

@@ -147,6 +147,9 @@ def layer_fwd_bwd(layer, x, grad, docs=None):
     return out.detach(), x.grad
 
 
+SPLIT_PIECES = (None, 1024, 2048, 4096, 8192)  # None: fla's one sequential pass per document
+
+
 def bench_attention(lengths, H=16, D=128, quick=False) -> dict:
     gen = torch.Generator().manual_seed(0)
     stock, ours = attention_layer(H, D, False, torch.bfloat16), attention_layer(H, D, True, torch.bfloat16)
@@ -179,6 +182,16 @@ def bench_attention(lengths, H=16, D=128, quick=False) -> dict:
                "ours_unfused_layer_ms": median_ms(unfused, iters=iters),
                "fla_kernel_ms": median_ms(fla_core, iters=iters),
                "sdpa_flash_softmax_ms": median_ms(sdpa, iters=iters)}
+        # long documents as parallel pieces (kernels.split_long_documents) vs one sequential pass, per piece size
+        default = kernels.FLA_SPLIT_TOKENS
+        row["split_default"] = default
+        row["fla_kernel_ms_by_piece"] = {}
+        for piece in SPLIT_PIECES:
+            kernels.FLA_SPLIT_TOKENS = piece
+            row["fla_kernel_ms_by_piece"][str(piece)] = median_ms(fla_core, iters=iters)
+            if piece is None:
+                row["ours_layer_unsplit_ms"] = median_ms(lambda: layer_fwd_bwd(ours, x, grad), iters=iters)
+        kernels.FLA_SPLIT_TOKENS = default
         row["speedup"] = row["transformers_layer_ms"] / row["ours_layer_ms"]
         row["kernel_speedup"] = row["transformers_layer_ms"] / row["fla_kernel_ms"]
         rows.append(row)
@@ -200,6 +213,8 @@ def attention_numerics(H, D, lengths) -> list[dict]:
     ref_packed = attention_layer(H, D, True, torch.float64, kernel="torch")
     slope64 = ref_stock.slope_rate
     cases = [(T, 1, 1) for T in lengths] + [(8192 if max(lengths) > 2048 else 2048, 2, 24)]
+    if max(lengths) >= 32768:  # packed long documents: split into pieces (kernels.split_long_documents)
+        cases.append((32768, 1, 3))
     rows = []
     for T, B, n_docs in cases:
         docs = random_doc_ids(gen, B, T, n_docs) if n_docs > 1 else None
@@ -364,6 +379,15 @@ def markdown(res: dict) -> str:
         out += [f"| {r['tokens']} | {r['transformers_layer_ms']:.2f} | {r['ours_layer_ms']:.2f} | {r['speedup']:.1f}× "
                 f"| {r['ours_unfused_layer_ms']:.2f} | {r['fla_kernel_ms']:.2f} | {r['kernel_speedup']:.1f}× "
                 f"| {r['sdpa_flash_softmax_ms']:.2f} |" for r in att["timing"]]
+        pieces = [str(p) for p in SPLIT_PIECES]
+        out += [f"\nLong documents as parallel pieces (`kernels.split_long_documents`; default "
+                f"{att['timing'][0].get('split_default')} tokens, used above; split only when a document is longer "
+                "than twice the piece): fla kernel fwd+bwd ms by piece size, and our layer without the split.\n",
+                "| tokens | " + " | ".join("unsplit" if p == "None" else f"piece {p}" for p in pieces)
+                + " | ours layer unsplit ms | layer speedup unsplit |", "|---" * (len(pieces) + 3) + "|"]
+        out += [f"| {r['tokens']} | " + " | ".join(f"{r['fla_kernel_ms_by_piece'][p]:.2f}" for p in pieces)
+                + f" | {r['ours_layer_unsplit_ms']:.2f} | {r['transformers_layer_ms'] / r['ours_layer_unsplit_ms']:.1f}× |"
+                for r in att["timing"] if "fla_kernel_ms_by_piece" in r]
         out += ["\nNumerics, relative error vs float64 (bf16 inputs):\n",
                 "| tokens × batch | docs/row | transformers layer out / dx | ours layer out / dx | "
                 "fla kernel out / state / dq / dk / dv |", "|---|---|---|---|---|"]
