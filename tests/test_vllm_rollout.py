@@ -308,7 +308,7 @@ training: {{max_steps: 4, learning_rate: 1.0e-3, batch_size: 16, logging_steps: 
 eval: {{sets: {{arithmetic: {{n: 20, max_operand: 3}}}}, max_new_tokens: 12}}
 """)
     proc = subprocess.run([sys.executable, "-m", "pipelines.grpo", "--config", str(config)], capture_output=True,
-                          text=True, timeout=420, env={**os.environ, "ALIGNMENT_LIMIT_AUTOTUNE": "1"})
+                          text=True, timeout=300, env={**os.environ, "ALIGNMENT_LIMIT_AUTOTUNE": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     train = metrics["train"]
