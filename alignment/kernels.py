@@ -28,7 +28,7 @@ Loss: at long lengths the logits dominate memory (vocab 32000 × 4 bytes = 128 K
 is installed, else a plain-torch loop whose chunks are recomputed in backward (`chunked_cross_entropy`).
 
 The CPU reference (`alignment.lightning.lightning_attention`) stays the ground truth; `resolve_lightning_kernel`
-picks the path (`ModelOptions.lightning_kernel`: auto = fla on CUDA when the package is installed).
+picks the path (`ModelOptions.lightning_kernel`: auto = the fused layer on CUDA when the package is installed).
 """
 
 from __future__ import annotations
@@ -74,10 +74,11 @@ def check_lightning_kernel(kernel: str) -> None:
 
 
 def resolve_lightning_kernel(kernel: str, device: torch.device) -> str:
-    """'torch' or 'fla' for tensors on `device`: auto = fla on CUDA when flash-linear-attention is installed."""
+    """The kernel for tensors on `device`: auto = fla_fused on CUDA when flash-linear-attention is installed, else
+    torch."""
     check_lightning_kernel(kernel)
     if kernel == "auto":
-        return "fla" if device.type == "cuda" and fla_available() else "torch"
+        return "fla_fused" if device.type == "cuda" and fla_available() else "torch"
     if kernel.startswith("fla") and device.type != "cuda":
         raise ValueError(f"lightning_kernel: '{kernel}' runs on CUDA tensors only, got {device.type} "
                          "(use 'auto' to fall back to the torch reference)")

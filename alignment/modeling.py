@@ -69,11 +69,11 @@ class ModelOptions:
     # Weight of the MoE load-balancing loss added to the LM loss; None keeps the checkpoint's value.
     router_aux_loss_coef: float | None = None
     lora: LoraOptions | None = None
-    # Lightning-layer kernel (alignment.kernels): "fla" = flash-linear-attention's fused Triton kernel (CUDA, the
-    # `gpu` extra; packed softmax layers then use torch's flash varlen kernel too), "torch" = the blockwise reference
-    # in alignment.lightning, "auto" = fla on CUDA when installed, else torch. Same math either way. "fla_fused" also
-    # fuses the SiLU/split, norm and gate around the kernel: GPU-tested on packed rows and measured (bench/README.md:
-    # layer 9.0 -> 4.9 ms at 32K, model +2-7%); opt-in until its padded-batch path has a GPU test too.
+    # Lightning-layer kernel (alignment.kernels): "fla_fused" = flash-linear-attention's Triton kernel with the
+    # SiLU/split, output norm and gate fused around it (CUDA, the `gpu` extra; packed softmax layers then use torch's
+    # flash varlen kernel too; GPU-tested on packed and left-padded rows; bench/README.md: layer 9.0 -> 4.9 ms at
+    # 32K), "fla" = the same kernel with torch's element-wise ops around it, "torch" = the blockwise reference in
+    # alignment.lightning, "auto" = fla_fused on CUDA when installed, else torch. Same math either way.
     lightning_kernel: Literal["auto", "torch", "fla", "fla_fused"] = "auto"
 
 
