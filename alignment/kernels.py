@@ -133,112 +133,26 @@ def packed_cu_seqlens(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return cu, cu.cpu(), last
 
 
-# Documents longer than this run as parallel pieces (`split_long_documents`); None turns the split off. Measured in
-# bench/bench_train.py (section 1, "split" columns).
-FLA_SPLIT_TOKENS: int | None = 4096
-_SPLIT_MAX_PIECES = 512  # the split keeps one (H, D, D) fp32 state per piece: ~1 MiB each at H 16 × D 128
-
-
-def _chunk_simple_gla(q, k, v, g_gamma, cu, cu_cpu, output_state):
-    from fla.ops.simple_gla import chunk_simple_gla
-
-    return chunk_simple_gla(q, k, v, g_gamma=g_gamma.float(), scale=1.0, output_final_state=output_state,
-                            cu_seqlens=cu, cu_seqlens_cpu=cu_cpu)
-
-
-def document_pieces(cu_cpu: torch.Tensor, piece: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pieces of at most `piece` tokens covering each document: their boundaries (P + 1,) and, for each piece, the
-    index of its document's first piece (P,).
-
-    >>> bounds, first = document_pieces(torch.tensor([0, 3, 10]), 4)
-    >>> bounds.tolist(), first.tolist()
-    ([0, 3, 7, 10], [0, 1, 1])
-    """
-    lens = cu_cpu[1:] - cu_cpu[:-1]
-    n = (lens + piece - 1) // piece
-    doc = torch.repeat_interleave(torch.arange(len(lens)), n)
-    first = F.pad(n.cumsum(0), (1, 0))[:-1][doc]
-    starts = cu_cpu[:-1][doc] + (torch.arange(len(doc)) - first) * piece
-    return torch.cat([starts, cu_cpu[-1:]]), first
-
-
-def split_long_documents(q, k, v, slope, cu_cpu, piece: int, kernel=_chunk_simple_gla, output_state=False):
-    """Lightning attention of varlen documents (q, k, v: (1, N, H, D), boundaries `cu_cpu`) with every document cut
-    into pieces of at most `piece` tokens that the kernel runs side by side.
-
-    Why: fla's state kernels walk a sequence chunk after chunk, in parallel only over heads and state tiles (64 thread
-    blocks at H 16 × D 128 on a 132-SM GPU), so one long document is latency-bound. Pieces run in parallel; the state
-    a piece should start from is a decayed sum of its document's earlier pieces' final states (constant decay λ per
-    head, so in closed form: I_p = Σ_{r<p} λ^(start_p - end_r) S_r), and its effect on the piece's outputs is
-    λ^(i+1) q_i · I_p for the piece's i-th token, added by one batched matmul. Exact in math; autograd carries the
-    gradients back through the pieces' final states (fla's `dht`). Returns out (1, N, H, D) in v's dtype and the
-    final state of every document (n_docs, H, D, D) or None."""
-    H = q.shape[2]
-    dev = q.device
-    acc = torch.promote_types(q.dtype, torch.float32)  # states and decays in fp32 (fp64 in the CPU test)
-    lam = -slope.reshape(H).to(acc)  # log decay per step
-    bounds, first = document_pieces(cu_cpu, piece)
-    out, S = kernel(q, k, v, lam, bounds.to(dev), bounds, True)  # S: (P, H, D, D), each from a zero state
-    S = S.to(acc)
-    starts, lengths = bounds[:-1], bounds[1:] - bounds[:-1]
-    later = torch.nonzero(torch.arange(len(first)) != first).flatten()  # pieces that continue a document
-    if len(later):
-        members = torch.nonzero(torch.isin(first, first[later])).flatten()  # every piece of a split document
-        # W[h, p, r] = λ_h^(start_p - end_r) for the earlier pieces r of p's document
-        gap = starts[members][:, None] - (starts + lengths)[members][None, :]
-        same = (first[members][:, None] == first[members][None, :]) & (members[:, None] > members[None, :])
-        W = torch.exp(lam.reshape(H, 1, 1) * gap.clamp(min=0).to(dev, acc)) * same.to(dev)
-        init = torch.einsum("hpr,rhkv->phkv", W, S[members.to(dev)])[torch.searchsorted(members, later).to(dev)]
-        # each continuing piece's tokens, padded to `piece`: out[i] += λ^(i+1) q_i · I_p
-        valid = torch.arange(piece)[None] < lengths[later][:, None]  # (L, piece)
-        idx = torch.where(valid, starts[later][:, None] + torch.arange(piece)[None], 0).to(dev)
-        valid = valid.to(dev)
-        i1 = torch.arange(1, piece + 1, device=dev, dtype=acc)
-        decay = torch.exp(lam.reshape(1, 1, H) * i1[None, :, None]) * valid[..., None]  # (L, piece, H)
-        qd = (q[0][idx].to(acc) * decay[..., None]).to(q.dtype)  # (L, piece, H, D)
-        corr = torch.einsum("lphk,lhkv->lphv", qd, init.to(q.dtype))
-        out = out[0].index_put((idx[valid],), corr[valid].to(out.dtype), accumulate=True)[None]
-        if output_state:  # a continuing piece ends at λ^len · I + S
-            tail = torch.exp(lam.reshape(1, H, 1, 1) * lengths[later].to(dev, acc).reshape(-1, 1, 1, 1))
-            S = S.index_put((later.to(dev),), S[later.to(dev)] + tail * init)
-    if not output_state:
-        return out.to(v.dtype), None
-    last_piece = F.pad(torch.nonzero(first[1:] != first[:-1]).flatten(), (0, 1), value=len(first) - 1)
-    return out.to(v.dtype), S[last_piece.to(dev)]
-
-
 def lightning_attention_fla_bthd(q, k, v, slope, doc_ids=None, output_state: bool = True):
     """Lightning attention on flash-linear-attention's `chunk_simple_gla` in fla's own layout.
 
     q, k, v: (B, T, H, D), contiguous (otherwise fla copies them); slope: H values (any shape); doc_ids: (B, T) or
     None. Returns out (B, T, H, D) in v's dtype and, if `output_state`, the (B, H, D, D) state after each row's last
-    document (of that document only), else None. Documents longer than 2 × `FLA_SPLIT_TOKENS` run as parallel pieces
-    (`split_long_documents`).
+    document (of that document only), else None.
     """
     from fla.ops.simple_gla import chunk_simple_gla
 
     B, T, H, D = q.shape
     g_gamma = -slope.reshape(H).float()  # log decay per step: λ = exp(-slope)
-    piece = FLA_SPLIT_TOKENS
     if doc_ids is None:
-        if piece is None or T <= 2 * piece or B * -(-T // piece) > _SPLIT_MAX_PIECES:
-            out, state = chunk_simple_gla(q, k, v, g_gamma=g_gamma, scale=1.0, output_final_state=output_state)
-            return out.to(v.dtype), None if state is None else state.to(v.dtype)
-        cu_cpu = torch.arange(B + 1) * T
-        last = torch.arange(B)
+        out, state = chunk_simple_gla(q, k, v, g_gamma=g_gamma, scale=1.0, output_final_state=output_state)
     else:
         cu, cu_cpu, last = packed_cu_seqlens(doc_ids)
-    q, k, v = (x.reshape(1, B * T, H, D) for x in (q, k, v))  # rows flattened: a view, no copy
-    lens = cu_cpu[1:] - cu_cpu[:-1]
-    n_pieces = int(((lens + (piece or 1) - 1) // (piece or 1)).sum())
-    if piece is not None and int(lens.max()) > 2 * piece and n_pieces <= _SPLIT_MAX_PIECES:
-        out, states = split_long_documents(q, k, v, slope.reshape(H), cu_cpu, piece, output_state=output_state)
-    else:
+        q, k, v = (x.reshape(1, B * T, H, D) for x in (q, k, v))  # rows flattened: a view, no copy
         out, states = chunk_simple_gla(q, k, v, g_gamma=g_gamma, scale=1.0, output_final_state=output_state,
-                                       cu_seqlens=cu_cpu.to(q.device) if doc_ids is None else cu,
-                                       cu_seqlens_cpu=cu_cpu)
-    out = out.reshape(B, T, H, D)
-    state = states[last.to(states.device)] if output_state else None  # (B, H, D, D): each row's last document
+                                       cu_seqlens=cu, cu_seqlens_cpu=cu_cpu)
+        out = out.reshape(B, T, H, D)
+        state = states[last] if output_state else None  # (B, H, D, D): each row's last document
     return out.to(v.dtype), None if state is None else state.to(v.dtype)
 
 

@@ -147,9 +147,6 @@ def layer_fwd_bwd(layer, x, grad, docs=None):
     return out.detach(), x.grad
 
 
-SPLIT_PIECES = (None, 1024, 2048, 4096, 8192)  # None: fla's one sequential pass per document
-
-
 def bench_attention(lengths, H=16, D=128, quick=False) -> dict:
     gen = torch.Generator().manual_seed(0)
     stock, ours = attention_layer(H, D, False, torch.bfloat16), attention_layer(H, D, True, torch.bfloat16)
@@ -182,16 +179,6 @@ def bench_attention(lengths, H=16, D=128, quick=False) -> dict:
                "ours_unfused_layer_ms": median_ms(unfused, iters=iters),
                "fla_kernel_ms": median_ms(fla_core, iters=iters),
                "sdpa_flash_softmax_ms": median_ms(sdpa, iters=iters)}
-        # long documents as parallel pieces (kernels.split_long_documents) vs one sequential pass, per piece size
-        default = kernels.FLA_SPLIT_TOKENS
-        row["split_default"] = default
-        row["fla_kernel_ms_by_piece"] = {}
-        for piece in SPLIT_PIECES:
-            kernels.FLA_SPLIT_TOKENS = piece
-            row["fla_kernel_ms_by_piece"][str(piece)] = median_ms(fla_core, iters=iters)
-            if piece is None:
-                row["ours_layer_unsplit_ms"] = median_ms(lambda: layer_fwd_bwd(ours, x, grad), iters=iters)
-        kernels.FLA_SPLIT_TOKENS = default
         row["speedup"] = row["transformers_layer_ms"] / row["ours_layer_ms"]
         row["kernel_speedup"] = row["transformers_layer_ms"] / row["fla_kernel_ms"]
         rows.append(row)
@@ -213,7 +200,7 @@ def attention_numerics(H, D, lengths) -> list[dict]:
     ref_packed = attention_layer(H, D, True, torch.float64, kernel="torch")
     slope64 = ref_stock.slope_rate
     cases = [(T, 1, 1) for T in lengths] + [(8192 if max(lengths) > 2048 else 2048, 2, 24)]
-    if max(lengths) >= 32768:  # packed long documents: split into pieces (kernels.split_long_documents)
+    if max(lengths) >= 32768:  # a few long packed documents
         cases.append((32768, 1, 3))
     rows = []
     for T, B, n_docs in cases:
@@ -379,15 +366,6 @@ def markdown(res: dict) -> str:
         out += [f"| {r['tokens']} | {r['transformers_layer_ms']:.2f} | {r['ours_layer_ms']:.2f} | {r['speedup']:.1f}× "
                 f"| {r['ours_unfused_layer_ms']:.2f} | {r['fla_kernel_ms']:.2f} | {r['kernel_speedup']:.1f}× "
                 f"| {r['sdpa_flash_softmax_ms']:.2f} |" for r in att["timing"]]
-        pieces = [str(p) for p in SPLIT_PIECES]
-        out += [f"\nLong documents as parallel pieces (`kernels.split_long_documents`; default "
-                f"{att['timing'][0].get('split_default')} tokens, used above; split only when a document is longer "
-                "than twice the piece): fla kernel fwd+bwd ms by piece size, and our layer without the split.\n",
-                "| tokens | " + " | ".join("unsplit" if p == "None" else f"piece {p}" for p in pieces)
-                + " | ours layer unsplit ms | layer speedup unsplit |", "|---" * (len(pieces) + 3) + "|"]
-        out += [f"| {r['tokens']} | " + " | ".join(f"{r['fla_kernel_ms_by_piece'][p]:.2f}" for p in pieces)
-                + f" | {r['ours_layer_unsplit_ms']:.2f} | {r['transformers_layer_ms'] / r['ours_layer_unsplit_ms']:.1f}× |"
-                for r in att["timing"] if "fla_kernel_ms_by_piece" in r]
         out += ["\nNumerics, relative error vs float64 (bf16 inputs):\n",
                 "| tokens × batch | docs/row | transformers layer out / dx | ours layer out / dx | "
                 "fla kernel out / state / dq / dk / dv |", "|---|---|---|---|---|"]
@@ -403,7 +381,7 @@ def markdown(res: dict) -> str:
         out += [f"\n## 2. Train step, 548M MiniMax ({thr['active_params'] / 1e6:.0f}M active), bf16, gradient "
                 "checkpointing, AdamW\n",
                 "| variant | tokens × batch | tokens/s | step s | peak GiB | MFU | vs stock |", "|---|---|---|---|---|---|---|"]
-        stock = {r["tokens"]: r for r in thr["stock"] if "tokens_per_s" in r}
+        stock = {r["tokens"]: r for r in thr.get("stock", []) if "tokens_per_s" in r}
         for variant, rows in thr.items():
             if not isinstance(rows, list):
                 continue
@@ -429,12 +407,12 @@ def markdown(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def save(res, out_dir: Path, start: float):
+def save(res, out_dir: Path, start: float, name: str = "train_bench"):
     res["elapsed_s"] = time.time() - start
-    write_json_atomic(out_dir / "train_bench.json", res)
-    tmp = out_dir / ".train_bench.md.tmp"
+    write_json_atomic(out_dir / f"{name}.json", res)
+    tmp = out_dir / f".{name}.md.tmp"
     tmp.write_text(markdown(res))
-    os.replace(tmp, out_dir / "train_bench.md")
+    os.replace(tmp, out_dir / f"{name}.md")
 
 
 def package_versions(names) -> dict:
@@ -463,6 +441,12 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=480, help="no longest-context trial that would end later")
     ap.add_argument("--full-autotune", action="store_true",
                     help="let fla's kernels try all their Triton configurations (minutes per shape on a fresh machine)")
+    ap.add_argument("--attention-lengths", default="2048,8192,32768,131072", help="section 1 token counts")
+    ap.add_argument("--kinds", default="stock,ours", help="models for sections 2 and 3 (comma list)")
+    ap.add_argument("--stock-longest", default="131072,262144", help="section 3 lengths tried for stock")
+    ap.add_argument("--ours-longest", default="262144,524288,1048576", help="section 3 lengths tried for ours")
+    ap.add_argument("--no-variants", action="store_true", help="skip section 2's extra variants of ours")
+    ap.add_argument("--name", default="train_bench", help="results file stem (NAME.json, NAME.md)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or not kernels.fla_available():
         sys.exit("bench_train needs a CUDA GPU and flash-linear-attention (pip install -e '.[gpu]')")
@@ -475,45 +459,46 @@ def main(argv=None):
            "limited (kernels.limit_triton_autotuning: <= 8 configurations tuned fully, larger spaces 4)"}
     print(res["environment"], flush=True)
 
-    res["attention"] = bench_attention([2048, 8192] if args.quick else [2048, 8192, 32768, 131072], quick=args.quick)
-    save(res, out_dir, start)
+    ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    res["attention"] = bench_attention([2048, 8192] if args.quick else ints(args.attention_lengths), quick=args.quick)
+    save(res, out_dir, start, args.name)
     print(f"[{time.time() - start:.0f} s] attention done", flush=True)
 
     lengths = [2048] if args.quick else [2048, 8192, 32768]
     tokens_per_step = 8192 if args.quick else 32768
     warmup, iters = (1, 2) if args.quick else (1, 3)
-    trials = {"stock": [16384] if args.quick else [131072, 262144],
-              "ours": [32768] if args.quick else [262144, 524288, 1048576]}
+    trials = {"stock": [16384] if args.quick else ints(args.stock_longest),
+              "ours": [32768] if args.quick else ints(args.ours_longest)}
     thr = {}
     res["throughput"], res["longest"] = thr, {}
-    for kind in ("stock", "ours"):
+    for kind in args.kinds.split(","):
         model, opt = build(kind)
         thr["active_params"] = active_params(model)
         thr[kind] = bench_throughput(kind, model, opt, lengths, tokens_per_step, warmup, iters)
-        if kind == "ours":
+        if kind == "ours" and not args.no_variants:
             top = lengths[-1:]
             thr["ours, packed rows"] = bench_throughput(kind, model, opt, top, tokens_per_step, warmup, iters,
                                                         packed=True)
             thr["ours, plain-torch chunked loss"] = bench_throughput(kind, model, opt, top, tokens_per_step, warmup,
                                                                      iters, loss_impl="chunked")
-        save(res, out_dir, start)
+        save(res, out_dir, start, args.name)
         print(f"[{time.time() - start:.0f} s] {kind} throughput done", flush=True)
         res["longest"][kind] = longest_context(kind, model, opt, trials[kind], deadline)
-        save(res, out_dir, start)
+        save(res, out_dir, start, args.name)
         print(f"[{time.time() - start:.0f} s] {kind} longest done", flush=True)
         del model, opt
         free_memory()
-    if not args.quick and time.time() < deadline:  # the FP32 LM head's cost (fp32 matmuls) at the longest length
+    if not args.quick and not args.no_variants and time.time() < deadline:  # the FP32 LM head's cost (fp32 matmuls) at the longest length
         model, opt = build("ours", fp32_lm_head=False)
         thr["ours, bf16 LM head"] = bench_throughput("ours", model, opt, lengths[-1:], tokens_per_step, warmup, iters)
-        save(res, out_dir, start)
+        save(res, out_dir, start, args.name)
         del model, opt
         free_memory()
-    if time.time() < deadline:  # the kernel without the fused element-wise work around it (`fla`, the older path)
+    if not args.no_variants and time.time() < deadline:  # the kernel without the fused element-wise work around it (`fla`, the older path)
         model, opt = build("ours", lightning_kernel="fla")
         thr["ours, unfused lightning layer (fla)"] = bench_throughput("ours", model, opt, lengths, tokens_per_step,
                                                                       warmup, iters)
-        save(res, out_dir, start)
+        save(res, out_dir, start, args.name)
     print(markdown(res))
 
 

@@ -98,46 +98,6 @@ def test_causal_lm_loss_equals_model_loss():
     assert abs(ours.item() - model(input_ids=ids, labels=labels).loss.item()) < 1e-5
 
 
-def reference_pieces_kernel(q, k, v, log_decay, bounds, bounds_cpu, output_state):
-    """`kernels._chunk_simple_gla`'s contract on the torch reference: each piece from a zero state, its final state."""
-    outs, states = [], []
-    for s, e in zip(bounds_cpu[:-1].tolist(), bounds_cpu[1:].tolist()):
-        o, st = lightning_attention(*(x[:, s:e].transpose(1, 2) for x in (q, k, v)), -log_decay, block_size=16)
-        outs.append(o.transpose(1, 2))
-        states.append(st[0])
-    return torch.cat(outs, 1), torch.stack(states)
-
-
-def test_document_pieces_boundaries():
-    bounds, first = kernels.document_pieces(torch.tensor([0, 5, 6, 19]), 4)
-    assert bounds.tolist() == [0, 4, 5, 6, 10, 14, 18, 19]
-    assert first.tolist() == [0, 0, 2, 3, 3, 3, 3]
-
-
-@pytest.mark.parametrize("piece", [8, 16])
-def test_split_long_documents_equals_whole_documents(piece):
-    """Documents cut into pieces that run from zero states, then corrected by the decayed earlier pieces' states:
-    outputs, each document's final state and q/k/v gradients equal attention over the whole documents (float64)."""
-    gen = torch.Generator().manual_seed(0)
-    H, D, N = 3, 4, 61
-    cu = torch.tensor([0, 7, 40, 41, 61])  # a short document, long ones split into 2-5 pieces, one of 1 token
-    slope = torch.tensor([0.3, 0.05, 0.002], dtype=torch.float64)
-    q, k, v = (torch.randn(1, N, H, D, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(3))
-    grad = torch.randn(1, N, H, D, generator=gen, dtype=torch.float64)
-    out, states = kernels.split_long_documents(q, k, v, slope, cu, piece, kernel=reference_pieces_kernel,
-                                               output_state=True)
-    docs = torch.repeat_interleave(torch.arange(4), cu[1:] - cu[:-1])[None]
-    ref = lightning_attention(*(x.transpose(1, 2) for x in (q, k, v)), slope, docs)[0].transpose(1, 2)
-    assert (out - ref).abs().max() < 1e-10
-    for d, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        alone = lightning_attention(*(x[:, s:e].transpose(1, 2) for x in (q, k, v)), slope)[1][0]
-        assert (states[d] - alone).abs().max() < 1e-10
-    grads = torch.autograd.grad(out, (q, k, v), grad)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
-    for g, r in zip(grads, ref_grads):
-        assert (g - r).abs().max() < 1e-10
-
-
 # ---- GPU ----------------------------------------------------------------------------------------------------------
 
 @gpu
@@ -164,33 +124,6 @@ def test_fla_equals_reference_forward_and_gradients(seed, packed):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert rel_err(out, ref_out) < 1e-2
     assert rel_err(state, ref_state) < 1e-2
-    for g, r in zip(grads, ref_grads):
-        assert rel_err(g, r) < 1e-2
-
-
-@gpu
-@pytest.mark.parametrize("piece, packed", [(128, False), (100, True), (64, True)])
-def test_fla_split_documents_equal_reference(monkeypatch, piece, packed):
-    """Long documents split into parallel pieces on fla (`kernels.split_long_documents`): output, final state and
-    q/k/v gradients vs the fp32 reference; rel err < 1e-2, as unsplit."""
-    monkeypatch.setattr(kernels, "FLA_SPLIT_TOKENS", piece)
-    calls = []
-    split = kernels.split_long_documents
-    monkeypatch.setattr(kernels, "split_long_documents", lambda *a, **kw: calls.append(1) or split(*a, **kw))
-    gen = torch.Generator().manual_seed(7)
-    B, H, T, D = 2, 16, 1500, 64
-    slope = (2 ** (-8 / H)) ** torch.arange(1, H + 1)
-    q, k, v = (F.silu(torch.randn(B, H, T, D, generator=gen)).bfloat16().cuda() for _ in range(3))
-    docs = random_doc_ids(gen, B, T, 4).cuda() if packed else None
-    grad_out = torch.randn(B, H, T, D, generator=gen).bfloat16().cuda()
-    results = []
-    for fn, dtype in ((kernels.lightning_attention_fla, torch.bfloat16), (lightning_attention, torch.float32)):
-        inputs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
-        out, state = fn(*inputs, slope.cuda(), docs)
-        results.append((out, state, torch.autograd.grad(out, inputs, grad_out.to(dtype))))
-    (out, state, grads), (ref_out, ref_state, ref_grads) = results
-    assert calls, "the fla path did not split"
-    assert rel_err(out, ref_out) < 1e-2 and rel_err(state, ref_state) < 1e-2
     for g, r in zip(grads, ref_grads):
         assert rel_err(g, r) < 1e-2
 
