@@ -246,10 +246,11 @@ def retrieval_examples(n: int, seed: int, n_pairs, split: str = "train", n_queri
 
     `n_queries` (an int or an inclusive range, capped at the haystack size) asks for several distinct keys at once,
     for training: "What are the values of tiger, apple and sun?" → "Answer: tiger = lamp; apple = river; sun = cat",
-    `answer` the values in that order, space-separated. One recall token per row is too weak a signal for the tiny
-    model to leave the "answer with some haystack value" plateau; many per row (dense supervision, as in the
-    multi-query associative recall of Zoology, Arora et al. 2023) is what makes it learn the lookup. The default of
-    1 gives the single-key rows (and random stream) used for evaluation.
+    `answer` the values in that order, space-separated: dense supervision, many recall tokens per row, as in the
+    multi-query associative recall of Zoology (Arora et al. 2023). Measured on the tiny model it did not make the
+    lookup learnable in CPU minutes (stage I with 3,000 rows of 1-8 pairs and 1-8 keys, then stage II with 2-24
+    pairs and 1-8 keys: held-out single-key retrieval@24 0.00 -> 0.00), so no config uses it yet. The default of 1
+    gives the single-key rows (and random stream) used everywhere, evaluation included.
     """
     _check_split(split)
     lo, hi = _n_pairs_range(n_pairs)
