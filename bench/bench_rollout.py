@@ -15,6 +15,8 @@ sampled tokens are not near-uniform), bench/README.md explains each measurement:
 4. train/rollout log-prob mismatch on 64 vLLM completions of 128 tokens, teacher-forced through the trainer side:
    stock transformers (bf16 / FP32 LM head) vs stock vLLM (before), ours (default kernel / torch lightning kernel)
    vs patched vLLM (after).
+5. the same mismatch after fitting the trainer's model to a Markov chain (structured, peaked next-token distributions
+   as a trained LM has) and syncing it into the patched engine.
 One vLLM engine is alive at a time (stock, then patched). Results are written after every section; a section that
 fails records its error and the next one runs; sections that would overrun `--budget-s` are skipped with the reason.
 Without CUDA or vLLM (CPU CI) only the transformers path runs (on configs/model/tiny.yaml) and the rest is recorded
