@@ -234,7 +234,7 @@ def _n_pairs_range(n_pairs) -> tuple[int, int]:
     return lo, hi
 
 
-def retrieval_examples(n: int, seed: int, n_pairs, split: str = "train", n_queries=1) -> list[dict]:
+def retrieval_examples(n: int, seed: int, n_pairs, split: str = "train") -> list[dict]:
     """Key→value lookup: "Data: apple = river; tiger = lamp; ... What is the value of tiger?" → "Answer: tiger = lamp".
 
     Keys and values are distinct words, so the answer is unambiguous and echoing another value is detectably wrong.
@@ -243,41 +243,19 @@ def retrieval_examples(n: int, seed: int, n_pairs, split: str = "train", n_queri
     (e.g. 3 digits) would need every later token matched on a longer context, which a 2M-parameter model does not
     learn in CPU minutes. The reply restates the key, so the value follows " tiger =" exactly as in the haystack.
     The queried pair is uniform over haystack positions, so long-context training has to use the whole window.
-
-    `n_queries` (an int or an inclusive range, capped at the haystack size) asks for several distinct keys at once,
-    for training: "What are the values of tiger, apple and sun?" → "Answer: tiger = lamp; apple = river; sun = cat",
-    `answer` the values in that order, space-separated: dense supervision, many recall tokens per row, as in the
-    multi-query associative recall of Zoology (Arora et al. 2023). Measured on the tiny model it did not make the
-    lookup learnable in CPU minutes (stage I with 3,000 rows of 1-8 pairs and 1-8 keys, then stage II with 2-24
-    pairs and 1-8 keys: held-out single-key retrieval@24 0.00 -> 0.00), so no config uses it yet. The default of 1
-    gives the single-key rows (and random stream) used everywhere, evaluation included.
     """
     _check_split(split)
     lo, hi = _n_pairs_range(n_pairs)
-    q_lo, q_hi = (n_queries, n_queries) if isinstance(n_queries, int) else tuple(n_queries)
-    if not 1 <= q_lo <= q_hi:
-        raise ValueError(f"n_queries is {n_queries!r}; expected 1 <= lo <= hi")
     rng = random.Random(f"retrieval:{split}:{seed}")
     rows = []
     for _ in range(n):
         k = rng.randint(lo, hi)
         words = rng.sample(WORDS, 2 * k)
         keys, values = words[:k], words[k:]
+        q = rng.randrange(k)
         haystack = "; ".join(f"{key} = {value}" for key, value in zip(keys, values))
-        if q_hi == 1:
-            q = rng.randrange(k)
-            question = f"Data: {haystack}.\nWhat is the value of {keys[q]}?"
-            rows.append(_row("retrieval", question, f"Answer: {keys[q]} = {values[q]}", values[q], n_pairs=k))
-            continue
-        m = rng.randint(min(q_lo, k), min(q_hi, k))
-        qs = rng.sample(range(k), m)
-        if m == 1:
-            question = f"Data: {haystack}.\nWhat is the value of {keys[qs[0]]}?"
-        else:
-            asked = ", ".join(keys[q] for q in qs[:-1]) + f" and {keys[qs[-1]]}"
-            question = f"Data: {haystack}.\nWhat are the values of {asked}?"
-        reply = "Answer: " + "; ".join(f"{keys[q]} = {values[q]}" for q in qs)
-        rows.append(_row("retrieval", question, reply, " ".join(values[q] for q in qs), n_pairs=k))
+        question = f"Data: {haystack}.\nWhat is the value of {keys[q]}?"
+        rows.append(_row("retrieval", question, f"Answer: {keys[q]} = {values[q]}", values[q], n_pairs=k))
     return rows
 
 

@@ -48,23 +48,17 @@ def retrieval_correct(completion: str, answer: str) -> bool:
     """Every value the completion states ("key = value" or a bare word) is the answer, and it states one.
 
     Requiring every stated value to equal the answer makes echoing the haystack (which holds every value, the answer
-    included) score 0 even when the queried pair comes first. A multi-key row (`answer` is several space-separated
-    values, data_recipes.tasks.retrieval_examples with `n_queries`) needs exactly those values, in that order.
+    included) score 0 even when the queried pair comes first.
 
     >>> retrieval_correct("Answer: tiger = lamp", "lamp"), retrieval_correct("lamp", "lamp")
     (True, True)
     >>> retrieval_correct("Answer: tiger = lamps", "lamp"), retrieval_correct("tiger = lamp; apple = river", "lamp")
     (False, False)
-    >>> retrieval_correct("tiger = lamp; apple = river", "lamp river"), retrieval_correct("tiger = lamp", "lamp river")
-    (True, False)
     """
     stated = _VALUE.findall(completion)
     if not stated:  # a bare answer: its last word
         words = _WORD.findall(completion)
         stated = words[-1:]
-    expected = answer.lower().split()
-    if len(expected) > 1:
-        return [v.lower() for v in stated] == expected
     return bool(stated) and all(v.lower() == answer.lower() for v in stated)
 
 

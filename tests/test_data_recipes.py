@@ -91,25 +91,6 @@ def test_retrieval_answer_is_the_queried_value():
     assert min(positions) == 0 and max(positions) > 0.9  # queried key anywhere, first to last
 
 
-def test_retrieval_multi_query_rows():
-    sizes = set()
-    for row in retrieval_examples(300, seed=0, n_pairs=(1, 8), n_queries=(1, 8)):
-        text = _question(row)
-        pairs = dict(re.findall(r"(\w+) = (\w+)", text))
-        asked = re.search(r"values? of (.+)\?$", text).group(1).replace(" and ", ", ").split(", ")
-        assert len(pairs) == row["n_pairs"] and len(set(asked)) == len(asked) <= row["n_pairs"]
-        assert row["answer"] == " ".join(pairs[k] for k in asked)
-        assert row["messages"][1]["content"] == "Answer: " + "; ".join(f"{k} = {pairs[k]}" for k in asked)
-        assert ("values of" in text) == (len(asked) > 1)
-        assert verify(row, row["messages"][1]["content"])
-        sizes.add(len(asked))
-    assert min(sizes) == 1 and max(sizes) == 8
-    # the default (one key) keeps the single-key rows and their random stream
-    assert retrieval_examples(20, 0, (2, 9)) == retrieval_examples(20, 0, (2, 9), n_queries=1)
-    with pytest.raises(ValueError, match="n_queries"):
-        retrieval_examples(1, 0, 4, n_queries=0)
-
-
 def test_retrieval_n_pairs_and_streams():
     assert {r["n_pairs"] for r in retrieval_examples(20, seed=0, n_pairs=32)} == {32}
     assert {r["n_pairs"] for r in retrieval_examples(200, seed=0, n_pairs=[4, 6])} == {4, 5, 6}

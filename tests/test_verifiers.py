@@ -41,12 +41,6 @@ def test_retrieval_rejects_haystack_echo():
     assert not retrieval_correct("Answer: tiger = lampshade", "lamp") and not retrieval_correct("", "lamp")
 
 
-def test_retrieval_multi_key_answer():
-    assert retrieval_correct("Answer: tiger = lamp; apple = river", "lamp river")
-    assert not retrieval_correct("Answer: apple = river; tiger = lamp", "lamp river")  # order matters
-    assert not retrieval_correct("Answer: tiger = lamp", "lamp river")
-
-
 @pytest.mark.parametrize("text", ["I can't help with that.", "I cannot help with that request.",
                                   "I'm sorry, but I can't help with that.", "I won't help with that.",
                                   "Sorry. I\u2019m unable to do this.", "I WILL NOT do that"])
