@@ -382,7 +382,7 @@ def markdown(res: dict) -> str:
                 "checkpointing, AdamW\n",
                 "| variant | tokens × batch | tokens/s | step s | peak GiB | MFU | vs stock |", "|---|---|---|---|---|---|---|"]
         stock = {r["tokens"]: r for r in thr.get("stock", []) if "tokens_per_s" in r}
-        for variant, rows in thr.items():
+        for variant, rows in sorted(thr.items(), key=lambda kv: kv[0] != "stock"):  # stock first
             if not isinstance(rows, list):
                 continue
             for r in rows:
@@ -397,7 +397,9 @@ def markdown(res: dict) -> str:
     if lng:
         out += ["\n## 3. Longest context that trains (batch 1, one fwd+bwd+AdamW step)\n",
                 "| model | tokens | result | step s | peak GiB |", "|---|---|---|---|---|"]
-        for kind, rows in lng.items():
+        for kind, rows in sorted(lng.items(), key=lambda kv: kv[0] != "stock"):
+            if not rows:  # not tried in this run
+                continue
             for r in rows:
                 ok = "error" not in r
                 out.append(f"| {kind} | {r['tokens']} | {'trains' if ok else r['error'][:70]} | "
