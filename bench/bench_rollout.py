@@ -10,7 +10,8 @@ sampled tokens are not near-uniform), bench/README.md explains each measurement:
    warm (one short warm-up generate, then one timed); and a decode-only figure at batch 256:
    ms/step = (t(128 new) - t(1 new)) / 127.
 2. a torch-profiler (CUDA activity) capture of one generate (batch 256, 16 new tokens) per engine: top kernels.
-3. weight sync: perturb the trainer's weights, `sync_weights` 3 times (median `last_sync_s`), and check with
+3. weight sync: perturb the trainer's weights, `sync_weights` 5 times (median `last_sync_s`; also the time to build
+   the checkpoint-layout tensors alone), and check with
    vLLM's prompt log-probs of fixed completions that the engine now computes the perturbed model.
 4. train/rollout log-prob mismatch on 64 vLLM completions of 128 tokens, teacher-forced through the trainer side:
    stock transformers (bf16 / FP32 LM head) vs stock vLLM (before), ours (default kernel / torch lightning kernel)
@@ -246,6 +247,16 @@ def perturb_(model, scale: float, seed: int):
 
 # ---- vLLM ----------------------------------------------------------------------------------------------------------
 
+def bench_stock_generate(run: Run, model, sizes: Sizes, vocab: int):
+    """The same weights in stock transformers (`stock_model_copy`), generating the same way: is the toolkit's model
+    slower per decode step than stock? (Stock MiniMax decoding restarts positions after the prompt, see
+    `alignment.modeling.MiniMaxDecodeCache`: wrong tokens, the same work.)"""
+    with torch.device(DEVICE):
+        stock = stock_model_copy(model)
+    bench_generate(run, "transformers_stock", lambda p, n: hf_generate(stock, p, n), sizes, vocab, need_s=60)
+    del stock
+
+
 def vllm_unavailable(run: Run) -> str | None:
     """None when vLLM and the backend import on a CUDA machine, else why not."""
     if DEVICE != "cuda":
@@ -376,14 +387,18 @@ def bench_weight_sync(run: Run, worker, model, sizes: Sizes, vocab: int):
     completions, sampled, _ = sample(worker, prompts, sizes)
     mask = padded([[1.0] * len(c) for c in completions]).bool()
     before = vllm_prompt_logprobs(worker, prompts, completions)
+    from alignment.rollout.vllm_backend import vllm_checkpoint_tensors
+
     perturb_(model, NOISE, seed=123)
     train, _ = teacher_forced_logp(model, prompts, completions)
     out = run.res["weight_sync"] = {"noise": f"{NOISE} x each parameter's std", "completions": len(completions),
                                     "tokens": int(mask.sum())}
-    times = []
-    for _ in range(3):
+    times, export = [], []
+    for _ in range(5):
         worker.sync_weights(model)
         times.append(worker.last_sync_s)
+        export.append(timed(lambda: sum(1 for _ in vllm_checkpoint_tensors(model)))[0])
+    out["export_s"] = export  # building the checkpoint-layout tensors alone; the rest of a sync is vLLM's loaders
     after = vllm_prompt_logprobs(worker, prompts, completions)
     out.update(sync_s=times, sync_s_median=statistics.median(times),
                synced_trainer_vs_engine=logprob_mismatch(train, after, mask),
@@ -532,7 +547,9 @@ def markdown(res: dict) -> str:
         out += ["\n## Weight sync\n",
                 f"Median {ws['sync_s_median']:.3f} s of {', '.join(f'{t:.3f}' for t in ws['sync_s'])} s; trainer "
                 f"perturbed by {ws['noise']}; {ws['tokens']} tokens of {ws['completions']} fixed completions; "
-                f"took effect: **{ws['took_effect']}**.\n",
+                f"took effect: **{ws['took_effect']}**"
+                + (f"; building the checkpoint-layout tensors alone: median {statistics.median(ws['export_s']):.3f} s"
+                   if ws.get("export_s") else "") + ".\n",
                 "| comparison | mean abs Δlogp | max | prob corr |", "|---|---|---|---|"]
         for k in ("synced_trainer_vs_engine", "stale_trainer_vs_engine_before_sync", "engine_after_vs_before",
                   "engine_prompt_vs_sampled_logprobs_before"):
@@ -581,6 +598,8 @@ def main(argv=None):
         vocab = model.config.vocab_size
         run.section("transformers/throughput", lambda: bench_generate(
             run, "transformers", lambda p, n: hf_generate(model, p, n), sizes, vocab, need_s=260))
+        free_memory()
+        run.section("transformers_stock/throughput", lambda: bench_stock_generate(run, model, sizes, vocab), need_s=60)
         free_memory()
         skip = vllm_unavailable(run)
         for name in ENGINES:
