@@ -62,8 +62,8 @@ LM_HEAD_SCALE = 5.0  # random LM head x5: logits spread enough that sampling is 
 NOISE = 0.05  # weight-sync check: noise of 0.05 x each parameter's std (0.05 absolute for constant ones, the norms)
 ENGINE_KWARGS = dict(gpu_memory_utilization=0.35, max_model_len=1024, max_num_seqs=256, enforce_eager=False, seed=0)
 PATCHES = ("numerics", "batched_prefill")
-# name: (engine patches, further vLLM arguments); "patched" last: its weight-sync section perturbs the trainer model.
-# "patched_async": vLLM's async scheduling, which overlaps the host work of a step with the GPU (not yet measured).
+# name: (engine patches, further vLLM arguments); "patched" last: its weight-sync and fitted-model sections change the
+# trainer's weights. "patched_async": vLLM's async scheduling, meant to overlap a step's host work with the GPU.
 ENGINES = {"stock": ((), {}), "patched_async": (PATCHES, {"async_scheduling": True}), "patched": (PATCHES, {})}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 START = time.time()
@@ -381,14 +381,14 @@ def bench_mismatch(run: Run, name: str, worker, model, sizes: Sizes, vocab: int)
 
 
 def bench_weight_sync(run: Run, worker, model, sizes: Sizes, vocab: int):
-    """Perturb the trainer, sync 3 times, and score fixed completions before/after with the engine's prompt
+    """Perturb the trainer, sync 5 times, and score fixed completions before/after with the engine's prompt
     log-probs: after the sync they must match the perturbed trainer and differ from before."""
+    from alignment.rollout.vllm_backend import vllm_checkpoint_tensors
+
     prompts = random_prompts(sizes.sync_n, sizes.prompt_len, vocab, seed="weight sync")
     completions, sampled, _ = sample(worker, prompts, sizes)
     mask = padded([[1.0] * len(c) for c in completions]).bool()
     before = vllm_prompt_logprobs(worker, prompts, completions)
-    from alignment.rollout.vllm_backend import vllm_checkpoint_tensors
-
     perturb_(model, NOISE, seed=123)
     train, _ = teacher_forced_logp(model, prompts, completions)
     out = run.res["weight_sync"] = {"noise": f"{NOISE} x each parameter's std", "completions": len(completions),

@@ -490,13 +490,15 @@ def main(argv=None):
         print(f"[{time.time() - start:.0f} s] {kind} longest done", flush=True)
         del model, opt
         free_memory()
-    if not args.quick and not args.no_variants and time.time() < deadline:  # the FP32 LM head's cost (fp32 matmuls) at the longest length
+    # the FP32 LM head's cost (fp32 matmuls) at the longest length
+    if not args.quick and not args.no_variants and time.time() < deadline:
         model, opt = build("ours", fp32_lm_head=False)
         thr["ours, bf16 LM head"] = bench_throughput("ours", model, opt, lengths[-1:], tokens_per_step, warmup, iters)
         save(res, out_dir, start, args.name)
         del model, opt
         free_memory()
-    if not args.no_variants and time.time() < deadline:  # the kernel without the fused element-wise work around it (`fla`, the older path)
+    # the kernel without the fused element-wise work around it (`fla`, the older path)
+    if not args.no_variants and time.time() < deadline:
         model, opt = build("ours", lightning_kernel="fla")
         thr["ours, unfused lightning layer (fla)"] = bench_throughput("ours", model, opt, lengths, tokens_per_step,
                                                                       warmup, iters)

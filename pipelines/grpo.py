@@ -114,7 +114,7 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
     from transformers import AutoTokenizer, set_seed
 
     from alignment.evaluation import evaluate
-    from alignment.reporting import (write_json_atomic)
+    from alignment.reporting import write_json_atomic
     from alignment.rollout import build_rollout
     from alignment.trainers import MiniMaxGRPOTrainer
     from data_recipes import heldout_sets
