@@ -10,8 +10,8 @@ sampled tokens are not near-uniform), bench/README.md explains each measurement:
    warm (one short warm-up generate, then one timed); and a decode-only figure at batch 256:
    ms/step = (t(128 new) - t(1 new)) / 127.
 2. a torch-profiler (CUDA activity) capture of one generate (batch 256, 16 new tokens) per engine: top kernels.
-3. weight sync: perturb the trainer's weights, `sync_weights` 5 times (median `last_sync_s`; also the time to build
-   the checkpoint-layout tensors alone), and check with
+3. weight sync: perturb the trainer's weights, `sync_weights` 5 times through vLLM's loader (also timing the
+   checkpoint-layout tensors alone) and 5 times the default (direct) way, check that both write the same bits, and with
    vLLM's prompt log-probs of fixed completions that the engine now computes the perturbed model.
 4. train/rollout log-prob mismatch on 64 vLLM completions of 128 tokens, teacher-forced through the trainer side:
    stock transformers (bf16 / FP32 LM head) vs stock vLLM (before), ours (default kernel / torch lightning kernel)
@@ -54,7 +54,7 @@ from alignment.modeling import (ModelOptions, PackedLightningAttention, PackedSo
                                 load_model, stock_model_copy)
 from alignment.reporting import write_json_atomic  # noqa: E402
 from alignment.rollout.base import SamplingOptions, logprob_mismatch  # noqa: E402
-from bench.bench_train import MODEL_YAML, free_memory, package_versions  # noqa: E402
+from bench.bench_train import MODEL_YAML, free_memory, package_versions, top_kernels  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_YAML = str(ROOT / "configs" / "model" / "tiny.yaml")
@@ -323,21 +323,6 @@ def bench_generate(run: Run, backend: str, gen, sizes: Sizes, vocab: int, need_s
                                       "ms_per_decode_step": 1e3 * (tN - t1) / (N - 1)}
 
 
-def top_kernels(events, k: int = 15) -> tuple[list[dict], float]:
-    """The k device activities (kernels, copies) with the most total time, and the total device ms."""
-    from torch.autograd import DeviceType
-
-    total: dict[str, list] = {}
-    for e in events:
-        if e.device_type == DeviceType.CUDA:
-            acc = total.setdefault(e.name, [0.0, 0])
-            acc[0] += e.time_range.elapsed_us() / 1e3
-            acc[1] += 1
-    rows = [{"name": name[:80], "total_ms": ms, "count": n, "ms_per_call": ms / n}
-            for name, (ms, n) in sorted(total.items(), key=lambda kv: -kv[1][0])[:k]]
-    return rows, sum(ms for ms, _ in total.values())
-
-
 def bench_profile(run: Run, name: str, worker, sizes: Sizes, vocab: int):
     from torch.profiler import ProfilerActivity, profile
 
@@ -393,14 +378,24 @@ def bench_weight_sync(run: Run, worker, model, sizes: Sizes, vocab: int):
     train, _ = teacher_forced_logp(model, prompts, completions)
     out = run.res["weight_sync"] = {"noise": f"{NOISE} x each parameter's std", "completions": len(completions),
                                     "tokens": int(mask.sum())}
-    times, export = [], []
-    for _ in range(5):
+    out["direct_sync_uncovered"] = worker.direct_sync_uncovered
+    loader, export = [], []
+    for _ in range(5):  # vLLM's own loader, as before the direct sync existed
+        worker.sync_weights(model, method="loader")
+        loader.append(worker.last_sync_s)
+        export.append(timed(lambda: sum(1 for _ in vllm_checkpoint_tensors(model)))[0])
+    out["export_s"] = export  # building the checkpoint-layout tensors alone; the rest of a loader sync is vLLM's
+    by_loader = {n: p.clone() for n, p in worker._params.items()}
+    times = []
+    for _ in range(5):  # the default: direct copies when the plan covers every parameter
         worker.sync_weights(model)
         times.append(worker.last_sync_s)
-        export.append(timed(lambda: sum(1 for _ in vllm_checkpoint_tensors(model)))[0])
-    out["export_s"] = export  # building the checkpoint-layout tensors alone; the rest of a sync is vLLM's loaders
+    out["method"] = worker.last_sync_method
+    out["direct_equals_loader"] = all(torch.equal(p, by_loader[n]) for n, p in worker._params.items())
+    del by_loader
     after = vllm_prompt_logprobs(worker, prompts, completions)
-    out.update(sync_s=times, sync_s_median=statistics.median(times),
+    out.update(loader_sync_s=loader, loader_sync_s_median=statistics.median(loader),
+               sync_s=times, sync_s_median=statistics.median(times),
                synced_trainer_vs_engine=logprob_mismatch(train, after, mask),
                stale_trainer_vs_engine_before_sync=logprob_mismatch(train, before, mask),
                engine_after_vs_before=logprob_mismatch(after, before, mask),
@@ -544,8 +539,12 @@ def markdown(res: dict) -> str:
     ws = res.get("weight_sync")
     if ws and "sync_s" in ws:
         key = "mismatch/logp_abs_mean"
+        loader = (f" vLLM's loader (`method=\"loader\"`): median {ws['loader_sync_s_median']:.3f} s of "
+                  f"{', '.join(f'{t:.3f}' for t in ws['loader_sync_s'])} s; after it, the default sync writes the "
+                  f"same bits: **{ws['direct_equals_loader']}**." if "loader_sync_s" in ws else "")
         out += ["\n## Weight sync\n",
-                f"Median {ws['sync_s_median']:.3f} s of {', '.join(f'{t:.3f}' for t in ws['sync_s'])} s; trainer "
+                f"Default sync ({ws.get('method', 'loader')}): median {ws['sync_s_median']:.3f} s of "
+                f"{', '.join(f'{t:.3f}' for t in ws['sync_s'])} s.{loader} Trainer "
                 f"perturbed by {ws['noise']}; {ws['tokens']} tokens of {ws['completions']} fixed completions; "
                 f"took effect: **{ws['took_effect']}**"
                 + (f"; building the checkpoint-layout tensors alone: median {statistics.median(ws['export_s']):.3f} s"

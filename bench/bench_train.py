@@ -10,7 +10,8 @@ Three measurements (bench/README.md explains each and records the results):
    projections (so the timed work is the attention itself plus the activation, output norm and gate); also ours
    unfused (the same kernel with torch's element-wise ops and layout copies around it, the previous fast path), the
    fla kernel alone on inputs already in its layout, and SDPA flash softmax attention for scale; numerics vs a
-   float64 reference, packed batch included.
+   float64 reference, packed batch included; a torch-profiler breakdown (top kernels) of our layer and of the fla
+   kernel at 32K.
 2. train step (fwd + bwd + AdamW, gradient checkpointing, bf16) tokens/s and peak memory of the 548M MiniMax model
    (bench/minimax_548m.yaml) at 2K/8K/32K: stock transformers vs ours (`load_model`: fla + FP32 LM head + a loss that
    never holds the full logits), MFU from active parameters.
@@ -147,8 +148,42 @@ def layer_fwd_bwd(layer, x, grad, docs=None):
     return out.detach(), x.grad
 
 
-def bench_attention(lengths, H=16, D=128, quick=False) -> dict:
+def top_kernels(events, k: int = 15) -> tuple[list[dict], float]:
+    """The k device activities (kernels, copies) with the most total time, and the total device ms."""
+    from torch.autograd import DeviceType
+
+    total: dict[str, list] = {}
+    for e in events:
+        if e.device_type == DeviceType.CUDA:
+            acc = total.setdefault(e.name, [0.0, 0])
+            acc[0] += e.time_range.elapsed_us() / 1e3
+            acc[1] += 1
+    rows = [{"name": name[:80], "total_ms": ms, "count": n, "ms_per_call": ms / n}
+            for name, (ms, n) in sorted(total.items(), key=lambda kv: -kv[1][0])[:k]]
+    return rows, sum(ms for ms, _ in total.values())
+
+
+def profile_ms(fn, iters: int = 3) -> dict:
+    """Device time per call of `fn` by kernel (torch profiler, CUDA activity), after one warm-up call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    rows, total = top_kernels(prof.events())
+    for r in rows:
+        r["ms_per_iter"] = r.pop("total_ms") / iters
+        r["calls_per_iter"] = r.pop("count") / iters
+        del r["ms_per_call"]
+    return {"device_ms_per_iter": total / iters, "top_kernels": rows}
+
+
+def bench_attention(lengths, numerics_lengths, H=16, D=128, profile_at: int = 32768) -> dict:
     gen = torch.Generator().manual_seed(0)
+    profiles = {}
     stock, ours = attention_layer(H, D, False, torch.bfloat16), attention_layer(H, D, True, torch.bfloat16)
     slope = stock.slope_rate
     rows = []
@@ -181,12 +216,16 @@ def bench_attention(lengths, H=16, D=128, quick=False) -> dict:
                "sdpa_flash_softmax_ms": median_ms(sdpa, iters=iters)}
         row["speedup"] = row["transformers_layer_ms"] / row["ours_layer_ms"]
         row["kernel_speedup"] = row["transformers_layer_ms"] / row["fla_kernel_ms"]
+        if T == profile_at:  # where the device time of our layer goes, kernel by kernel
+            profiles = {"ours_layer": profile_ms(lambda: layer_fwd_bwd(ours, x, grad)),
+                        "fla_kernel": profile_ms(fla_core)}
         rows.append(row)
         print(f"attention T={T}: {row}", flush=True)
         del x, grad, q, k, v, g, qh, kh, vh, gh
         free_memory()
     return {"heads": H, "head_dim": D, "dtype": "bfloat16", "batch": 1, "timing": rows,
-            "numerics": attention_numerics(H, D, [2048] if quick else [2048, 8192, 32768])}
+            "profile": {"tokens": profile_at, **profiles} if profiles else {},
+            "numerics": attention_numerics(H, D, numerics_lengths)}
 
 
 def attention_numerics(H, D, lengths) -> list[dict]:
@@ -376,6 +415,13 @@ def markdown(res: dict) -> str:
                        f"{r['ours_layer_out']:.1e} / {r['ours_layer_dx']:.1e} | {r['kernel_out']:.1e} / "
                        f"{r['kernel_state']:.1e} / {r['kernel_dq']:.1e} / {r['kernel_dk']:.1e} / "
                        f"{r['kernel_dv']:.1e} |")
+        for what, p in att.get("profile", {}).items():
+            if what == "tokens":
+                continue
+            out += [f"\nProfile, {what.replace('_', ' ')} fwd+bwd at {att['profile']['tokens']} tokens: "
+                    f"{p['device_ms_per_iter']:.2f} device ms per call.\n",
+                    "| kernel | ms per call | launches per call |", "|---|---|---|"]
+            out += [f"| `{k['name']}` | {k['ms_per_iter']:.3f} | {k['calls_per_iter']:.0f} |" for k in p["top_kernels"]]
     thr = res.get("throughput")
     if thr:
         out += [f"\n## 2. Train step, 548M MiniMax ({thr['active_params'] / 1e6:.0f}M active), bf16, gradient "
@@ -444,7 +490,8 @@ def main(argv=None):
     ap.add_argument("--full-autotune", action="store_true",
                     help="let fla's kernels try all their Triton configurations (minutes per shape on a fresh machine)")
     ap.add_argument("--attention-lengths", default="2048,8192,32768,131072", help="section 1 token counts")
-    ap.add_argument("--kinds", default="stock,ours", help="models for sections 2 and 3 (comma list)")
+    ap.add_argument("--numerics-lengths", default="2048,8192,32768", help="section 1 numerics token counts")
+    ap.add_argument("--kinds", default="stock,ours", help="models for sections 2 and 3 (comma list; '' skips them)")
     ap.add_argument("--stock-longest", default="131072,262144", help="section 3 lengths tried for stock")
     ap.add_argument("--ours-longest", default="262144,524288,1048576", help="section 3 lengths tried for ours")
     ap.add_argument("--no-variants", action="store_true", help="skip section 2's extra variants of ours")
@@ -462,7 +509,9 @@ def main(argv=None):
     print(res["environment"], flush=True)
 
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
-    res["attention"] = bench_attention([2048, 8192] if args.quick else ints(args.attention_lengths), quick=args.quick)
+    res["attention"] = bench_attention([2048, 8192] if args.quick else ints(args.attention_lengths),
+                                       [2048] if args.quick else ints(args.numerics_lengths),
+                                       profile_at=8192 if args.quick else 32768)
     save(res, out_dir, start, args.name)
     print(f"[{time.time() - start:.0f} s] attention done", flush=True)
 
@@ -473,7 +522,7 @@ def main(argv=None):
               "ours": [32768] if args.quick else ints(args.ours_longest)}
     thr = {}
     res["throughput"], res["longest"] = thr, {}
-    for kind in args.kinds.split(","):
+    for kind in [k for k in args.kinds.split(",") if k]:
         model, opt = build(kind)
         thr["active_params"] = active_params(model)
         thr[kind] = bench_throughput(kind, model, opt, lengths, tokens_per_step, warmup, iters)

@@ -11,6 +11,7 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -23,7 +24,8 @@ from transformers import AutoModelForCausalLM
 from alignment.lightning import lightning_slopes
 from alignment.modeling import LoraOptions, ModelOptions, PackedLightningAttention, load_model
 from alignment.rollout import SamplingOptions, logprob_mismatch
-from alignment.rollout.vllm_backend import (LIGHTNING_BUFFERS, _clear_new_sequence_states, export_for_vllm,
+from alignment.rollout.vllm_backend import (LIGHTNING_BUFFERS, VLLMRollout, _clear_new_sequence_states,
+                                            direct_sync_plan, export_for_vllm, merged_parameters,
                                             vllm_checkpoint_tensors)
 from alignment.tokenizer import build_tokenizer
 
@@ -78,6 +80,55 @@ def test_lora_deltas_are_merged_out_of_place(tmp_path):
     base = dict(vllm_checkpoint_tensors(load_model(TINY, seed=0)))
     for name in ("model.layers.0.block_sparse_moe.experts.1.w3.weight", "model.layers.1.self_attn.q_proj.weight"):
         assert not torch.allclose(ours[name], base[name])  # attention and expert adapters both reached the export
+
+
+def vllm_shaped_parameters(model, pad_rows: int = 64) -> dict[str, torch.Tensor]:
+    """The parameters vLLM 0.22.1's MiniMax loader builds from our checkpoint-layout tensors, written out from its
+    source: FusedMoE's `experts.w13_weight[e]` = [w1; w3] and `w2_weight[e]` = w2, a softmax layer's `qkv_proj` =
+    [q; k; v] (QKVParallelLinear), the vocabulary padded (VocabParallelEmbedding); bf16, as the engine holds them."""
+    out, experts, ckpt = {}, {}, dict(vllm_checkpoint_tensors(model))
+    for name, t in ckpt.items():
+        m = re.fullmatch(r"(.*\.block_sparse_moe\.experts)\.(\d+)\.(w[123])\.weight", name)
+        if m:
+            experts.setdefault(m[1], {})[(int(m[2]), m[3])] = t
+        elif name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+            continue
+        elif name.endswith("self_attn.q_proj.weight"):
+            parts = [ckpt[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
+            out[name.replace("q_proj", "qkv_proj")] = torch.cat(parts)
+        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+            out[name] = torch.cat([t, t.new_zeros(pad_rows, t.shape[1])])
+        else:
+            out[name] = t
+    for prefix, ws in experts.items():
+        n = 1 + max(e for e, _ in ws)
+        out[f"{prefix}.w13_weight"] = torch.stack([torch.cat([ws[(e, "w1")], ws[(e, "w3")]]) for e in range(n)])
+        out[f"{prefix}.w2_weight"] = torch.stack([ws[(e, "w2")] for e in range(n)])
+    return {k: v.detach().to(torch.bfloat16).clone() for k, v in out.items()}
+
+
+def test_direct_sync_writes_what_vllms_loader_writes():
+    """The direct sync's plan covers every vLLM parameter, is refused for a layout it gets wrong, and after a change
+    of the trainer's weights writes exactly what vLLM's loader would (the padding rows left alone)."""
+    model = load_model(TINY, seed=0)
+    engine = vllm_shaped_parameters(model)
+    plan, uncovered = direct_sync_plan(engine, dict(merged_parameters(model)))
+    assert uncovered == [] and len(plan) == len(engine)
+    assert {len(sources) for _, sources in plan} == {1, 3}  # softmax layers' q, k, v are stacked
+
+    wrong = dict(engine)
+    w13 = "model.layers.0.block_sparse_moe.experts.w13_weight"
+    wrong[w13] = torch.cat(wrong[w13].chunk(2, dim=1)[::-1], dim=1)  # [w3; w1]: halves swapped
+    assert direct_sync_plan(wrong, dict(merged_parameters(model)))[1] == [w13]
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    VLLMRollout._copy_direct(SimpleNamespace(_plan=plan, _params=engine), model)
+    expected = vllm_shaped_parameters(model)
+    for name, tensor in expected.items():
+        assert torch.equal(engine[name], tensor), name
+    assert not engine["lm_head.weight"][-64:].any()
 
 
 def test_export_is_a_checkpoint_with_vllm_flags(tmp_path, tokenizer):
@@ -277,8 +328,12 @@ def test_vllm_logprobs_follow_the_trainer_through_a_step_and_sync(gpu_checkpoint
         model.eval()
         fixed_p, fixed_c = batch.prompt_ids[:8], batch.completion_ids[:8]
         stale, _ = padded(worker.score(fixed_p, fixed_c))
+        assert worker.direct_sync_uncovered == []
         worker.sync_weights(model)
-        assert 0 < worker.last_sync_s < 5
+        assert worker.last_sync_method == "direct" and 0 < worker.last_sync_s < 5
+        direct = {n: p.clone() for n, p in worker._params.items()}
+        worker.sync_weights(model, method="loader")  # vLLM's own loader writes the same bits
+        assert all(torch.equal(p, direct[n]) for n, p in worker._params.items())
         fresh, fmask = padded(worker.score(fixed_p, fixed_c))
         target, _ = padded(trainer_logprobs(model, fixed_p, fixed_c))
         after = logprob_mismatch(target, fresh, fmask)

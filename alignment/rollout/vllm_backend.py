@@ -12,11 +12,18 @@ vLLM 0.22.1 (its `MiniMaxText01ForCausalLM`). What it takes to make vLLM sample 
   silently. `head_dim` and `rotary_dim = head_dim` are written out (transformers rotates the whole head; vLLM would
   read a checkpoint's `rotary_dim`), and `eos_token_id` is the tokenizer's, so both engines stop alike. Weights go in
   the checkpoint layout (`vllm_checkpoint_tensors`), without the lightning buffers vLLM has no parameter for.
-- Weight sync (`sync_weights`): the trainer's tensors are handed to vLLM's own `load_weights` in the checkpoint layout
-  (experts split from transformers' fused 3D tensors into `block_sparse_moe.experts.E.w1/w2/w3`, the router renamed
-  `block_sparse_moe.gate`), LoRA deltas added out of place (peft's merge/unmerge would round the base weights of a
-  bf16 model a little more on every step). A tensor vLLM rejects raises `WeightSyncError` naming it; a vLLM
-  parameter left unset raises too. (`collective_rpc("reload_weights")` breaks on MiniMax in 0.22.1.)
+- Weight sync (`sync_weights`), LoRA deltas added out of place (peft's merge/unmerge would round the base weights
+  of a bf16 model a little more on every step). Two ways, same result:
+  - "direct" (the default once proven): one in-place `copy_` per vLLM parameter from the trainer tensor(s) it is
+    made of (`direct_sync_plan`: the fused expert tensors map one to one, softmax q/k/v are stacked). The plan is
+    built when the engine starts and kept only if every parameter it covers equals what vLLM loaded from the export,
+    so a layout it gets wrong is never used.
+  - "loader": vLLM's own `load_weights` in the checkpoint layout (experts split from transformers' fused 3D tensors
+    into `block_sparse_moe.experts.E.w1/w2/w3`, the router renamed `block_sparse_moe.gate`). MiniMax's loader scans
+    its whole expert-name table, with a regex per entry, for every expert tensor: 0.14-0.22 s a sync for the 548M
+    bench config (16 layers x 8 experts), where the copies themselves take milliseconds.
+  A tensor that fails raises `WeightSyncError` naming it; a vLLM parameter left unset raises too.
+  (`collective_rpc("reload_weights")` breaks on MiniMax in 0.22.1.)
 - Numerics (`engine_patches="numerics"`), so the train/rollout log-prob gap is kernels only: the linear-attention
   state cache in float32 (vLLM defaults to the model dtype: a bf16 state rounded at every decode step), the output
   RMSNorm epsilon of the trainer (vLLM hard-codes 1e-5, transformers' layer uses 1e-6) and the trainer's float32
@@ -119,6 +126,49 @@ def vllm_checkpoint_tensors(model: torch.nn.Module):
             yield name[: -len("mlp.gate.weight")] + "block_sparse_moe.gate.weight", p
         else:
             yield name, p
+
+
+# vLLM MiniMax parameter suffix -> the transformers tensor it equals (the fused expert layouts are the same)
+_VLLM_RENAMES = (("block_sparse_moe.experts.w13_weight", "mlp.experts.gate_up_proj"),
+                 ("block_sparse_moe.experts.w2_weight", "mlp.experts.down_proj"),
+                 ("block_sparse_moe.gate.weight", "mlp.gate.weight"))
+
+
+def vllm_parameter_sources(vllm_name: str, trainer_names) -> tuple[str, ...] | None:
+    """The trainer tensors (transformers names) a vLLM MiniMax parameter is made of, stacked along dim 0 when more
+    than one (a softmax layer's `qkv_proj` = q, k, v); None when there is no such rule."""
+    for theirs, ours in _VLLM_RENAMES:
+        if vllm_name.endswith(theirs):
+            name = vllm_name[: -len(theirs)] + ours
+            return (name,) if name in trainer_names else None
+    if vllm_name in trainer_names:
+        return (vllm_name,)
+    if vllm_name.endswith("self_attn.qkv_proj.weight"):
+        parts = tuple(vllm_name.replace("qkv_proj", p) for p in ("q_proj", "k_proj", "v_proj"))
+        return parts if all(p in trainer_names for p in parts) else None
+    return None
+
+
+def stacked(tensors: dict[str, torch.Tensor], names: tuple[str, ...]) -> torch.Tensor:
+    return tensors[names[0]] if len(names) == 1 else torch.cat([tensors[n] for n in names])
+
+
+def direct_sync_plan(vllm_params: dict[str, torch.Tensor], trainer: dict[str, torch.Tensor]):
+    """[(vLLM name, trainer names)] for the direct sync, and the vLLM parameters it cannot cover. A parameter is
+    covered only if its sources, in its dtype, equal it now (call right after vLLM loaded the trainer's weights):
+    that proves the rule and the layout. vLLM may pad a vocabulary dimension; the sources then fill the leading
+    rows, as its loader does."""
+    plan, uncovered = [], []
+    with torch.no_grad():
+        for name, param in vllm_params.items():
+            sources = vllm_parameter_sources(name, trainer)
+            value = None if sources is None else stacked(trainer, sources)
+            fits = value is not None and value.shape[1:] == param.shape[1:] and value.shape[0] <= param.shape[0]
+            if fits and torch.equal(param[: value.shape[0]], value.to(param.device, param.dtype)):
+                plan.append((name, sources))
+            else:
+                uncovered.append(name)
+    return plan, uncovered
 
 
 def _base_config(model):
@@ -266,8 +316,12 @@ class VLLMRollout:
         kwargs.update(engine_kwargs)  # any other vLLM engine argument, e.g. async_scheduling=True
         with patched_engine_build(self.engine_patches, _lightning_norm_eps(model)):
             self.llm = vllm.LLM(**kwargs)
-        self._param_names = set(self.llm.apply_model(lambda m: [n for n, _ in m.named_parameters()])[0])
+        # in-process engine: these are vLLM's own parameter tensors (the sync writes into them in place)
+        self._params = self.llm.apply_model(lambda m: dict(m.named_parameters()))[0]
+        self._plan, uncovered = direct_sync_plan(self._params, dict(merged_parameters(model)))
+        self.direct_sync_uncovered = uncovered  # non-empty: every sync goes through vLLM's loader
         self.last_sync_s: float | None = None
+        self.last_sync_method: str | None = None
 
     def close(self) -> None:
         """Shut the in-process engine core down and drop the engine (dropping the `LLM` alone kept its memory: 49 GiB
@@ -275,6 +329,7 @@ class VLLMRollout:
         import gc
 
         llm, self.llm = self.llm, None
+        self._params, self._plan = {}, []
         if llm is not None:
             with contextlib.suppress(Exception):
                 llm.llm_engine.engine_core.shutdown()
@@ -283,9 +338,37 @@ class VLLMRollout:
         torch.cuda.empty_cache()
         self._tmp.cleanup()
 
-    def sync_weights(self, model) -> None:
-        """Push `model`'s current weights into the engine in place (no re-export), then check every vLLM parameter
-        was written. Raises `WeightSyncError` naming the tensor that failed."""
+    def sync_weights(self, model, method: str = "auto") -> None:
+        """Push `model`'s current weights into the engine in place (no re-export). `method`: "direct" (a copy per
+        vLLM parameter, see `direct_sync_plan`), "loader" (vLLM's `load_weights`, then a check that every vLLM
+        parameter was written), or "auto" (direct when the plan covers every parameter). Raises `WeightSyncError`
+        naming the tensor that failed."""
+        if method not in ("auto", "direct", "loader"):
+            raise ValueError(f"sync method is {method!r}; expected 'auto', 'direct' or 'loader'")
+        if method == "direct" and self.direct_sync_uncovered:
+            raise WeightSyncError(f"direct sync cannot write {len(self.direct_sync_uncovered)} vLLM parameters, e.g. "
+                                  f"{self.direct_sync_uncovered[:4]} (no trainer tensor equals them)")
+        direct = method == "direct" or (method == "auto" and not self.direct_sync_uncovered)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            self._copy_direct(model) if direct else self._load_through_vllm(model)
+        torch.cuda.synchronize()
+        self.last_sync_s = time.perf_counter() - start
+        self.last_sync_method = "direct" if direct else "loader"
+        self.llm.reset_prefix_cache()
+
+    def _copy_direct(self, model) -> None:
+        trainer = dict(merged_parameters(model))
+        for name, sources in self._plan:
+            try:
+                value = stacked(trainer, sources)
+                self._params[name][: value.shape[0]].copy_(value)
+            except Exception as err:
+                raise WeightSyncError(f"weight sync into vLLM failed at '{name}' (from {', '.join(sources)}): "
+                                      f"{type(err).__name__}: {err}") from err
+
+    def _load_through_vllm(self, model) -> None:
         last = [None]
 
         def stream():
@@ -293,21 +376,15 @@ class VLLMRollout:
                 last[0] = name
                 yield name, tensor
 
-        torch.cuda.synchronize()
-        start = time.perf_counter()
         try:
-            with torch.no_grad():
-                loaded = self.llm.apply_model(lambda m: m.load_weights(stream()))[0]
+            loaded = self.llm.apply_model(lambda m: m.load_weights(stream()))[0]
         except Exception as err:
             raise WeightSyncError(f"weight sync into vLLM failed at tensor '{last[0]}': "
                                   f"{type(err).__name__}: {err}") from err
-        missing = self._param_names - set(loaded or ())
+        missing = set(self._params) - set(loaded or ())
         if missing:
             raise WeightSyncError(f"weight sync left {len(missing)} vLLM parameters unwritten, e.g. "
                                   f"{sorted(missing)[:4]} (names the trainer's model does not provide)")
-        torch.cuda.synchronize()
-        self.last_sync_s = time.perf_counter() - start
-        self.llm.reset_prefix_cache()
 
     def generate(self, prompts: list, n: int, sampling: SamplingOptions) -> RolloutBatch:
         from vllm import SamplingParams
