@@ -107,10 +107,11 @@ def vllm_shaped_parameters(model, pad_rows: int = 64) -> dict[str, torch.Tensor]
     return {k: v.detach().to(torch.bfloat16).clone() for k, v in out.items()}
 
 
-def test_direct_sync_writes_what_vllms_loader_writes():
+@pytest.mark.parametrize("lora", [False, True])
+def test_direct_sync_writes_what_vllms_loader_writes(lora):
     """The direct sync's plan covers every vLLM parameter, is refused for a layout it gets wrong, and after a change
-    of the trainer's weights writes exactly what vLLM's loader would (the padding rows left alone)."""
-    model = load_model(TINY, seed=0)
+    of the trainer's weights (LoRA: of its adapters) writes exactly what vLLM's loader would (padding rows left alone)."""
+    model = load_model(ModelOptions(path=TINY, lora=LoraOptions(r=4, experts=True) if lora else None), seed=0)
     engine = vllm_shaped_parameters(model)
     plan, uncovered = direct_sync_plan(engine, dict(merged_parameters(model)))
     assert uncovered == [] and len(plan) == len(engine)
@@ -121,14 +122,17 @@ def test_direct_sync_writes_what_vllms_loader_writes():
     wrong[w13] = torch.cat(wrong[w13].chunk(2, dim=1)[::-1], dim=1)  # [w3; w1]: halves swapped
     assert direct_sync_plan(wrong, dict(merged_parameters(model)))[1] == [w13]
 
+    before = {n: t.clone() for n, t in engine.items()}
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+        for name, p in model.named_parameters():
+            if "lora_B" in name or not lora:
+                p.add_(torch.randn_like(p) * 0.1)
     VLLMRollout._copy_direct(SimpleNamespace(_plan=plan, _params=engine), model)
     expected = vllm_shaped_parameters(model)
     for name, tensor in expected.items():
         assert torch.equal(engine[name], tensor), name
     assert not engine["lm_head.weight"][-64:].any()
+    assert not torch.equal(engine[w13], before[w13])  # the experts' new (merged) weights arrived
 
 
 def test_export_is_a_checkpoint_with_vllm_flags(tmp_path, tokenizer):
