@@ -133,6 +133,65 @@ def packed_cu_seqlens(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return cu, cu.cpu(), last
 
 
+@cache
+def _fla_chunk_ops():
+    """fla 0.6's kernels behind `chunk_simple_gla` (fla.ops.common), or None where an fla lays them out otherwise."""
+    try:
+        from fla.ops.common.chunk_h import chunk_bwd_dh, chunk_fwd_h
+        from fla.ops.common.chunk_o import chunk_bwd_dqkwg, chunk_bwd_dv, chunk_fwd_o
+        from fla.ops.utils import prepare_chunk_indices
+        from fla.ops.utils.constant import RCP_LN2
+    except ImportError:
+        return None
+    return dict(fwd_h=chunk_fwd_h, fwd_o=chunk_fwd_o, bwd_dh=chunk_bwd_dh, bwd_dqkwg=chunk_bwd_dqkwg,
+                bwd_dv=chunk_bwd_dv, chunk_indices=prepare_chunk_indices, rcp_ln2=RCP_LN2)
+
+
+class LightningChunk(torch.autograd.Function):
+    """fla's `ChunkSimpleGLAFunction` for a constant decay (`g_gamma`, no initial state), keeping the forward's
+    per-chunk states for the backward. fla recomputes them there in float32 (`chunk_fwd_h`, a sequential pass over
+    the chunks: 0.54 of its 3.0 device-ms fwd+bwd at 32K tokens, H16 × D128), but its gradient kernel rounds them to
+    the inputs' dtype before every use, so the forward's bf16 states give the same gradients. Costs the states' memory
+    between forward and backward: T/64 × H × D² values (268 MB at 32K for H16 × D128)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g_gamma, cu_seqlens, cu_seqlens_cpu, output_final_state: bool):
+        ops = _fla_chunk_ops()
+        ctx.set_materialize_grads(False)  # an unused final state gets no zero gradient to push through
+        indices = None if cu_seqlens is None else ops["chunk_indices"](cu_seqlens, 64, cu_seqlens_cpu=cu_seqlens_cpu)
+        g_gamma = g_gamma * ops["rcp_ln2"]  # fla's kernels use exp2
+        common = dict(g=None, g_gamma=g_gamma, cu_seqlens=cu_seqlens, chunk_size=64)
+        h, final = ops["fwd_h"](k=k, v=v, gk=None, gv=None, h0=None, output_final_state=output_final_state,
+                                states_in_fp32=False, **common)
+        out = ops["fwd_o"](q=q, k=k, v=v, h=h, scale=1.0, chunk_indices=indices, **common)
+        ctx.save_for_backward(q, k, v, g_gamma, h, cu_seqlens, indices)
+        return out, final
+
+    @staticmethod
+    def backward(ctx, d_out, d_final):
+        ops = _fla_chunk_ops()
+        q, k, v, g_gamma, h, cu_seqlens, indices = ctx.saved_tensors
+        d_out = d_out.contiguous()
+        common = dict(g=None, g_gamma=g_gamma, cu_seqlens=cu_seqlens, chunk_size=64)
+        dh, _ = ops["bwd_dh"](q=q, k=k, v=v, gk=None, gv=None, do=d_out, h0=None, dht=d_final, scale=1.0,
+                              states_in_fp32=True, **common)
+        dq, dk, _, _ = ops["bwd_dqkwg"](q=q, k=k, v=v, h=h, do=d_out, dh=dh, scale=1.0, chunk_indices=indices,
+                                        **common)
+        dv = ops["bwd_dv"](q=q, k=k, do=d_out, dh=dh, scale=1.0, chunk_indices=indices, **common)
+        return dq.to(q), dk.to(k), dv.to(v), None, None, None, None
+
+
+def _chunk_lightning(q, k, v, g_gamma, output_state: bool, cu_seqlens=None, cu_seqlens_cpu=None):
+    """(out, final states): `LightningChunk` where fla has the kernels it calls, else `chunk_simple_gla`."""
+    if _fla_chunk_ops() is not None:
+        return LightningChunk.apply(q.contiguous(), k.contiguous(), v.contiguous(), g_gamma, cu_seqlens,
+                                    cu_seqlens_cpu, output_state)
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    return chunk_simple_gla(q, k, v, g_gamma=g_gamma, scale=1.0, output_final_state=output_state,
+                            cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu)
+
+
 def lightning_attention_fla_bthd(q, k, v, slope, doc_ids=None, output_state: bool = True):
     """Lightning attention on flash-linear-attention's `chunk_simple_gla` in fla's own layout.
 
@@ -140,17 +199,14 @@ def lightning_attention_fla_bthd(q, k, v, slope, doc_ids=None, output_state: boo
     None. Returns out (B, T, H, D) in v's dtype and, if `output_state`, the (B, H, D, D) state after each row's last
     document (of that document only), else None.
     """
-    from fla.ops.simple_gla import chunk_simple_gla
-
     B, T, H, D = q.shape
     g_gamma = -slope.reshape(H).float()  # log decay per step: λ = exp(-slope)
     if doc_ids is None:
-        out, state = chunk_simple_gla(q, k, v, g_gamma=g_gamma, scale=1.0, output_final_state=output_state)
+        out, state = _chunk_lightning(q, k, v, g_gamma, output_state)
     else:
         cu, cu_cpu, last = packed_cu_seqlens(doc_ids)
         q, k, v = (x.reshape(1, B * T, H, D) for x in (q, k, v))  # rows flattened: a view, no copy
-        out, states = chunk_simple_gla(q, k, v, g_gamma=g_gamma, scale=1.0, output_final_state=output_state,
-                                       cu_seqlens=cu, cu_seqlens_cpu=cu_cpu)
+        out, states = _chunk_lightning(q, k, v, g_gamma, output_state, cu, cu_cpu)
         out = out.reshape(B, T, H, D)
         state = states[last] if output_state else None  # (B, H, D, D): each row's last document
     return out.to(v.dtype), None if state is None else state.to(v.dtype)
