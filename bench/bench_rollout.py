@@ -7,7 +7,7 @@ For the 548M MiniMax config (bench/minimax_548m.yaml; random weights, bf16, seed
 sampled tokens are not near-uniform), bench/README.md explains each measurement:
 1. generation tokens/s, 128-token random prompts + 128 new tokens (EOS ignored), temperature 1, batch 64 and 256:
    transformers `generate` on `load_model`'s model, stock vLLM (`engine_patches=()`), patched vLLM (the default);
-   warm (one short warm-up generate, then one timed); and a decode-only figure at batch 256:
+   warm (one short warm-up generate, then the median of 3 timed); and a decode-only figure at batch 256:
    ms/step = (t(128 new) - t(1 new)) / 127.
 2. a torch-profiler (CUDA activity) capture of one generate (batch 256, 16 new tokens) per engine: top kernels.
 3. weight sync: perturb the trainer's weights, `sync_weights` 5 times through vLLM's loader (also timing the
@@ -78,10 +78,11 @@ class Sizes:
     profile_tokens: int = 16
     mismatch_n: int = 64
     sync_n: int = 16
+    repeats: int = 3  # timed generates per figure (the median is reported): one ~1.5 s generate varied ±30% run to run
 
 
 FULL, QUICK = Sizes(), Sizes(batches=(8,), prompt_len=16, new_tokens=16, warmup_tokens=4, profile_tokens=4,
-                             mismatch_n=8, sync_n=4)
+                             mismatch_n=8, sync_n=4, repeats=1)
 
 
 def log(msg) -> None:
@@ -309,10 +310,11 @@ def bench_generate(run: Run, backend: str, gen, sizes: Sizes, vocab: int, need_s
             continue
         gen(random_prompts(B, sizes.prompt_len, vocab, seed=f"warmup {B}"), sizes.warmup_tokens)
         prompts = random_prompts(B, sizes.prompt_len, vocab, seed=f"timed {B}")
-        sec, n = timed(lambda: gen(prompts, sizes.new_tokens))
-        rows[str(B)] = {"batch": B, "seconds": sec, "gen_tokens": n, "gen_tokens_per_s": n / sec,
-                        "total_tokens_per_s": (n + B * sizes.prompt_len) / sec}
-        log(f"{backend} batch {B}: {n / sec:,.0f} gen tokens/s ({sec:.2f} s)")
+        runs = [timed(lambda: gen(prompts, sizes.new_tokens)) for _ in range(sizes.repeats)]
+        sec, n = statistics.median(t for t, _ in runs), runs[0][1]
+        rows[str(B)] = {"batch": B, "seconds": sec, "seconds_each": [t for t, _ in runs], "gen_tokens": n,
+                        "gen_tokens_per_s": n / sec, "total_tokens_per_s": (n + B * sizes.prompt_len) / sec}
+        log(f"{backend} batch {B}: {n / sec:,.0f} gen tokens/s (median of {', '.join(f'{t:.2f}' for t, _ in runs)} s)")
         run.save()
     B, N = sizes.batches[-1], sizes.new_tokens
     if "seconds" in rows.get(str(B), {}):
@@ -498,11 +500,16 @@ def run_engine(run: Run, name: str, model, sizes: Sizes, vocab: int, skip: str |
 # ---- report --------------------------------------------------------------------------------------------------------
 
 def throughput_ratios(thr: dict) -> dict:
-    base = thr.get("transformers", {})
-    return {f"{name}/transformers": {b: r["gen_tokens_per_s"] / base[b]["gen_tokens_per_s"]
-                                     for b, r in rows.items() if "gen_tokens_per_s" in r
-                                     and "gen_tokens_per_s" in base.get(b, {})}
-            for name, rows in thr.items() if name != "transformers"}
+    """{"<generator>/<baseline>": {batch: tokens/s ratio}} against both transformers generators: our backend's
+    model ("transformers") and stock `MiniMaxForCausalLM` on the same weights ("transformers_stock")."""
+    out = {}
+    for base_name in ("transformers", "transformers_stock"):
+        base = thr.get(base_name, {})
+        out.update({f"{name}/{base_name}": {b: r["gen_tokens_per_s"] / base[b]["gen_tokens_per_s"]
+                                            for b, r in rows.items() if "gen_tokens_per_s" in r
+                                            and "gen_tokens_per_s" in base.get(b, {})}
+                    for name, rows in thr.items() if name != base_name})
+    return out
 
 
 def markdown(res: dict) -> str:
@@ -520,15 +527,18 @@ def markdown(res: dict) -> str:
         out.append(f"| {name} | {s['status']} | {s.get('seconds', '')} | {note[:100].replace('|', '/')} |")
     if res["throughput"]:
         out += ["\n## Generation throughput (warm, EOS ignored)\n",
-                "| backend | batch | gen tokens | s | gen tokens/s | vs transformers |", "|---|---|---|---|---|---|"]
+                "| backend | batch | gen tokens | s | gen tokens/s | vs our transformers backend | "
+                "vs stock transformers |", "|---|---|---|---|---|---|---|"]
         for backend, rows in res["throughput"].items():
             for b, r in rows.items():
                 if "skipped" in r:
-                    out.append(f"| {backend} | {b} | {r['skipped']} | | | |")
+                    out.append(f"| {backend} | {b} | {r['skipped']} | | | | |")
                     continue
-                ratio = res["ratios"].get(f"{backend}/transformers", {}).get(b)
+                ratios = [res["ratios"].get(f"{backend}/{base}", {}).get(b)
+                          for base in ("transformers", "transformers_stock")]
                 out.append(f"| {backend} | {b} | {r['gen_tokens']} | {r['seconds']:.2f} | "
-                           f"{r['gen_tokens_per_s']:,.0f} | {f'{ratio:.2f}×' if ratio else ''} |")
+                           f"{r['gen_tokens_per_s']:,.0f} | " + " | ".join(f"{x:.2f}×" if x else "" for x in ratios)
+                           + " |")
     if res["decode"]:
         out += ["\nDecode only: ms/step = (t(N new) − t(1 new)) / (N − 1); t(1 new) is mostly the prefill.\n",
                 "| backend | batch | t(1 new) s | t(N new) s | ms/decode step |", "|---|---|---|---|---|"]
