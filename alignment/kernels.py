@@ -135,9 +135,23 @@ def packed_cu_seqlens(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return cu, cu.cpu(), last
 
 
+# the keyword arguments `LightningChunk` passes to each of fla's kernels (fla 0.6's signatures)
+_FLA_KWARGS = {
+    "fwd_h": {"k", "v", "g", "g_gamma", "gk", "gv", "h0", "output_final_state", "cu_seqlens", "chunk_size",
+              "states_in_fp32"},
+    "fwd_o": {"q", "k", "v", "h", "g", "g_gamma", "scale", "cu_seqlens", "chunk_size", "chunk_indices"},
+    "bwd_dh": {"q", "k", "v", "g", "g_gamma", "gk", "gv", "do", "h0", "dht", "scale", "cu_seqlens", "chunk_size",
+               "states_in_fp32"},
+    "bwd_dqkwg": {"q", "k", "v", "h", "g", "g_gamma", "do", "dh", "scale", "cu_seqlens", "chunk_size",
+                  "chunk_indices"},
+    "bwd_dv": {"q", "k", "g", "g_gamma", "do", "dh", "scale", "cu_seqlens", "chunk_size", "chunk_indices"},
+}
+
+
 @cache
 def _fla_chunk_ops():
-    """fla 0.6's kernels behind `chunk_simple_gla` (fla.ops.common), or None where an fla lays them out otherwise."""
+    """fla's kernels behind `chunk_simple_gla` (fla.ops.common), or None where an fla lays them out otherwise (other
+    modules or keyword arguments than fla 0.6's): then `chunk_simple_gla` itself runs."""
     try:
         from fla.ops.common.chunk_h import chunk_bwd_dh, chunk_fwd_h
         from fla.ops.common.chunk_o import chunk_bwd_dqkwg, chunk_bwd_dv, chunk_fwd_o
@@ -145,8 +159,11 @@ def _fla_chunk_ops():
         from fla.ops.utils.constant import RCP_LN2
     except ImportError:
         return None
-    return dict(fwd_h=chunk_fwd_h, fwd_o=chunk_fwd_o, bwd_dh=chunk_bwd_dh, bwd_dqkwg=chunk_bwd_dqkwg,
-                bwd_dv=chunk_bwd_dv, chunk_indices=prepare_chunk_indices, rcp_ln2=RCP_LN2)
+    ops = dict(fwd_h=chunk_fwd_h, fwd_o=chunk_fwd_o, bwd_dh=chunk_bwd_dh, bwd_dqkwg=chunk_bwd_dqkwg,
+               bwd_dv=chunk_bwd_dv)
+    if any(not names <= set(inspect.signature(ops[op]).parameters) for op, names in _FLA_KWARGS.items()):
+        return None
+    return {**ops, "chunk_indices": prepare_chunk_indices, "rcp_ln2": RCP_LN2}
 
 
 class LightningChunk(torch.autograd.Function):

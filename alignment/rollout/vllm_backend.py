@@ -352,7 +352,10 @@ class VLLMRollout:
         torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.no_grad():
-            self._copy_direct(model) if direct else self._load_through_vllm(model)
+            if direct:
+                self._copy_direct(model)
+            else:
+                self._load_through_vllm(model)
         torch.cuda.synchronize()
         self.last_sync_s = time.perf_counter() - start
         self.last_sync_method = "direct" if direct else "loader"
