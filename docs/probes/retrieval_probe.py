@@ -1,0 +1,79 @@
+"""CPU probe: how many steps the tiny MiniMax model needs before key→value retrieval rises above chance.
+
+    OMP_NUM_THREADS=1 python docs/probes/retrieval_probe.py --format kv --steps 12000 --pairs 2 2 --lr 1e-3
+
+From random weights (configs/model/tiny.yaml), retrieval only: "Data: apple = river; tiger = lamp. Q: tiger? A: tiger ="
+→ " lamp" (format `kv`) or with the value first, "lamp is tiger" (format `vk`). Only the value token is supervised;
+batches of 32, AdamW (betas 0.9 / 0.95), 10% linear warmup, gradient clipping at 1.0. Held-out accuracy (argmax at the
+answer position, 256 fixed questions) is printed ten times. README.md ("What the tiny model does not learn in CPU
+minutes") reports what it measured.
+"""
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from alignment.modeling import load_model  # noqa: E402
+from alignment.tokenizer import build_tokenizer  # noqa: E402
+from data_recipes.tasks import WORDS  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--format", choices=("kv", "vk"), default="kv")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--pairs", type=int, nargs=2, default=(2, 4), metavar=("LO", "HI"))
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--model", default="configs/model/tiny.yaml")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    tok = build_tokenizer(tempfile.mkdtemp(), vocab_size=1024)
+    model = load_model(args.model, seed=0).train()
+
+    def example(rng):
+        k = rng.randint(*args.pairs)
+        words = rng.sample(WORDS, 2 * k)
+        keys, values = words[:k], words[k:]
+        q = rng.randrange(k)
+        pair = "{a} = {b}" if args.format == "kv" else "{b} is {a}"
+        haystack = "; ".join(pair.format(a=a, b=b) for a, b in zip(keys, values))
+        ids = tok(f"Data: {haystack}. Q: {keys[q]}? A: {keys[q]} =", add_special_tokens=False)["input_ids"]
+        return ids, tok(" " + values[q], add_special_tokens=False)["input_ids"][0]
+
+    def batch(rng, n):
+        rows = [example(rng) for _ in range(n)]
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.zeros(n, width, dtype=torch.long)
+        mask = torch.zeros(n, width, dtype=torch.long)
+        for r, (row, _) in enumerate(rows):  # left padding: every answer is predicted at the last position
+            ids[r, width - len(row):], mask[r, width - len(row):] = torch.tensor(row), 1
+        return ids, mask, torch.tensor([answer for _, answer in rows])
+
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    train, (test_ids, test_mask, test_answers) = random.Random(1), batch(random.Random(999), 256)
+    start = time.time()
+    for step in range(1, args.steps + 1):
+        opt.param_groups[0]["lr"] = args.lr * min(1.0, step / (0.1 * args.steps))
+        ids, mask, answers = batch(train, 32)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+        loss = torch.nn.functional.cross_entropy(logits.float(), answers)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        if step % max(1, args.steps // 10) == 0:
+            model.eval()
+            with torch.no_grad():
+                pred = model(input_ids=test_ids, attention_mask=test_mask).logits[:, -1].argmax(-1)
+            model.train()
+            print(f"step {step}: loss {loss.item():.3f}, held-out accuracy {(pred == test_answers).float().mean():.3f}"
+                  f" ({time.time() - start:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
