@@ -6,10 +6,12 @@
 For the 548M MiniMax config (bench/minimax_548m.yaml; random weights, bf16, seed 0, LM head scaled by 5 so that
 sampled tokens are not near-uniform), bench/README.md explains each measurement:
 1. generation tokens/s, 128-token random prompts + 128 new tokens (EOS ignored), temperature 1, batch 64 and 256:
-   transformers `generate` on `load_model`'s model, stock vLLM (`engine_patches=()`), patched vLLM (the default);
-   warm (one short warm-up generate, then the median of 3 timed); and a decode-only figure at batch 256:
-   ms/step = (t(128 new) - t(1 new)) / 127.
-2. a torch-profiler (CUDA activity) capture of one generate (batch 256, 16 new tokens) per engine: top kernels.
+   transformers `generate` on `load_model`'s model and on stock transformers (same weights), stock vLLM
+   (`engine_patches=()`), vLLM with the batched prefill only, patched vLLM (the default); warm (one short warm-up
+   generate, then the median of 3 timed); and a decode-only figure per batch: ms/step = (t(128 new) - t(1 new)) / 127.
+2. a torch-profiler (CUDA activity) capture of one generate (batch 256, 16 new tokens) per generator: top kernels;
+   and the host side of a vLLM decode step: for the patched engine, tokens/s with vLLM's own output handling vs the
+   backend's (flat log-probs, garbage collector paused); for every engine, a cProfile of one generate.
 3. weight sync: perturb the trainer's weights, `sync_weights` 5 times through vLLM's loader (also timing the
    checkpoint-layout tensors alone) and 5 times the default (direct) way, check that both write the same bits, and with
    vLLM's prompt log-probs of fixed completions that the engine now computes the perturbed model.
@@ -18,7 +20,7 @@ sampled tokens are not near-uniform), bench/README.md explains each measurement:
    vs patched vLLM (after).
 5. the same mismatch after fitting the trainer's model to a Markov chain (structured, peaked next-token distributions
    as a trained LM has) and syncing it into the patched engine.
-One vLLM engine is alive at a time (stock, then patched). Results are written after every section; a section that
+One vLLM engine is alive at a time (stock, prefill-only, then patched). Results are written after every section; a section that
 fails records its error and the next one runs; sections that would overrun `--budget-s` are skipped with the reason.
 Without CUDA or vLLM (CPU CI) only the transformers path runs (on configs/model/tiny.yaml) and the rest is recorded
 as skipped.
@@ -28,8 +30,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import gc
 import os
 import platform
+import pstats
 import random
 import statistics
 import threading
@@ -62,9 +67,13 @@ LM_HEAD_SCALE = 5.0  # random LM head x5: logits spread enough that sampling is 
 NOISE = 0.05  # weight-sync check: noise of 0.05 x each parameter's std (0.05 absolute for constant ones, the norms)
 ENGINE_KWARGS = dict(gpu_memory_utilization=0.35, max_model_len=1024, max_num_seqs=256, enforce_eager=False, seed=0)
 PATCHES = ("numerics", "batched_prefill")
-# name: (engine patches, further vLLM arguments); "patched" last: its weight-sync and fitted-model sections change the
-# trainer's weights. "patched_async": vLLM's async scheduling, meant to overlap a step's host work with the GPU.
-ENGINES = {"stock": ((), {}), "patched_async": (PATCHES, {"async_scheduling": True}), "patched": (PATCHES, {})}
+# name: (engine patches, further vLLM arguments). "prefill_only": the batched prefill without the numerics patches
+# (what the numerics cost in speed). "patched_async" (not run by default; slower in the 2026-12-02 run): vLLM's
+# async scheduling, meant to overlap a step's host work with the GPU.
+ENGINES = {"stock": ((), {}), "prefill_only": (("batched_prefill",), {}),
+           "patched_async": (PATCHES, {"async_scheduling": True}), "patched": (PATCHES, {})}
+# "patched" last: its weight-sync and fitted-model sections change the trainer's weights
+DEFAULT_ENGINES = ("stock", "prefill_only", "patched")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 START = time.time()
 
@@ -83,6 +92,25 @@ class Sizes:
 
 FULL, QUICK = Sizes(), Sizes(batches=(8,), prompt_len=16, new_tokens=16, warmup_tokens=4, profile_tokens=4,
                              mismatch_n=8, sync_n=4, repeats=1)
+
+
+class GCClock:
+    """Seconds Python's cyclic garbage collector has run in this process (through `gc.callbacks`)."""
+
+    def __init__(self):
+        self.seconds, self.collections, self._start = 0.0, 0, None
+        gc.callbacks.append(self._event)
+
+    def _event(self, phase, info):
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self.collections += 1
+            self._start = None
+
+
+GC_CLOCK = GCClock()
 
 
 def log(msg) -> None:
@@ -255,6 +283,8 @@ def bench_stock_generate(run: Run, model, sizes: Sizes, vocab: int):
     with torch.device(DEVICE):
         stock = stock_model_copy(model)
     bench_generate(run, "transformers_stock", lambda p, n: hf_generate(stock, p, n), sizes, vocab, need_s=60)
+    if DEVICE == "cuda":
+        bench_profile(run, "transformers_stock", lambda p, n: hf_generate(stock, p, n), sizes, vocab)
     del stock
 
 
@@ -271,25 +301,25 @@ def vllm_unavailable(run: Run) -> str | None:
     return None
 
 
-def vllm_generate(worker, prompts, new_tokens: int) -> int:
-    """One `llm.generate` call, EOS ignored, the sampled token's log-prob requested (as a rollout does)."""
+def vllm_generate(worker, prompts, new_tokens: int, flat_logprobs: bool = True, pause_gc: bool = True) -> int:
+    """One generate on the worker's engine, EOS ignored, the sampled token's log-prob requested (as a rollout does).
+    The defaults are the backend's (`VLLMRollout.run`, `LEAN_OUTPUTS`); False, False is vLLM's own way (a dict and a
+    `Logprob` per token, the garbage collector on)."""
     from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
 
+    outputs = worker.LEAN_OUTPUTS if flat_logprobs else {"detokenize": False}
     params = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, min_tokens=new_tokens, max_tokens=new_tokens,
-                            ignore_eos=True, logprobs=0, detokenize=False)
-    outs = worker.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+                            ignore_eos=True, logprobs=0, **outputs)
+    outs = worker.run(prompts, params, pause_gc=pause_gc)
     return sum(len(o.outputs[0].token_ids) for o in outs)
 
 
 def vllm_prompt_logprobs(worker, prompts, completions) -> torch.Tensor:
     """The engine's log-probs of given completions (prompt log-probs of prompt + completion), (B, C) padded."""
     from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
 
     params = SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
-    outs = worker.llm.generate([TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompts, completions)],
-                               params, use_tqdm=False)
+    outs = worker.run([p + c for p, c in zip(prompts, completions)], params)
     return padded([[o.prompt_logprobs[len(p) + t][tok].logprob for t, tok in enumerate(c)]
                    for o, p, c in zip(outs, prompts, completions)])
 
@@ -301,38 +331,83 @@ def sample(worker, prompts, sizes: Sizes):
 
 # ---- measurements --------------------------------------------------------------------------------------------------
 
+def timed_tokens_per_s(gen, B: int, sizes: Sizes, vocab: int, seed: str) -> dict:
+    """Median of `sizes.repeats` timed gen(prompts, new_tokens) calls at batch B, and the garbage collector's share."""
+    prompts = random_prompts(B, sizes.prompt_len, vocab, seed=seed)
+    gc_s, gc_n = GC_CLOCK.seconds, GC_CLOCK.collections
+    runs = [timed(lambda: gen(prompts, sizes.new_tokens)) for _ in range(sizes.repeats)]
+    sec, n = statistics.median(t for t, _ in runs), runs[0][1]
+    return {"batch": B, "seconds": sec, "seconds_each": [t for t, _ in runs], "gen_tokens": n,
+            "gen_tokens_per_s": n / sec, "total_tokens_per_s": (n + B * sizes.prompt_len) / sec,
+            "gc_s_per_generate": (GC_CLOCK.seconds - gc_s) / len(runs),
+            "gc_collections_per_generate": (GC_CLOCK.collections - gc_n) / len(runs)}
+
+
 def bench_generate(run: Run, backend: str, gen, sizes: Sizes, vocab: int, need_s: float = 0.0):
-    """gen(prompts, new_tokens) -> generated tokens. Warm tokens/s per batch; decode ms/step at the last batch."""
+    """gen(prompts, new_tokens) -> generated tokens. Warm tokens/s per batch, and decode ms/step per batch."""
     rows = run.res["throughput"].setdefault(backend, {})
+    decode = run.res["decode"].setdefault(backend, {})
+    N = sizes.new_tokens
     for i, B in enumerate(sizes.batches):
         if i and run.left() < need_s:
             rows[str(B)] = {"batch": B, "skipped": f"time budget: {run.left():.0f} s left"}
             continue
         gen(random_prompts(B, sizes.prompt_len, vocab, seed=f"warmup {B}"), sizes.warmup_tokens)
-        prompts = random_prompts(B, sizes.prompt_len, vocab, seed=f"timed {B}")
-        runs = [timed(lambda: gen(prompts, sizes.new_tokens)) for _ in range(sizes.repeats)]
-        sec, n = statistics.median(t for t, _ in runs), runs[0][1]
-        rows[str(B)] = {"batch": B, "seconds": sec, "seconds_each": [t for t, _ in runs], "gen_tokens": n,
-                        "gen_tokens_per_s": n / sec, "total_tokens_per_s": (n + B * sizes.prompt_len) / sec}
-        log(f"{backend} batch {B}: {n / sec:,.0f} gen tokens/s (median of {', '.join(f'{t:.2f}' for t, _ in runs)} s)")
+        r = rows[str(B)] = timed_tokens_per_s(gen, B, sizes, vocab, seed=f"timed {B}")
+        log(f"{backend} batch {B}: {r['gen_tokens_per_s']:,.0f} gen tokens/s (median of "
+            f"{', '.join(f'{t:.2f}' for t in r['seconds_each'])} s; GC {r['gc_s_per_generate']:.3f} s each)")
+        t1, _ = timed(lambda: gen(random_prompts(B, sizes.prompt_len, vocab, seed=f"one token {B}"), 1))
+        decode[str(B)] = {"batch": B, "new_tokens": N, "t1_s": t1, "tN_s": r["seconds"],
+                          "ms_per_decode_step": 1e3 * (r["seconds"] - t1) / (N - 1)}
         run.save()
-    B, N = sizes.batches[-1], sizes.new_tokens
-    if "seconds" in rows.get(str(B), {}):
-        prompts = random_prompts(B, sizes.prompt_len, vocab, seed=f"one token {B}")
-        t1, _ = timed(lambda: gen(prompts, 1))
-        tN = rows[str(B)]["seconds"]
-        run.res["decode"][backend] = {"batch": B, "new_tokens": N, "t1_s": t1, "tN_s": tN,
-                                      "ms_per_decode_step": 1e3 * (tN - t1) / (N - 1)}
 
 
-def bench_profile(run: Run, name: str, worker, sizes: Sizes, vocab: int):
+def bench_host(run: Run, name: str, worker, sizes: Sizes, vocab: int, variants: bool):
+    """Where a decode step's host time goes. With `variants`: tokens/s per batch with vLLM's own output handling (a
+    dict and a `Logprob` object per sampled token, the garbage collector on), with the flat log-prob container alone,
+    and with both of the backend's settings (flat container, collector paused). Then a cProfile of one generate the
+    backend's way at the first batch: the functions with the most time of their own."""
+    variants = {"vllm_defaults": (False, False), "flat_logprobs": (True, False), "backend": (True, True)} if variants \
+        else {}
+    out = run.res.setdefault("host", {})[name] = {"variants": {}}
+    for key, (flat, pause) in variants.items():
+        gen = lambda p, n: vllm_generate(worker, p, n, flat_logprobs=flat, pause_gc=pause)  # noqa: E731
+        rows = out["variants"][key] = {"flat_logprobs": flat, "pause_gc": pause}
+        for B in sizes.batches:
+            rows[str(B)] = timed_tokens_per_s(gen, B, sizes, vocab, seed=f"host {key} {B}")
+            log(f"host {name} {key} batch {B}: {rows[str(B)]['gen_tokens_per_s']:,.0f} gen tokens/s, "
+                f"GC {rows[str(B)]['gc_s_per_generate']:.3f} s per generate")
+        run.save()
+    B, N = sizes.batches[0], sizes.new_tokens // 2
+    prompts = random_prompts(B, sizes.prompt_len, vocab, seed="host profile")
+    prof = cProfile.Profile()
+    prof.enable()
+    wall, _ = timed(lambda: vllm_generate(worker, prompts, N))
+    prof.disable()
+    stats = pstats.Stats(prof)
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:25]  # (file, line, fn): (cc, nc, tt, ct, callers)
+    out["cprofile"] = {"batch": B, "new_tokens": N, "wall_s_profiled": wall, "total_tt_s": stats.total_tt,
+                       "top_by_own_time": [{"function": f"{short_path(f)}:{line}({fn})", "calls": nc,
+                                            "own_ms_per_step": 1e3 * tt / N, "cumulative_ms_per_step": 1e3 * ct / N}
+                                           for (f, line, fn), (_, nc, tt, ct, _) in rows]}
+
+
+def short_path(path: str) -> str:
+    for marker in ("site-packages/", "vx_site/", "/work/", "/alignment/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    return path
+
+
+def bench_profile(run: Run, name: str, gen, sizes: Sizes, vocab: int):
+    """Top CUDA kernels of one gen(prompts, new_tokens) call at the last batch, and the device time per step."""
     from torch.profiler import ProfilerActivity, profile
 
     B, N = sizes.batches[-1], sizes.profile_tokens
-    vllm_generate(worker, random_prompts(B, sizes.prompt_len, vocab, seed="profile warmup"), N)  # same shapes
+    gen(random_prompts(B, sizes.prompt_len, vocab, seed="profile warmup"), N)  # same shapes
     prompts = random_prompts(B, sizes.prompt_len, vocab, seed="profile")
     with profile(activities=[ProfilerActivity.CUDA], record_shapes=False, with_stack=False) as prof:
-        wall, _ = timed(lambda: vllm_generate(worker, prompts, N))
+        wall, _ = timed(lambda: gen(prompts, N))
     rows, total_ms = top_kernels(prof.events())
     run.res["profile"][name] = {"batch": B, "prompt_len": sizes.prompt_len, "new_tokens": N, "wall_s": wall,
                                 "total_cuda_ms": total_ms, "steps": N, "cuda_ms_per_step": total_ms / N,
@@ -477,9 +552,13 @@ def run_engine(run: Run, name: str, model, sizes: Sizes, vocab: int, skip: str |
     sections = {  # name: (seconds of budget it needs, measurement)
         "throughput": (40, lambda: bench_generate(run, f"vllm_{name}", lambda p, n: vllm_generate(worker, p, n),
                                                   sizes, vocab, need_s=20)),
-        "profile": (25, lambda: bench_profile(run, name, worker, sizes, vocab)),
+        "host": (60 if name == "patched" else 10,
+                 lambda: bench_host(run, name, worker, sizes, vocab, variants=name == "patched")),
     }
-    if name != "patched_async":  # the same numerics as "patched"
+    if name != "prefill_only":
+        sections["profile"] = (25, lambda: bench_profile(run, name, lambda p, n: vllm_generate(worker, p, n), sizes,
+                                                         vocab))
+    if name in ("stock", "patched"):
         sections["mismatch"] = (25, lambda: bench_mismatch(run, name, worker, model, sizes, vocab))
     if name == "patched":  # last of all: they change the trainer's weights
         sections["weight_sync"] = (20, lambda: bench_weight_sync(run, worker, model, sizes, vocab))
@@ -543,7 +622,7 @@ def markdown(res: dict) -> str:
         out += ["\nDecode only: ms/step = (t(N new) − t(1 new)) / (N − 1); t(1 new) is mostly the prefill.\n",
                 "| backend | batch | t(1 new) s | t(N new) s | ms/decode step |", "|---|---|---|---|---|"]
         out += [f"| {k} | {d['batch']} | {d['t1_s']:.3f} | {d['tN_s']:.3f} (N={d['new_tokens']}) | "
-                f"{d['ms_per_decode_step']:.2f} |" for k, d in res["decode"].items()]
+                f"{d['ms_per_decode_step']:.2f} |" for k, rows in res["decode"].items() for d in rows.values()]
     if res["engines"]:
         out.append("\nEngine init: " + ", ".join(f"{k} {e['init_s']:.0f} s" for k, e in res["engines"].items()))
     ws = res.get("weight_sync")
@@ -571,8 +650,24 @@ def markdown(res: dict) -> str:
         out += [f"| {k} | {r['trainer']} | {r['engine']} | {r['tokens']} | {r['mismatch/logp_abs_mean']:.4f} | "
                 f"{r['mismatch/logp_abs_max']:.3f} | {r['mismatch/prob_corr']:.5f} |"
                 for k, r in res["mismatch"].items()]
+    for name, h in res.get("host", {}).items():
+        out.append(f"\n## Host work, vLLM {name}\n")
+        if h["variants"]:
+            out += ["Output handling and the garbage collector:\n",
+                    "| output handling | batch | gen tokens/s | GC s per generate | GC collections |",
+                    "|---|---|---|---|---|"]
+        out += [f"| {key} | {b} | {r['gen_tokens_per_s']:,.0f} | {r['gc_s_per_generate']:.3f} | "
+                f"{r['gc_collections_per_generate']:.0f} |"
+                for key, rows in h["variants"].items() for b, r in rows.items() if isinstance(r, dict)]
+        cp = h.get("cprofile")
+        if cp:
+            out += [f"\ncProfile of one generate, the backend's way: batch {cp['batch']}, {cp['new_tokens']} new "
+                    f"tokens, {cp['wall_s_profiled']:.2f} s under the profiler; per decode step:\n",
+                    "| function | calls | own ms | cumulative ms |", "|---|---|---|---|"]
+            out += [f"| `{r['function'][-90:]}` | {r['calls']} | {r['own_ms_per_step']:.3f} | "
+                    f"{r['cumulative_ms_per_step']:.3f} |" for r in cp["top_by_own_time"]]
     for name, p in res["profile"].items():
-        out += [f"\n## Profile, vLLM {name}: batch {p['batch']}, {p['new_tokens']} new tokens\n",
+        out += [f"\n## Profile, {name}: batch {p['batch']}, {p['new_tokens']} new tokens\n",
                 f"Total CUDA time {p['total_cuda_ms']:.1f} ms = {p['cuda_ms_per_step']:.2f} ms per step (prefill "
                 f"included); wall {p['wall_s']:.2f} s.\n", "| kernel | total ms | calls | ms/call |",
                 "|---|---|---|---|"]
@@ -589,6 +684,8 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=480, help="skip sections that would end later than this")
     ap.add_argument("--full-autotune", action="store_true", help="fla's full Triton autotuning (see bench_train)")
     ap.add_argument("--hard-limit-s", type=float, default=540, help="exit after this long even if a section hangs")
+    ap.add_argument("--engines", nargs="*", default=list(DEFAULT_ENGINES), choices=list(ENGINES),
+                    help=f"vLLM engines to measure, in this order (default: {' '.join(DEFAULT_ENGINES)})")
     args = ap.parse_args(argv)
     watchdog(args.hard_limit_s)
     sizes = QUICK if args.quick else FULL
@@ -598,7 +695,7 @@ def main(argv=None):
     yaml = args.model or (MODEL_YAML if DEVICE == "cuda" else TINY_YAML)
     run.res.update(environment=environment(), config={**asdict(sizes), "quick": args.quick, "device": DEVICE,
                    "budget_s": args.budget_s, "lm_head_scale": LM_HEAD_SCALE, "temperature": 1.0, "seed": 0,
-                   "engine_kwargs": ENGINE_KWARGS, "engine_patches": ENGINES,
+                   "engine_kwargs": ENGINE_KWARGS, "engine_patches": {k: ENGINES[k] for k in args.engines},
                    "autotuning": "full" if args.full_autotune else "limited (kernels.limit_triton_autotuning)"})
     log(run.res["environment"])
 
@@ -607,11 +704,14 @@ def main(argv=None):
         vocab = model.config.vocab_size
         run.section("transformers/throughput", lambda: bench_generate(
             run, "transformers", lambda p, n: hf_generate(model, p, n), sizes, vocab, need_s=260))
+        run.section("transformers/profile", lambda: bench_profile(
+            run, "transformers", lambda p, n: hf_generate(model, p, n), sizes, vocab), need_s=260,
+            skip=None if DEVICE == "cuda" else "CUDA activity: GPU only")
         free_memory()
         run.section("transformers_stock/throughput", lambda: bench_stock_generate(run, model, sizes, vocab), need_s=60)
         free_memory()
         skip = vllm_unavailable(run)
-        for name in ENGINES:
+        for name in args.engines:
             run_engine(run, name, model, sizes, vocab, skip)
     run.save()
     print(markdown(run.res), flush=True)

@@ -25,8 +25,8 @@ from alignment.lightning import lightning_slopes
 from alignment.modeling import LoraOptions, ModelOptions, PackedLightningAttention, load_model
 from alignment.rollout import SamplingOptions, logprob_mismatch
 from alignment.rollout.vllm_backend import (LIGHTNING_BUFFERS, VLLMRollout, _clear_new_sequence_states,
-                                            direct_sync_plan, export_for_vllm, merged_parameters,
-                                            vllm_checkpoint_tensors)
+                                            direct_sync_plan, export_for_vllm, gc_paused, merged_parameters,
+                                            sampled_logprobs, vllm_checkpoint_tensors)
 from alignment.tokenizer import build_tokenizer
 
 TINY = "configs/model/tiny.yaml"
@@ -162,6 +162,37 @@ def test_vectorised_state_clearing_equals_vllms_loop():
             expected[slots[j]] = 0
     _clear_new_sequence_states(cache, slots, md)
     assert torch.equal(cache, expected) and cache[5].abs().sum() > 0 and cache[2].abs().sum() == 0
+
+
+def test_sampled_logprobs_read_both_of_vllms_containers_alike():
+    """`logprobs=0` gives one entry per position: vLLM's flat container (`flat_logprobs=True`, the backend's) is read
+    as it is, the dict-per-position form (vLLM's default) entry by entry; a flat container that does not line up with
+    the tokens falls back to the lookup."""
+    tokens, values = [5, 9, 5], [-0.5, -1.25, -0.125]
+    as_dicts = [{t: SimpleNamespace(logprob=v)} for t, v in zip(tokens, values)]
+    flat = SimpleNamespace(token_ids=list(tokens), logprobs=list(values))
+    assert sampled_logprobs(SimpleNamespace(token_ids=tokens, logprobs=as_dicts)) == values
+    assert sampled_logprobs(SimpleNamespace(token_ids=tuple(tokens), logprobs=flat)) == values
+
+    class Misaligned(list):  # a container with extra entries: only the lookup by position and token is right
+        token_ids = [5, 1, 9, 5]
+
+    assert sampled_logprobs(SimpleNamespace(token_ids=tokens, logprobs=Misaligned(as_dicts))) == values
+
+
+def test_gc_paused_restores_the_collectors_state():
+    import gc
+
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+        with gc_paused():
+            pass
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(KeyError), gc_paused():
+        raise KeyError("x")
+    assert gc.isenabled()
 
 
 def test_bf16_model_decays_with_float32_slopes_and_rotates_with_float32_frequencies(tmp_path):

@@ -33,6 +33,11 @@ vLLM 0.22.1 (its `MiniMaxText01ForCausalLM`). What it takes to make vLLM sample 
   runs all prefills of a step in one flash-linear-attention `chunk_simple_gla` call (`cu_seqlens`, initial states
   from the cache, final states written back): the same kernel the trainer uses (`alignment.kernels`).
 
+Host work (`VLLMRollout.run`, `LEAN_OUTPUTS`): the in-process engine's decode step is host-bound for this model size (the GPU
+is busy ~7 of ~26 ms at batch 256), so `generate` asks for vLLM's flat log-prob container (a few lists per request
+instead of a dict and a `Logprob` object per token) and pauses Python's cyclic garbage collector while the engine
+steps: every collection of the older generations walks the trainer's objects too, in the same process.
+
 Log-probs are vLLM's `processed_logprobs`: log softmax(logits / T) of the sampled token, the quantity the trainer
 recomputes (top-k / top-p, when set, renormalise it). The repetition early stop [M1 §3] is applied to the returned
 completions (cut at the first run of K confident tokens), which gives the same completions as the transformers
@@ -42,6 +47,7 @@ backend but saves no generation time.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -279,6 +285,28 @@ def _batched_prefill_and_mix(self, q, k, v, kv_cache, state_indices_tensor, attn
     return torch.cat(parts).contiguous()
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cyclic garbage collector off inside the block (restored after; reference counting still frees
+    almost everything): see the module docstring's host work."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def sampled_logprobs(completion) -> list[float]:
+    """The log-prob of each sampled token of a vLLM `CompletionOutput` requested with `logprobs=0`: read straight
+    from a `FlatLogprobs` container (one entry per position), else from the dict per position."""
+    tokens, lps = list(completion.token_ids), completion.logprobs
+    if getattr(lps, "token_ids", None) == tokens:
+        return list(lps.logprobs)
+    return [lps[t][tok].logprob for t, tok in enumerate(tokens)]
+
+
 def _lightning_norm_eps(model) -> float:
     from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
 
@@ -389,23 +417,33 @@ class VLLMRollout:
             raise WeightSyncError(f"weight sync left {len(missing)} vLLM parameters unwritten, e.g. "
                                   f"{sorted(missing)[:4]} (names the trainer's model does not provide)")
 
+    # SamplingParams fields that keep the per-token host work small (module docstring, host work): token ids out,
+    # no text; log-probs in vLLM's flat container
+    LEAN_OUTPUTS = dict(detokenize=False, flat_logprobs=True)
+
+    def run(self, token_ids: list[list[int]], params, pause_gc: bool = True) -> list:
+        """vLLM's `generate` on token-id prompts (one `RequestOutput` each), the garbage collector paused while the
+        engine steps unless `pause_gc` is False."""
+        from vllm.inputs import TokensPrompt
+
+        with gc_paused() if pause_gc else contextlib.nullcontext():
+            return self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in token_ids], params, use_tqdm=False)
+
     def generate(self, prompts: list, n: int, sampling: SamplingOptions) -> RolloutBatch:
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         ids = encode_prompts(self.tokenizer, prompts)
         eos = eos_ids(self.tokenizer)
         params = SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                                 max_tokens=sampling.max_new_tokens, stop_token_ids=eos, logprobs=0,
-                                detokenize=False)
+                                **self.LEAN_OUTPUTS)
         start = time.perf_counter()
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
+        outputs = self.run(ids, params)
         seconds = time.perf_counter() - start
         prompt_ids, completions, logprobs, reasons = [], [], [], []
         for p, out in zip(ids, outputs):
             for c in sorted(out.outputs, key=lambda c: c.index):
-                tokens = list(c.token_ids)
-                lp = [c.logprobs[t][tok].logprob for t, tok in enumerate(tokens)]
+                tokens, lp = list(c.token_ids), sampled_logprobs(c)
                 reason = "eos" if c.finish_reason == "stop" else "length"  # vLLM also stops on the config's EOS
                 cut = repetition_cut(lp, sampling.repetition_stop_k, sampling.repetition_stop_p)
                 if cut is not None and not (reason == "eos" and cut == len(tokens)):  # EOS first, as online
@@ -427,11 +465,9 @@ class VLLMRollout:
         """The engine's log-probs (temperature 1) of given completions, teacher-forced: for checking a weight sync
         against the trainer on fixed sequences."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompt_ids, completion_ids)],
-                                    params, use_tqdm=False)
+        outputs = self.run([p + c for p, c in zip(prompt_ids, completion_ids)], params)
         return [[out.prompt_logprobs[len(p) + t][tok].logprob for t, tok in enumerate(c)]
                 for p, c, out in zip(prompt_ids, completion_ids, outputs)]
 
