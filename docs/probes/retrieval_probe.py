@@ -30,6 +30,8 @@ def main():
     ap.add_argument("--pairs", type=int, nargs=2, default=(2, 4), metavar=("LO", "HI"))
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--model", default="configs/model/tiny.yaml")
+    ap.add_argument("--key-vocab", type=int, default=0,
+                    help="keys from the first N words only, values from the rest (0: both from all words)")
     args = ap.parse_args()
     torch.manual_seed(0)
     tok = build_tokenizer(tempfile.mkdtemp(), vocab_size=1024)
@@ -37,8 +39,11 @@ def main():
 
     def example(rng):
         k = rng.randint(*args.pairs)
-        words = rng.sample(WORDS, 2 * k)
-        keys, values = words[:k], words[k:]
+        if args.key_vocab:
+            keys, values = rng.sample(WORDS[: args.key_vocab], k), rng.sample(WORDS[args.key_vocab :], k)
+        else:
+            words = rng.sample(WORDS, 2 * k)
+            keys, values = words[:k], words[k:]
         q = rng.randrange(k)
         pair = "{a} = {b}" if args.format == "kv" else "{b} is {a}"
         haystack = "; ".join(pair.format(a=a, b=b) for a, b in zip(keys, values))
