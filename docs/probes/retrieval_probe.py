@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--pairs", type=int, nargs=2, default=(2, 4), metavar=("LO", "HI"))
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--log-every", type=int, default=0, help="steps between held-out evaluations (0: ten in all)")
     ap.add_argument("--model", default="configs/model/tiny.yaml")
     ap.add_argument("--key-vocab", type=int, default=0,
                     help="keys from the first N words only, values from the rest (0: both from all words)")
@@ -71,7 +72,7 @@ def main():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
-        if step % max(1, args.steps // 10) == 0:
+        if step % (args.log_every or max(1, args.steps // 10)) == 0:
             model.eval()
             with torch.no_grad():
                 pred = model(input_ids=test_ids, attention_mask=test_mask).logits[:, -1].argmax(-1)
