@@ -71,7 +71,9 @@ PATCHES = ("numerics", "batched_prefill")
 # (what the numerics cost in speed). "patched_async" (not run by default; slower in the 2026-12-02 run): vLLM's
 # async scheduling, meant to overlap a step's host work with the GPU.
 ENGINES = {"stock": ((), {}), "prefill_only": (("batched_prefill",), {}),
-           "patched_async": (PATCHES, {"async_scheduling": True}), "patched": (PATCHES, {})}
+           "patched_async": (PATCHES, {"async_scheduling": True}),
+           "patched_kv_groups": (PATCHES + ("kv_group_per_kind",), {}),  # one KV-cache group per layer kind
+           "patched": (PATCHES, {})}
 # "patched" last: its weight-sync and fitted-model sections change the trainer's weights
 DEFAULT_ENGINES = ("stock", "prefill_only", "patched")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -276,14 +278,14 @@ def perturb_(model, scale: float, seed: int):
 
 # ---- vLLM ----------------------------------------------------------------------------------------------------------
 
-def bench_stock_generate(run: Run, model, sizes: Sizes, vocab: int):
+def bench_stock_generate(run: Run, model, sizes: Sizes, vocab: int, profile: bool = True):
     """The same weights in stock transformers (`stock_model_copy`), generating the same way: is the toolkit's model
     slower per decode step than stock? (Stock MiniMax decoding restarts positions after the prompt, see
     `alignment.modeling.MiniMaxDecodeCache`: wrong tokens, the same work.)"""
     with torch.device(DEVICE):
         stock = stock_model_copy(model)
     bench_generate(run, "transformers_stock", lambda p, n: hf_generate(stock, p, n), sizes, vocab, need_s=60)
-    if DEVICE == "cuda":
+    if DEVICE == "cuda" and profile:
         bench_profile(run, "transformers_stock", lambda p, n: hf_generate(stock, p, n), sizes, vocab)
     del stock
 
@@ -429,10 +431,13 @@ def bench_mismatch(run: Run, name: str, worker, model, sizes: Sizes, vocab: int)
         trainers = {"a_stock_bf16_head": ("stock transformers, bf16 LM head", stock, None),
                     "b_stock_fp32_head": ("stock transformers, FP32 LM head", stock,
                                           lambda h: F.linear(h.float(), w.float()))}
-    else:
+    elif name == "patched":
         trainers = {"c_ours": (f"ours (load_model, FP32 LM head, {run.res['model']['lightning_kernel']} kernel)",
                                model, None),
                     "d_ours_torch_kernel": ("ours, lightning_kernel: torch", model, None)}
+    else:  # an engine variant: is it still the same network?
+        trainers = {f"c_ours_vs_{name}": (f"ours (load_model, FP32 LM head, {run.res['model']['lightning_kernel']} "
+                                          "kernel)", model, None)}
     for key, (desc, tmodel, head) in trainers.items():
         with lightning_kernel(model, "torch") if key.endswith("torch_kernel") else contextlib.nullcontext():
             train, mask = teacher_forced_logp(tmodel, prompts, completions, head)
@@ -542,12 +547,16 @@ def build_engine(run: Run, name: str, model):
     kwargs = {**ENGINE_KWARGS, "engine_patches": patches, **extra}
     sec, worker = timed(lambda: VLLMRollout(model, None, **kwargs))
     run.res["engines"][name] = {**kwargs, "init_s": sec}
+    with contextlib.suppress(AttributeError):  # the in-process engine core's scheduler
+        groups = worker.llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_config.kv_cache_groups
+        run.res["engines"][name]["kv_cache_group_sizes"] = [len(g.layer_names) for g in groups]
+    log(f"{name} engine: {run.res['engines'][name]}")
     return worker
 
 
-def run_engine(run: Run, name: str, model, sizes: Sizes, vocab: int, skip: str | None):
+def run_engine(run: Run, name: str, model, sizes: Sizes, vocab: int, skip: str | None, throughput_only: bool = False):
     """Build one engine, run its sections (each skipped with the reason when there is no engine or too little time
-    is left), free it."""
+    is left), free it. `throughput_only`: tokens/s, and for an engine variant its mismatch (same network?)."""
     worker = None
     sections = {  # name: (seconds of budget it needs, measurement)
         "throughput": (40, lambda: bench_generate(run, f"vllm_{name}", lambda p, n: vllm_generate(worker, p, n),
@@ -560,7 +569,11 @@ def run_engine(run: Run, name: str, model, sizes: Sizes, vocab: int, skip: str |
                                                          vocab))
     if name in ("stock", "patched"):
         sections["mismatch"] = (25, lambda: bench_mismatch(run, name, worker, model, sizes, vocab))
-    if name == "patched":  # last of all: they change the trainer's weights
+    if throughput_only:
+        sections = {"throughput": sections["throughput"]}
+        if name not in ("stock", "patched"):
+            sections["mismatch"] = (25, lambda: bench_mismatch(run, name, worker, model, sizes, vocab))
+    elif name == "patched":  # last of all: they change the trainer's weights
         sections["weight_sync"] = (20, lambda: bench_weight_sync(run, worker, model, sizes, vocab))
         sections["trained_mismatch"] = (40, lambda: bench_trained_mismatch(
             run, worker, model, sizes, steps=150 if sizes is FULL else 5, vocab=min(2000, vocab)))
@@ -684,6 +697,9 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=480, help="skip sections that would end later than this")
     ap.add_argument("--full-autotune", action="store_true", help="fla's full Triton autotuning (see bench_train)")
     ap.add_argument("--hard-limit-s", type=float, default=540, help="exit after this long even if a section hangs")
+    ap.add_argument("--throughput-only", action="store_true",
+                    help="only tokens/s (stock transformers as the baseline) and each engine variant's mismatch: "
+                         "for comparing engine variants quickly, not a complete run")
     ap.add_argument("--engines", nargs="*", default=list(DEFAULT_ENGINES), choices=list(ENGINES),
                     help=f"vLLM engines to measure, in this order (default: {' '.join(DEFAULT_ENGINES)})")
     args = ap.parse_args(argv)
@@ -702,17 +718,19 @@ def main(argv=None):
     model = run.section("setup", lambda: build_model(run, yaml))
     if model is not None:
         vocab = model.config.vocab_size
+        quick_skip = "--throughput-only" if args.throughput_only else None
         run.section("transformers/throughput", lambda: bench_generate(
-            run, "transformers", lambda p, n: hf_generate(model, p, n), sizes, vocab, need_s=260))
+            run, "transformers", lambda p, n: hf_generate(model, p, n), sizes, vocab, need_s=260), skip=quick_skip)
         run.section("transformers/profile", lambda: bench_profile(
             run, "transformers", lambda p, n: hf_generate(model, p, n), sizes, vocab), need_s=260,
-            skip=None if DEVICE == "cuda" else "CUDA activity: GPU only")
+            skip=quick_skip or (None if DEVICE == "cuda" else "CUDA activity: GPU only"))
         free_memory()
-        run.section("transformers_stock/throughput", lambda: bench_stock_generate(run, model, sizes, vocab), need_s=60)
+        run.section("transformers_stock/throughput", lambda: bench_stock_generate(
+            run, model, sizes, vocab, profile=not args.throughput_only), need_s=60)
         free_memory()
         skip = vllm_unavailable(run)
         for name in args.engines:
-            run_engine(run, name, model, sizes, vocab, skip)
+            run_engine(run, name, model, sizes, vocab, skip, throughput_only=args.throughput_only)
     run.save()
     print(markdown(run.res), flush=True)
     log("done")

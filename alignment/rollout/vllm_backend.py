@@ -28,6 +28,12 @@ vLLM 0.22.1 (its `MiniMaxText01ForCausalLM`). What it takes to make vLLM sample 
   state cache in float32 (vLLM defaults to the model dtype: a bf16 state rounded at every decode step), the output
   RMSNorm epsilon of the trainer (vLLM hard-codes 1e-5, transformers' layer uses 1e-6) and the trainer's float32
   slopes (`alignment.lightning.lightning_slopes`; vLLM's own formula differs in the last digits).
+- Fewer KV-cache groups (`"kv_group_per_kind"`, opt-in): vLLM makes every KV-cache group as large as the smallest
+  layer kind, so 2 softmax + 14 lightning layers become 8 groups, and its scheduler asks every group's manager, for
+  every request and decode step, which blocks to free and to allocate (the biggest host cost of a decode step in
+  bench_rollout's cProfile). With one group per kind it asks two. The price: a softmax block leaves the pages of the
+  pool's other layers unused (vLLM's own "padding layers"), so softmax KV memory per token grows by
+  lightning layers / softmax layers (7x here) -- cheap for short rollouts, not for long contexts.
 - Speed (`engine_patches="batched_prefill"`): vLLM 0.22.1 prefills lightning layers one sequence at a time, in a
   Python loop with a device sync per sequence per layer, which dominates rollouts of many short prompts. The patch
   runs all prefills of a step in one flash-linear-attention `chunk_simple_gla` call (`cu_seqlens`, initial states
@@ -61,7 +67,8 @@ from alignment.lightning import lightning_slopes
 from alignment.rollout.base import RolloutBatch, SamplingOptions, encode_prompts, eos_ids, stop_metrics
 
 VLLM_HINT = "the vLLM rollout backend needs vLLM and a CUDA GPU: pip install -e '.[gpu]'"
-ENGINE_PATCHES = ("numerics", "batched_prefill")
+ENGINE_PATCHES = ("numerics", "batched_prefill")  # the default
+OPTIONAL_ENGINE_PATCHES = ("kv_group_per_kind",)  # measured as a bench variant first (bench/README.md)
 # transformers saves these lightning-layer buffers; vLLM's loader has no parameter for them (they are recomputed)
 LIGHTNING_BUFFERS = (".slope_rate", ".query_decay", ".key_decay", ".diagonal_decay")
 
@@ -212,13 +219,19 @@ def patched_engine_build(patches: tuple[str, ...], norm_eps: float):
     """While vLLM builds its model (before compilation and CUDA-graph capture, which freeze constants), give every
     MiniMax lightning layer the trainer's numerics and/or the batched prefill. Instance attributes only: an engine
     built outside this context is stock."""
-    unknown = set(patches) - set(ENGINE_PATCHES)
+    known = ENGINE_PATCHES + OPTIONAL_ENGINE_PATCHES
+    unknown = set(patches) - set(known)
     if unknown:
-        raise ValueError(f"engine_patches: unknown {sorted(unknown)}; known: {', '.join(ENGINE_PATCHES)}")
+        raise ValueError(f"engine_patches: unknown {sorted(unknown)}; known: {', '.join(known)}")
     if not patches:
         yield
         return
     from vllm.model_executor.layers.mamba import linear_attn
+    from vllm.v1.core import kv_cache_utils
+
+    original_groups = kv_cache_utils._get_kv_cache_groups_uniform_page_size
+    if "kv_group_per_kind" in patches:  # vLLM calls it through the module while the engine core starts
+        kv_cache_utils._get_kv_cache_groups_uniform_page_size = kv_group_per_kind
 
     cls = linear_attn.MiniMaxText01LinearAttention
     original_init = cls.__init__
@@ -242,6 +255,19 @@ def patched_engine_build(patches: tuple[str, ...], norm_eps: float):
         yield
     finally:
         cls.__init__ = original_init
+        kv_cache_utils._get_kv_cache_groups_uniform_page_size = original_groups
+
+
+def kv_group_per_kind(kv_cache_spec: dict) -> list:
+    """Replacement for vLLM 0.22.1's `kv_cache_utils._get_kv_cache_groups_uniform_page_size`: one KV-cache group per
+    layer kind (spec), in layer order, instead of groups the size of the smallest kind (module docstring). vLLM's
+    memory layout takes groups of unequal length: pool i holds layer i of every group that has one."""
+    from vllm.v1.core.kv_cache_utils import create_kv_cache_group_specs
+
+    kinds: dict = {}
+    for name, spec in kv_cache_spec.items():
+        kinds.setdefault(spec, []).append(name)
+    return create_kv_cache_group_specs(kv_cache_spec, list(kinds.values()))
 
 
 def _clear_new_sequence_states(kv_cache, state_indices_tensor, attn_metadata) -> None:
