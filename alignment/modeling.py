@@ -61,10 +61,6 @@ class ModelOptions:
     path: str
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
-    # transformers' MoE experts kernel. "auto": "eager" (a loop over the experts that have tokens) on a machine
-    # without CUDA, where torch's grouped GEMM runs slower (tiny model, 1 thread: 0.45 vs 0.74 s per 4 x 512 training
-    # step), else transformers' default ("grouped_mm"). Same math either way.
-    experts_implementation: Literal["auto", "eager", "grouped_mm", "batched_mm"] = "auto"
     # MiniMax-M1 §3: logits in FP32 cut the train/rollout probability mismatch.
     fp32_lm_head: bool = True
     # Override the RoPE base (MiniMax-01 keeps 10M through post-training); None keeps the checkpoint's.
@@ -308,11 +304,6 @@ def load_model(spec: str | Path | ModelOptions, seed: int = 0) -> torch.nn.Modul
         # .to(dtype) also rounded RoPE's inverse frequencies (in bf16, ~0.3 rad of phase off by position 256);
         # from_pretrained and vLLM keep them in fp32: rebuild the (parameter-free) rotary module in fp32
         model.model.rotary_emb = mm.MiniMaxRotaryEmbedding(config)
-    experts = opts.experts_implementation
-    if experts == "auto":
-        experts = None if torch.cuda.is_available() else "eager"
-    if experts is not None:
-        model.set_experts_implementation(experts)
     make_packing_safe(model)
     for module in model.modules():
         if isinstance(module, (PackedLightningAttention, PackedSoftmaxAttention)):
