@@ -26,7 +26,7 @@ from alignment.modeling import LoraOptions, ModelOptions, PackedLightningAttenti
 from alignment.rollout import SamplingOptions, logprob_mismatch
 from alignment.rollout.vllm_backend import (LIGHTNING_BUFFERS, VLLMRollout, _clear_new_sequence_states,
                                             direct_sync_plan, export_for_vllm, gc_paused, merged_parameters,
-                                            sampled_logprobs, vllm_checkpoint_tensors)
+                                            patched_engine_build, sampled_logprobs, vllm_checkpoint_tensors)
 from alignment.tokenizer import build_tokenizer
 
 TINY = "configs/model/tiny.yaml"
@@ -178,6 +178,12 @@ def test_sampled_logprobs_read_both_of_vllms_containers_alike():
         token_ids = [5, 1, 9, 5]
 
     assert sampled_logprobs(SimpleNamespace(token_ids=tokens, logprobs=Misaligned(as_dicts))) == values
+
+
+def test_unknown_engine_patch_is_refused_before_vllm_is_touched():
+    with pytest.raises(ValueError, match=r"unknown \['prefil'\]; known: numerics, batched_prefill, kv_group_per_kind"):
+        with patched_engine_build(("numerics", "prefil"), norm_eps=1e-6):
+            pass
 
 
 def test_gc_paused_restores_the_collectors_state():
