@@ -31,6 +31,8 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--log-every", type=int, default=0, help="steps between held-out evaluations (0: ten in all)")
     ap.add_argument("--model", default="configs/model/tiny.yaml")
+    ap.add_argument("--warmup-pairs-steps", type=int, default=0,
+                    help="curriculum: the first N steps with 1 pair per haystack (copy the only value), then --pairs")
     ap.add_argument("--key-vocab", type=int, default=0,
                     help="keys from the first N words only, values from the rest (0: both from all words)")
     args = ap.parse_args()
@@ -38,8 +40,8 @@ def main():
     tok = build_tokenizer(tempfile.mkdtemp(), vocab_size=1024)
     model = load_model(args.model, seed=0).train()
 
-    def example(rng):
-        k = rng.randint(*args.pairs)
+    def example(rng, pairs=None):
+        k = rng.randint(*(pairs or args.pairs))
         if args.key_vocab:
             keys, values = rng.sample(WORDS[: args.key_vocab], k), rng.sample(WORDS[args.key_vocab :], k)
         else:
@@ -51,8 +53,8 @@ def main():
         ids = tok(f"Data: {haystack}. Q: {keys[q]}? A: {keys[q]} =", add_special_tokens=False)["input_ids"]
         return ids, tok(" " + values[q], add_special_tokens=False)["input_ids"][0]
 
-    def batch(rng, n):
-        rows = [example(rng) for _ in range(n)]
+    def batch(rng, n, pairs=None):
+        rows = [example(rng, pairs) for _ in range(n)]
         width = max(len(ids) for ids, _ in rows)
         ids = torch.zeros(n, width, dtype=torch.long)
         mask = torch.zeros(n, width, dtype=torch.long)
@@ -65,7 +67,7 @@ def main():
     start = time.time()
     for step in range(1, args.steps + 1):
         opt.param_groups[0]["lr"] = args.lr * min(1.0, step / (0.1 * args.steps))
-        ids, mask, answers = batch(train, 32)
+        ids, mask, answers = batch(train, 32, (1, 1) if step <= args.warmup_pairs_steps else None)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
         loss = torch.nn.functional.cross_entropy(logits.float(), answers)
         loss.backward()
