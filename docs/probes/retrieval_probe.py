@@ -4,9 +4,9 @@
 
 From random weights (configs/model/tiny.yaml), retrieval only: "Data: apple = river; tiger = lamp. Q: tiger? A: tiger ="
 → " lamp" (format `kv`) or with the value first, "lamp is tiger" (format `vk`). Only the value token is supervised;
-batches of 32, AdamW (betas 0.9 / 0.95), 10% linear warmup, gradient clipping at 1.0. Held-out accuracy (argmax at the
-answer position, 256 fixed questions) is printed ten times. README.md ("What the tiny model does not learn in CPU
-minutes") reports what it measured.
+batches of 32 (`--batch`), AdamW (betas 0.9 / 0.95), 10% linear warmup, gradient clipping at 1.0. Held-out
+accuracy (argmax at the answer position, 256 fixed questions) is printed ten times (`--log-every`). README.md ("What
+the tiny model does not learn in CPU minutes") reports what it measured.
 """
 import argparse
 import random
@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--pairs", type=int, nargs=2, default=(2, 4), metavar=("LO", "HI"))
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--batch", type=int, default=32, help="questions per step")
     ap.add_argument("--log-every", type=int, default=0, help="steps between held-out evaluations (0: ten in all)")
     ap.add_argument("--model", default="configs/model/tiny.yaml")
     ap.add_argument("--warmup-pairs-steps", type=int, default=0,
@@ -67,7 +68,7 @@ def main():
     start = time.time()
     for step in range(1, args.steps + 1):
         opt.param_groups[0]["lr"] = args.lr * min(1.0, step / (0.1 * args.steps))
-        ids, mask, answers = batch(train, 32, (1, 1) if step <= args.warmup_pairs_steps else None)
+        ids, mask, answers = batch(train, args.batch, (1, 1) if step <= args.warmup_pairs_steps else None)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
         loss = torch.nn.functional.cross_entropy(logits.float(), answers)
         loss.backward()
