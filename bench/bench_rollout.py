@@ -364,15 +364,14 @@ def bench_generate(run: Run, backend: str, gen, sizes: Sizes, vocab: int, need_s
         run.save()
 
 
-def bench_host(run: Run, name: str, worker, sizes: Sizes, vocab: int, variants: bool):
-    """Where a decode step's host time goes. With `variants`: tokens/s per batch with vLLM's own output handling (a
+def bench_host(run: Run, name: str, worker, sizes: Sizes, vocab: int, compare_outputs: bool):
+    """Where a decode step's host time goes. With `compare_outputs`: tokens/s per batch with vLLM's own output handling (a
     dict and a `Logprob` object per sampled token, the garbage collector on), with the flat log-prob container alone,
     and with both of the backend's settings (flat container, collector paused). Then a cProfile of one generate the
     backend's way at the first batch: the functions with the most time of their own."""
-    variants = {"vllm_defaults": (False, False), "flat_logprobs": (True, False), "backend": (True, True)} if variants \
-        else {}
+    variants = {"vllm_defaults": (False, False), "flat_logprobs": (True, False), "backend": (True, True)}
     out = run.res.setdefault("host", {})[name] = {"variants": {}}
-    for key, (flat, pause) in variants.items():
+    for key, (flat, pause) in variants.items() if compare_outputs else ():
         gen = lambda p, n: vllm_generate(worker, p, n, flat_logprobs=flat, pause_gc=pause)  # noqa: E731
         rows = out["variants"][key] = {"flat_logprobs": flat, "pause_gc": pause}
         for B in sizes.batches:
@@ -424,6 +423,7 @@ def bench_mismatch(run: Run, name: str, worker, model, sizes: Sizes, vocab: int)
     info = {"completions": len(completions), "mean_len": statistics.mean(map(len, completions)),
             "engine_tokens_per_s": batch.metrics.get("rollout/tokens_per_s"),
             **{k.split("/")[1]: v for k, v in batch.metrics.items() if k.startswith("rollout/stop_")}}
+    ours = f"ours (load_model, FP32 LM head, {run.res['model']['lightning_kernel']} kernel)"
     if name == "stock":
         with torch.device(DEVICE):
             stock = stock_model_copy(model)
@@ -432,12 +432,9 @@ def bench_mismatch(run: Run, name: str, worker, model, sizes: Sizes, vocab: int)
                     "b_stock_fp32_head": ("stock transformers, FP32 LM head", stock,
                                           lambda h: F.linear(h.float(), w.float()))}
     elif name == "patched":
-        trainers = {"c_ours": (f"ours (load_model, FP32 LM head, {run.res['model']['lightning_kernel']} kernel)",
-                               model, None),
-                    "d_ours_torch_kernel": ("ours, lightning_kernel: torch", model, None)}
+        trainers = {"c_ours": (ours, model, None), "d_ours_torch_kernel": ("ours, lightning_kernel: torch", model, None)}
     else:  # an engine variant: is it still the same network?
-        trainers = {f"c_ours_vs_{name}": (f"ours (load_model, FP32 LM head, {run.res['model']['lightning_kernel']} "
-                                          "kernel)", model, None)}
+        trainers = {f"c_ours_vs_{name}": (ours, model, None)}
     for key, (desc, tmodel, head) in trainers.items():
         with lightning_kernel(model, "torch") if key.endswith("torch_kernel") else contextlib.nullcontext():
             train, mask = teacher_forced_logp(tmodel, prompts, completions, head)
@@ -558,22 +555,17 @@ def run_engine(run: Run, name: str, model, sizes: Sizes, vocab: int, skip: str |
     """Build one engine, run its sections (each skipped with the reason when there is no engine or too little time
     is left), free it. `throughput_only`: tokens/s, and for an engine variant its mismatch (same network?)."""
     worker = None
-    sections = {  # name: (seconds of budget it needs, measurement)
-        "throughput": (40, lambda: bench_generate(run, f"vllm_{name}", lambda p, n: vllm_generate(worker, p, n),
-                                                  sizes, vocab, need_s=20)),
-        "host": (60 if name == "patched" else 10,
-                 lambda: bench_host(run, name, worker, sizes, vocab, variants=name == "patched")),
-    }
-    if name != "prefill_only":
-        sections["profile"] = (25, lambda: bench_profile(run, name, lambda p, n: vllm_generate(worker, p, n), sizes,
-                                                         vocab))
-    if name in ("stock", "patched"):
+    gen = lambda p, n: vllm_generate(worker, p, n)  # noqa: E731 - the engine is built below
+    sections = {"throughput": (40, lambda: bench_generate(run, f"vllm_{name}", gen, sizes, vocab, need_s=20))}
+    if not throughput_only:  # name: (seconds of budget it needs, measurement)
+        sections["host"] = (60 if name == "patched" else 10, lambda: bench_host(
+            run, name, worker, sizes, vocab, compare_outputs=name == "patched"))
+        if name != "prefill_only":
+            sections["profile"] = (25, lambda: bench_profile(run, name, gen, sizes, vocab))
+    reference = name in ("stock", "patched")  # the before/after rows; in quick runs: is a variant the same network?
+    if (not reference) if throughput_only else reference:
         sections["mismatch"] = (25, lambda: bench_mismatch(run, name, worker, model, sizes, vocab))
-    if throughput_only:
-        sections = {"throughput": sections["throughput"]}
-        if name not in ("stock", "patched"):
-            sections["mismatch"] = (25, lambda: bench_mismatch(run, name, worker, model, sizes, vocab))
-    elif name == "patched":  # last of all: they change the trainer's weights
+    if name == "patched" and not throughput_only:  # last of all: they change the trainer's weights
         sections["weight_sync"] = (20, lambda: bench_weight_sync(run, worker, model, sizes, vocab))
         sections["trained_mismatch"] = (40, lambda: bench_trained_mismatch(
             run, worker, model, sizes, steps=150 if sizes is FULL else 5, vocab=min(2000, vocab)))
