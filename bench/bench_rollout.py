@@ -7,7 +7,7 @@ For the 548M MiniMax config (bench/minimax_548m.yaml; random weights, bf16, seed
 sampled tokens are not near-uniform), bench/README.md explains each measurement:
 1. generation tokens/s, 128-token random prompts + 128 new tokens (EOS ignored), temperature 1, batch 64 and 256:
    transformers `generate` on `load_model`'s model and on stock transformers (same weights), stock vLLM
-   (`engine_patches=()`), vLLM with the batched prefill only, patched vLLM (the default); warm (one short warm-up
+   (`engine_patches=()`), patched vLLM with vLLM's own KV-cache groups, patched vLLM (the default); warm (one short warm-up
    generate, then the median of 3 timed); and a decode-only figure per batch: ms/step = (t(128 new) - t(1 new)) / 127.
 2. a torch-profiler (CUDA activity) capture of one generate (batch 256, 16 new tokens) per generator: top kernels;
    and the host side of a vLLM decode step: for the patched engine, tokens/s with vLLM's own output handling vs the
@@ -20,8 +20,9 @@ sampled tokens are not near-uniform), bench/README.md explains each measurement:
    vs patched vLLM (after).
 5. the same mismatch after fitting the trainer's model to a Markov chain (structured, peaked next-token distributions
    as a trained LM has) and syncing it into the patched engine.
-One vLLM engine is alive at a time (stock, prefill-only, then patched). Results are written after every section; a section that
-fails records its error and the next one runs; sections that would overrun `--budget-s` are skipped with the reason.
+One vLLM engine is alive at a time (stock, patched with vLLM's own groups, then patched; `--engines` picks others).
+Results are written after every section; a section that fails records its error and the next one runs; sections
+that would overrun `--budget-s` are skipped with the reason.
 Without CUDA or vLLM (CPU CI) only the transformers path runs (on configs/model/tiny.yaml) and the rest is recorded
 as skipped.
 """
@@ -66,16 +67,17 @@ TINY_YAML = str(ROOT / "configs" / "model" / "tiny.yaml")
 LM_HEAD_SCALE = 5.0  # random LM head x5: logits spread enough that sampling is not near-uniform (as the vLLM probe)
 NOISE = 0.05  # weight-sync check: noise of 0.05 x each parameter's std (0.05 absolute for constant ones, the norms)
 ENGINE_KWARGS = dict(gpu_memory_utilization=0.35, max_model_len=1024, max_num_seqs=256, enforce_eager=False, seed=0)
-PATCHES = ("numerics", "batched_prefill")
-# name: (engine patches, further vLLM arguments). "prefill_only": the batched prefill without the numerics patches
-# (what the numerics cost in speed). "patched_async" (not run by default; slower in the 2026-12-02 run): vLLM's
-# async scheduling, meant to overlap a step's host work with the GPU.
+PATCHES = ("numerics", "batched_prefill", "kv_group_per_kind")  # vllm_backend.ENGINE_PATCHES (not imported: CPU runs)
+# name: (engine patches, further vLLM arguments). "patched": the backend's default. "patched_vllm_groups": without
+# kv_group_per_kind (vLLM's own KV-cache groups: what that patch gives). "prefill_only": the batched prefill alone
+# (what the numerics cost in speed). "patched_async" (slower in the 2026-12-02 run): vLLM's async scheduling, meant
+# to overlap a step's host work with the GPU.
 ENGINES = {"stock": ((), {}), "prefill_only": (("batched_prefill",), {}),
+           "patched_vllm_groups": (PATCHES[:2], {}),
            "patched_async": (PATCHES, {"async_scheduling": True}),
-           "patched_kv_groups": (PATCHES + ("kv_group_per_kind",), {}),  # one KV-cache group per layer kind
            "patched": (PATCHES, {})}
 # "patched" last: its weight-sync and fitted-model sections change the trainer's weights
-DEFAULT_ENGINES = ("stock", "prefill_only", "patched")
+DEFAULT_ENGINES = ("stock", "patched_vllm_groups", "patched")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 START = time.time()
 
@@ -90,10 +92,11 @@ class Sizes:
     mismatch_n: int = 64
     sync_n: int = 16
     repeats: int = 3  # timed generates per figure (the median is reported): one ~1.5 s generate varied ±30% run to run
+    host_rounds: int = 2  # rounds of the host section's output-handling variants (bench_host)
 
 
 FULL, QUICK = Sizes(), Sizes(batches=(8,), prompt_len=16, new_tokens=16, warmup_tokens=4, profile_tokens=4,
-                             mismatch_n=8, sync_n=4, repeats=1)
+                             mismatch_n=8, sync_n=4, repeats=1, host_rounds=2)
 
 
 class GCClock:
@@ -367,18 +370,28 @@ def bench_generate(run: Run, backend: str, gen, sizes: Sizes, vocab: int, need_s
 def bench_host(run: Run, name: str, worker, sizes: Sizes, vocab: int, compare_outputs: bool):
     """Where a decode step's host time goes. With `compare_outputs`: tokens/s per batch with vLLM's own output handling (a
     dict and a `Logprob` object per sampled token, the garbage collector on), with the flat log-prob container alone,
-    and with both of the backend's settings (flat container, collector paused). Then a cProfile of one generate the
-    backend's way at the first batch: the functions with the most time of their own."""
+    and with both of the backend's settings (flat container, collector paused), in `sizes.host_rounds` rounds whose
+    order alternates (A B C, C B A: a drift of the engine's speed over its life falls on every variant alike; the
+    2026-12-02 runs measured them once each in a fixed order, and the last came out ~20% slower). Then a cProfile of
+    one generate the backend's way at the first batch: the functions with the most time of their own."""
     variants = {"vllm_defaults": (False, False), "flat_logprobs": (True, False), "backend": (True, True)}
     out = run.res.setdefault("host", {})[name] = {"variants": {}}
-    for key, (flat, pause) in variants.items() if compare_outputs else ():
-        gen = lambda p, n: vllm_generate(worker, p, n, flat_logprobs=flat, pause_gc=pause)  # noqa: E731
-        rows = out["variants"][key] = {"flat_logprobs": flat, "pause_gc": pause}
-        for B in sizes.batches:
-            rows[str(B)] = timed_tokens_per_s(gen, B, sizes, vocab, seed=f"host {key} {B}")
-            log(f"host {name} {key} batch {B}: {rows[str(B)]['gen_tokens_per_s']:,.0f} gen tokens/s, "
-                f"GC {rows[str(B)]['gc_s_per_generate']:.3f} s per generate")
-        run.save()
+    for r in range(sizes.host_rounds if compare_outputs else 0):
+        for key in list(variants)[:: 1 if r % 2 == 0 else -1]:
+            flat, pause = variants[key]
+            gen = lambda p, n: vllm_generate(worker, p, n, flat_logprobs=flat, pause_gc=pause)  # noqa: E731
+            rows = out["variants"].setdefault(key, {"flat_logprobs": flat, "pause_gc": pause})
+            for B in sizes.batches:
+                got = timed_tokens_per_s(gen, B, sizes, vocab, seed=f"host {key} {B}")
+                row = rows.setdefault(str(B), {"batch": B, "rounds": []})
+                row["rounds"].append(got)
+                row["gen_tokens_per_s"] = statistics.mean(g["gen_tokens_per_s"] for g in row["rounds"])
+                row["gc_s_per_generate"] = statistics.mean(g["gc_s_per_generate"] for g in row["rounds"])
+                row["gc_collections_per_generate"] = statistics.mean(g["gc_collections_per_generate"]
+                                                                     for g in row["rounds"])
+                log(f"host {name} {key} batch {B}, round {r + 1}: {got['gen_tokens_per_s']:,.0f} gen tokens/s, "
+                    f"GC {got['gc_s_per_generate']:.3f} s per generate")
+            run.save()
     B, N = sizes.batches[0], sizes.new_tokens // 2
     prompts = random_prompts(B, sizes.prompt_len, vocab, seed="host profile")
     prof = cProfile.Profile()
@@ -544,9 +557,7 @@ def build_engine(run: Run, name: str, model):
     kwargs = {**ENGINE_KWARGS, "engine_patches": patches, **extra}
     sec, worker = timed(lambda: VLLMRollout(model, None, **kwargs))
     run.res["engines"][name] = {**kwargs, "init_s": sec}
-    with contextlib.suppress(AttributeError):  # the in-process engine core's scheduler
-        groups = worker.llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_config.kv_cache_groups
-        run.res["engines"][name]["kv_cache_group_sizes"] = [len(g.layer_names) for g in groups]
+    run.res["engines"][name]["kv_cache_group_sizes"] = worker.kv_cache_group_sizes()
     log(f"{name} engine: {run.res['engines'][name]}")
     return worker
 
@@ -558,9 +569,9 @@ def run_engine(run: Run, name: str, model, sizes: Sizes, vocab: int, skip: str |
     gen = lambda p, n: vllm_generate(worker, p, n)  # noqa: E731 - the engine is built below
     sections = {"throughput": (40, lambda: bench_generate(run, f"vllm_{name}", gen, sizes, vocab, need_s=20))}
     if not throughput_only:  # name: (seconds of budget it needs, measurement)
-        sections["host"] = (60 if name == "patched" else 10, lambda: bench_host(
+        sections["host"] = (90 if name == "patched" else 10, lambda: bench_host(
             run, name, worker, sizes, vocab, compare_outputs=name == "patched"))
-        if name != "prefill_only":
+        if name in ("stock", "patched"):
             sections["profile"] = (25, lambda: bench_profile(run, name, gen, sizes, vocab))
     reference = name in ("stock", "patched")  # the before/after rows; in quick runs: is a variant the same network?
     if (not reference) if throughput_only else reference:
@@ -658,11 +669,12 @@ def markdown(res: dict) -> str:
     for name, h in res.get("host", {}).items():
         out.append(f"\n## Host work, vLLM {name}\n")
         if h["variants"]:
-            out += ["Output handling and the garbage collector:\n",
-                    "| output handling | batch | gen tokens/s | GC s per generate | GC collections |",
-                    "|---|---|---|---|---|"]
-        out += [f"| {key} | {b} | {r['gen_tokens_per_s']:,.0f} | {r['gc_s_per_generate']:.3f} | "
-                f"{r['gc_collections_per_generate']:.0f} |"
+            out += ["Output handling and the garbage collector (mean of the rounds; rounds in alternating order):\n",
+                    "| output handling | batch | gen tokens/s | by round | GC s per generate | GC collections |",
+                    "|---|---|---|---|---|---|"]
+        out += [f"| {key} | {b} | {r['gen_tokens_per_s']:,.0f} | "
+                f"{' / '.join(format(g['gen_tokens_per_s'], ',.0f') for g in r.get('rounds', []))} | "
+                f"{r['gc_s_per_generate']:.3f} | {r['gc_collections_per_generate']:.0f} |"
                 for key, rows in h["variants"].items() for b, r in rows.items() if isinstance(r, dict)]
         cp = h.get("cprofile")
         if cp:

@@ -48,8 +48,9 @@ class RolloutOptions:
     gpu_memory_utilization: float = 0.3  # vLLM's share of the GPU (weights + KV cache); the trainer has the rest
     max_model_len: int = 4096  # prompt + completion tokens
     enforce_eager: bool = False  # True: no CUDA graphs (slower decoding, faster start)
-    # trainer-matching numerics and the batched lightning prefill (see vllm_backend); [] = stock vLLM
-    engine_patches: list[str] = field(default_factory=lambda: ["numerics", "batched_prefill"])
+    # trainer-matching numerics, the batched lightning prefill, one KV-cache group per layer kind (see vllm_backend;
+    # for long-context rollouts drop kv_group_per_kind: it costs softmax KV memory); [] = stock vLLM
+    engine_patches: list[str] = field(default_factory=lambda: ["numerics", "batched_prefill", "kv_group_per_kind"])
     # further vLLM engine arguments, passed as they are (e.g. {async_scheduling: true, max_num_batched_tokens: 16384})
     engine_kwargs: dict = field(default_factory=dict)
 

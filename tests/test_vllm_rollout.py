@@ -275,7 +275,7 @@ GPU_MODEL = """vocab_size: 1024
 hidden_size: 256
 intermediate_size: 256
 num_hidden_layers: 4
-full_attention_every: 2
+full_attention_every: 4
 num_attention_heads: 4
 num_key_value_heads: 2
 head_dim: 64
@@ -347,6 +347,7 @@ def test_vllm_logprobs_follow_the_trainer_through_a_step_and_sync(gpu_checkpoint
     model = load_model(ModelOptions(path=str(gpu_checkpoint), dtype="bfloat16")).cuda().eval()
     worker = VLLMRollout(model, tokenizer, gpu_memory_utilization=0.25, max_model_len=512, max_num_seqs=64)
     try:
+        assert worker.kv_cache_group_sizes() == [3, 1]  # kv_group_per_kind: 3 lightning + 1 softmax layer
         prompts = [[{"role": "user", "content": f"What is {a} + {b}?"}] for a in range(4) for b in range(4)]
         batch = worker.generate(prompts, n=2, sampling=SamplingOptions(temperature=1.0, max_new_tokens=16))
         assert len(batch) == 32 and batch.metrics["rollout/tokens_per_s"] > 0

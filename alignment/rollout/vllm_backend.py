@@ -28,12 +28,13 @@ vLLM 0.22.1 (its `MiniMaxText01ForCausalLM`). What it takes to make vLLM sample 
   state cache in float32 (vLLM defaults to the model dtype: a bf16 state rounded at every decode step), the output
   RMSNorm epsilon of the trainer (vLLM hard-codes 1e-5, transformers' layer uses 1e-6) and the trainer's float32
   slopes (`alignment.lightning.lightning_slopes`; vLLM's own formula differs in the last digits).
-- Fewer KV-cache groups (`"kv_group_per_kind"`, opt-in): vLLM makes every KV-cache group as large as the smallest
+- Fewer KV-cache groups (`"kv_group_per_kind"`): vLLM makes every KV-cache group as large as the smallest
   layer kind, so 2 softmax + 14 lightning layers become 8 groups, and its scheduler asks every group's manager, for
   every request and decode step, which blocks to free and to allocate (the biggest host cost of a decode step in
   bench_rollout's cProfile). With one group per kind it asks two. The price: a softmax block leaves the pages of the
   pool's other layers unused (vLLM's own "padding layers"), so softmax KV memory per token grows by
-  lightning layers / softmax layers (7x here) -- cheap for short rollouts, not for long contexts.
+  lightning layers / softmax layers (7x here) -- cheap for short rollouts; for long-context rollouts drop it from
+  `engine_patches` (bench_rollout: batch-64 decode step 5.8 ms with it, 7.7 ms without).
 - Speed (`engine_patches="batched_prefill"`): vLLM 0.22.1 prefills lightning layers one sequence at a time, in a
   Python loop with a device sync per sequence per layer, which dominates rollouts of many short prompts. The patch
   runs all prefills of a step in one flash-linear-attention `chunk_simple_gla` call (`cu_seqlens`, initial states
@@ -68,8 +69,7 @@ from alignment.lightning import lightning_slopes
 from alignment.rollout.base import RolloutBatch, SamplingOptions, encode_prompts, eos_ids, stop_metrics
 
 VLLM_HINT = "the vLLM rollout backend needs vLLM and a CUDA GPU: pip install -e '.[gpu]'"
-ENGINE_PATCHES = ("numerics", "batched_prefill")  # the default
-OPTIONAL_ENGINE_PATCHES = ("kv_group_per_kind",)  # measured as a bench variant first (bench/README.md)
+ENGINE_PATCHES = ("numerics", "batched_prefill", "kv_group_per_kind")  # the default: all of them
 # transformers saves these lightning-layer buffers; vLLM's loader has no parameter for them (they are recomputed)
 LIGHTNING_BUFFERS = (".slope_rate", ".query_decay", ".key_decay", ".diagonal_decay")
 
@@ -221,10 +221,9 @@ def patched_engine_build(patches: tuple[str, ...], norm_eps: float):
     MiniMax lightning layer the trainer's numerics and/or the batched prefill, and/or the engine one KV-cache group
     per layer kind. Instance attributes and module functions restored on exit: an engine built outside this context
     is stock (the batched prefill's state clearing stays; it has vLLM's semantics)."""
-    known = ENGINE_PATCHES + OPTIONAL_ENGINE_PATCHES
-    unknown = set(patches) - set(known)
+    unknown = set(patches) - set(ENGINE_PATCHES)
     if unknown:
-        raise ValueError(f"engine_patches: unknown {sorted(unknown)}; known: {', '.join(known)}")
+        raise ValueError(f"engine_patches: unknown {sorted(unknown)}; known: {', '.join(ENGINE_PATCHES)}")
     if not patches:
         yield
         return
@@ -378,6 +377,11 @@ class VLLMRollout:
         self.direct_sync_uncovered = uncovered  # non-empty: every sync goes through vLLM's loader
         self.last_sync_s: float | None = None
         self.last_sync_method: str | None = None
+
+    def kv_cache_group_sizes(self) -> list[int]:
+        """Layers per KV-cache group of the engine's scheduler (`kv_group_per_kind`: one group per layer kind)."""
+        groups = self.llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_config.kv_cache_groups
+        return [len(g.layer_names) for g in groups]
 
     def close(self) -> None:
         """Shut the in-process engine core down and drop the engine (dropping the `LLM` alone kept its memory: 49 GiB
