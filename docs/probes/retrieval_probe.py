@@ -5,8 +5,10 @@
 From random weights (configs/model/tiny.yaml), retrieval only: "Data: apple = river; tiger = lamp. Q: tiger? A: tiger ="
 → " lamp" (format `kv`) or with the value first, "lamp is tiger" (format `vk`). Only the value token is supervised;
 batches of 32 (`--batch`), AdamW (betas 0.9 / 0.95), 10% linear warmup, gradient clipping at 1.0. Held-out
-accuracy (argmax at the answer position, 256 fixed questions) is printed ten times (`--log-every`). README.md ("What
-the tiny model does not learn in CPU minutes") reports what it measured.
+accuracy (argmax at the answer position, 256 fixed questions) is printed ten times (`--log-every`). `--train
+recall` trains on dense multi-query recall instead (haystacks whose pairs recur, every recurring value supervised)
+and still evaluates on the questions. README.md ("What the tiny model does not learn in CPU minutes") reports what
+it measured.
 """
 import argparse
 import random
@@ -36,6 +38,10 @@ def main():
                     help="curriculum: the first N steps with 1 pair per haystack (copy the only value), then --pairs")
     ap.add_argument("--key-vocab", type=int, default=0,
                     help="keys from the first N words only, values from the rest (0: both from all words)")
+    ap.add_argument("--train", choices=("questions", "recall"), default="questions",
+                    help="recall: haystacks whose pairs recur (k = v; ... k = v), every recurring value supervised "
+                         "(dense multi-query recall); held-out accuracy is still on the questions")
+    ap.add_argument("--mentions", type=int, default=16, help="recall: pair mentions per haystack")
     args = ap.parse_args()
     torch.manual_seed(0)
     tok = build_tokenizer(tempfile.mkdtemp(), vocab_size=1024)
@@ -63,14 +69,45 @@ def main():
             ids[r, width - len(row):], mask[r, width - len(row):] = torch.tensor(row), 1
         return ids, mask, torch.tensor([answer for _, answer in rows])
 
+    piece = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+
+    def recall_batch(rng, n):
+        """Rows of `--mentions` pair mentions over LO..HI distinct pairs (each pair first once, then at random);
+        labels: the value token of every mention after a pair's first (-100 elsewhere)."""
+        rows = []
+        for _ in range(n):
+            k = rng.randint(*args.pairs)
+            words = rng.sample(WORDS, 2 * k)
+            order = list(range(k))
+            rng.shuffle(order)
+            order += [rng.randrange(k) for _ in range(args.mentions - k)]
+            ids, labels = piece("Data:"), [-100, -100]
+            for m, i in enumerate(order):
+                ids += piece(" " + words[i]) + piece(" =")
+                value = piece(" " + words[k + i]) + piece(";")
+                ids += value
+                labels += [-100, -100, value[0] if m >= k else -100, -100]
+            rows.append((ids, labels))
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.zeros(n, width, dtype=torch.long)
+        labels = torch.full((n, width), -100, dtype=torch.long)
+        for r, (row, lab) in enumerate(rows):
+            ids[r, : len(row)], labels[r, : len(lab)] = torch.tensor(row), torch.tensor(lab)
+        return ids, labels
+
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     train, (test_ids, test_mask, test_answers) = random.Random(1), batch(random.Random(999), 256)
     start = time.time()
     for step in range(1, args.steps + 1):
         opt.param_groups[0]["lr"] = args.lr * min(1.0, step / (0.1 * args.steps))
-        ids, mask, answers = batch(train, args.batch, (1, 1) if step <= args.warmup_pairs_steps else None)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
-        loss = torch.nn.functional.cross_entropy(logits.float(), answers)
+        if args.train == "recall":
+            ids, labels = recall_batch(train, args.batch)
+            logits = model(input_ids=ids).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels[:, 1:].flatten())
+        else:
+            ids, mask, answers = batch(train, args.batch, (1, 1) if step <= args.warmup_pairs_steps else None)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+            loss = torch.nn.functional.cross_entropy(logits.float(), answers)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
