@@ -390,7 +390,10 @@ def test_vllm_logprobs_follow_the_trainer_through_a_step_and_sync(gpu_checkpoint
 @vllm_gpu
 def test_grpo_stage_runs_on_vllm_rollouts(tmp_path, gpu_checkpoint):
     """`pipelines.grpo` with `rollout.backend: vllm` on the GPU, in a fresh process: prompt pool, 4 optimizer steps
-    with a weight sync before each rollout, evaluation and save; the logged mismatch stays small."""
+    with a weight sync before each rollout, evaluation and save; the logged mismatch stays small. It checks the
+    plumbing, not learning: at this lr (1e-3) the batch reward falls over the 4 steps on both backends (vLLM 0.85 ->
+    0.23 on the GPU; the same model and config on the transformers backend on CPU 0.84 -> 0.41, and 0.84 -> 0.92 at
+    lr 1e-4)."""
     config = tmp_path / "grpo.yaml"
     config.write_text(f"""
 output_dir: {tmp_path / "run"}
