@@ -42,6 +42,8 @@ def main():
                     help="recall: haystacks whose pairs recur (k = v; ... k = v), every recurring value supervised "
                          "(dense multi-query recall); held-out accuracy is still on the questions")
     ap.add_argument("--mentions", type=int, default=16, help="recall: pair mentions per haystack")
+    ap.add_argument("--eval-pairs", type=int, nargs="*", default=[],
+                    help="after training: held-out accuracy on 256 questions at each of these haystack sizes")
     args = ap.parse_args()
     torch.manual_seed(0)
     tok = build_tokenizer(tempfile.mkdtemp(), vocab_size=1024)
@@ -119,6 +121,12 @@ def main():
             model.train()
             print(f"step {step}: loss {loss.item():.3f}, held-out accuracy {(pred == test_answers).float().mean():.3f}"
                   f" ({time.time() - start:.0f} s)", flush=True)
+    model.eval()
+    for n in args.eval_pairs:  # does the circuit carry to longer haystacks? (chance: 1/n)
+        ids, mask, answers = batch(random.Random(f"eval {n}"), 256, (n, n))
+        with torch.no_grad():
+            pred = model(input_ids=ids, attention_mask=mask).logits[:, -1].argmax(-1)
+        print(f"{n} pairs: held-out accuracy {(pred == answers).float().mean():.3f} (chance {1 / n:.3f})", flush=True)
 
 
 if __name__ == "__main__":
