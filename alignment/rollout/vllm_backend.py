@@ -34,7 +34,7 @@ vLLM 0.22.1 (its `MiniMaxText01ForCausalLM`). What it takes to make vLLM sample 
   bench_rollout's cProfile). With one group per kind it asks two. The price: a softmax block leaves the pages of the
   pool's other layers unused (vLLM's own "padding layers"), so softmax KV memory per token grows by
   lightning layers / softmax layers (7x here) -- cheap for short rollouts; for long-context rollouts drop it from
-  `engine_patches` (bench_rollout: batch-64 decode step 5.8 ms with it, 7.7 ms without).
+  `engine_patches` (bench_rollout: batch-64 decode step 5.8 ms with it, 7.1 ms without, same run).
 - Speed (`engine_patches="batched_prefill"`): vLLM 0.22.1 prefills lightning layers one sequence at a time, in a
   Python loop with a device sync per sequence per layer, which dominates rollouts of many short prompts. The patch
   runs all prefills of a step in one flash-linear-attention `chunk_simple_gla` call (`cu_seqlens`, initial states
