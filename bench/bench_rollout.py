@@ -7,8 +7,9 @@ For the 548M MiniMax config (bench/minimax_548m.yaml; random weights, bf16, seed
 sampled tokens are not near-uniform), bench/README.md explains each measurement:
 1. generation tokens/s, 128-token random prompts + 128 new tokens (EOS ignored), temperature 1, batch 64 and 256:
    transformers `generate` on `load_model`'s model and on stock transformers (same weights), stock vLLM
-   (`engine_patches=()`), patched vLLM with vLLM's own KV-cache groups, patched vLLM (the default); warm (one short warm-up
-   generate, then the median of 3 timed); and a decode-only figure per batch: ms/step = (t(128 new) - t(1 new)) / 127.
+   (`engine_patches=()`), patched vLLM with vLLM's own KV-cache groups, patched vLLM (the default); warm (one short
+   warm-up generate, then the median of 3 timed); and a decode-only figure per batch: ms/step =
+   (t(128 new) - t(1 new)) / 127.
 2. a torch-profiler (CUDA activity) capture of one generate (batch 256, 16 new tokens) per generator: top kernels;
    and the host side of a vLLM decode step: for the patched engine, tokens/s with vLLM's own output handling vs the
    backend's (flat log-probs, garbage collector paused); for every engine, a cProfile of one generate.
@@ -60,6 +61,7 @@ from alignment.modeling import (ModelOptions, PackedLightningAttention, PackedSo
                                 load_model, stock_model_copy)
 from alignment.reporting import write_json_atomic  # noqa: E402
 from alignment.rollout.base import SamplingOptions, logprob_mismatch  # noqa: E402
+from alignment.rollout.vllm_backend import ENGINE_PATCHES  # noqa: E402 - vLLM itself is imported on first use
 from bench.bench_train import MODEL_YAML, free_memory, package_versions, top_kernels  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,15 +69,14 @@ TINY_YAML = str(ROOT / "configs" / "model" / "tiny.yaml")
 LM_HEAD_SCALE = 5.0  # random LM head x5: logits spread enough that sampling is not near-uniform (as the vLLM probe)
 NOISE = 0.05  # weight-sync check: noise of 0.05 x each parameter's std (0.05 absolute for constant ones, the norms)
 ENGINE_KWARGS = dict(gpu_memory_utilization=0.35, max_model_len=1024, max_num_seqs=256, enforce_eager=False, seed=0)
-PATCHES = ("numerics", "batched_prefill", "kv_group_per_kind")  # vllm_backend.ENGINE_PATCHES (not imported: CPU runs)
 # name: (engine patches, further vLLM arguments). "patched": the backend's default. "patched_vllm_groups": without
 # kv_group_per_kind (vLLM's own KV-cache groups: what that patch gives). "prefill_only": the batched prefill alone
 # (what the numerics cost in speed). "patched_async" (slower in the 2026-12-02 run): vLLM's async scheduling, meant
 # to overlap a step's host work with the GPU.
 ENGINES = {"stock": ((), {}), "prefill_only": (("batched_prefill",), {}),
-           "patched_vllm_groups": (PATCHES[:2], {}),
-           "patched_async": (PATCHES, {"async_scheduling": True}),
-           "patched": (PATCHES, {})}
+           "patched_vllm_groups": (tuple(p for p in ENGINE_PATCHES if p != "kv_group_per_kind"), {}),
+           "patched_async": (ENGINE_PATCHES, {"async_scheduling": True}),
+           "patched": (ENGINE_PATCHES, {})}
 # "patched" last: its weight-sync and fitted-model sections change the trainer's weights
 DEFAULT_ENGINES = ("stock", "patched_vllm_groups", "patched")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -96,7 +97,7 @@ class Sizes:
 
 
 FULL, QUICK = Sizes(), Sizes(batches=(8,), prompt_len=16, new_tokens=16, warmup_tokens=4, profile_tokens=4,
-                             mismatch_n=8, sync_n=4, repeats=1, host_rounds=2)
+                             mismatch_n=8, sync_n=4, repeats=1)
 
 
 class GCClock:
@@ -368,8 +369,8 @@ def bench_generate(run: Run, backend: str, gen, sizes: Sizes, vocab: int, need_s
 
 
 def bench_host(run: Run, name: str, worker, sizes: Sizes, vocab: int, compare_outputs: bool):
-    """Where a decode step's host time goes. With `compare_outputs`: tokens/s per batch with vLLM's own output handling (a
-    dict and a `Logprob` object per sampled token, the garbage collector on), with the flat log-prob container alone,
+    """Where a decode step's host time goes. With `compare_outputs`: tokens/s per batch with vLLM's own output handling
+    (a dict and a `Logprob` object per sampled token, the garbage collector on), with the flat log-prob container alone,
     and with both of the backend's settings (flat container, collector paused), in `sizes.host_rounds` rounds whose
     order alternates (A B C, C B A: a drift of the engine's speed over its life falls on every variant alike; the
     2026-12-02 runs measured them once each in a fixed order, and the last came out ~20% slower). Then a cProfile of
@@ -567,14 +568,14 @@ def run_engine(run: Run, name: str, model, sizes: Sizes, vocab: int, skip: str |
     is left), free it. `throughput_only`: tokens/s, and for an engine variant its mismatch (same network?)."""
     worker = None
     gen = lambda p, n: vllm_generate(worker, p, n)  # noqa: E731 - the engine is built below
+    reference = name in ("stock", "patched")  # the before/after engines; the others are variants
     sections = {"throughput": (40, lambda: bench_generate(run, f"vllm_{name}", gen, sizes, vocab, need_s=20))}
     if not throughput_only:  # name: (seconds of budget it needs, measurement)
         sections["host"] = (90 if name == "patched" else 10, lambda: bench_host(
             run, name, worker, sizes, vocab, compare_outputs=name == "patched"))
-        if name in ("stock", "patched"):
+        if reference:
             sections["profile"] = (25, lambda: bench_profile(run, name, gen, sizes, vocab))
-    reference = name in ("stock", "patched")  # the before/after rows; in quick runs: is a variant the same network?
-    if (not reference) if throughput_only else reference:
+    if reference != throughput_only:  # complete runs: the before/after rows; quick runs: is a variant the same network?
         sections["mismatch"] = (25, lambda: bench_mismatch(run, name, worker, model, sizes, vocab))
     if name == "patched" and not throughput_only:  # last of all: they change the trainer's weights
         sections["weight_sync"] = (20, lambda: bench_weight_sync(run, worker, model, sizes, vocab))

@@ -30,6 +30,7 @@ from alignment.config import ConfigError, to_dict
 from alignment.losses import LossOptions
 from alignment.modeling import ModelOptions, load_model
 from alignment.rollout.base import SamplingOptions
+from alignment.rollout.vllm_backend import ENGINE_PATCHES  # vLLM itself is imported on first use
 from alignment.schema import EvalOptions, TrainOptions
 from alignment.trainers import AdvantageOptions, DynamicSamplingOptions, RolloutCorrectionOptions
 from data_recipes.prompt_pool import PoolOptions
@@ -50,7 +51,7 @@ class RolloutOptions:
     enforce_eager: bool = False  # True: no CUDA graphs (slower decoding, faster start)
     # trainer-matching numerics, the batched lightning prefill, one KV-cache group per layer kind (see vllm_backend;
     # for long-context rollouts drop kv_group_per_kind: it costs softmax KV memory); [] = stock vLLM
-    engine_patches: list[str] = field(default_factory=lambda: ["numerics", "batched_prefill", "kv_group_per_kind"])
+    engine_patches: list[str] = field(default_factory=lambda: list(ENGINE_PATCHES))
     # further vLLM engine arguments, passed as they are (e.g. {async_scheduling: true, max_num_batched_tokens: 16384})
     engine_kwargs: dict = field(default_factory=dict)
 
