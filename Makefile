@@ -27,7 +27,7 @@ LONG_DPO_CONFIG ?= configs/long_dpo_tiny.yaml
 RM_CONFIG ?= configs/rm_tiny.yaml
 EVAL_RM_CONFIG ?= configs/eval_rm_tiny.yaml
 
-.PHONY: setup demo pipeline sft long-sft dpo long-dpo grpo rm eval-rm test bench bench-rollout clean help
+.PHONY: setup base demo pipeline sft long-sft dpo long-dpo grpo rm eval-rm test bench bench-rollout clean help
 
 help:
 	@sed -n '1,7p' Makefile
@@ -77,6 +77,10 @@ test: setup
 
 # GPU machine only: a python with CUDA torch and the `gpu` extra (no .venv needed there).
 BENCH_PY ?= $(PY)
+# GPU recommended (~7 min on one H200; hours on CPU): rebuild the tiny base checkpoint (pipelines/pretrain.py)
+base: setup
+	$(PY) -m pipelines.pretrain --out configs/model/tiny_base --steps 5000 --batch 128 --lr 2e-3
+
 bench:
 	$(BENCH_PY) -m bench.bench_train --out bench/results
 

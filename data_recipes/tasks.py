@@ -249,14 +249,39 @@ def retrieval_examples(n: int, seed: int, n_pairs, split: str = "train") -> list
     rng = random.Random(f"retrieval:{split}:{seed}")
     rows = []
     for _ in range(n):
-        k = rng.randint(lo, hi)
-        words = rng.sample(WORDS, 2 * k)
-        keys, values = words[:k], words[k:]
-        q = rng.randrange(k)
-        haystack = "; ".join(f"{key} = {value}" for key, value in zip(keys, values))
-        question = f"Data: {haystack}.\nWhat is the value of {keys[q]}?"
-        rows.append(_row("retrieval", question, f"Answer: {keys[q]} = {values[q]}", values[q], n_pairs=k))
+        keys, values, haystack = _haystack(rng, lo, hi)
+        q = rng.randrange(len(keys))
+        question = f"{haystack}\nWhat is the value of {keys[q]}?"
+        rows.append(_row("retrieval", question, f"Answer: {keys[q]} = {values[q]}", values[q], n_pairs=len(keys)))
     return rows
+
+
+def _haystack(rng: random.Random, lo: int, hi: int) -> tuple[list[str], list[str], str]:
+    """`lo..hi` distinct key words, as many distinct value words, and the "Data: k = v; ...." text."""
+    k = rng.randint(lo, hi)
+    words = rng.sample(WORDS, 2 * k)
+    keys, values = words[:k], words[k:]
+    return keys, values, "Data: " + "; ".join(f"{key} = {value}" for key, value in zip(keys, values)) + "."
+
+
+def lookup_documents(n: int, seed: int, n_pairs, questions: int = 4, split: str = "train") -> list[tuple[str, list]]:
+    """Raw text (no chat template) for pretraining the tiny base: a retrieval haystack followed by `questions`
+    question/answer lines in the task's own words. Returns (text, answer character spans); each span is a value
+    word with its leading space, i.e. one token, so the caller can score the lookup token by token."""
+    _check_split(split)
+    lo, hi = _n_pairs_range(n_pairs)
+    rng = random.Random(f"lookup:{split}:{seed}")
+    docs = []
+    for _ in range(n):
+        keys, values, text = _haystack(rng, lo, hi)
+        spans = []
+        for _ in range(questions):
+            q = rng.randrange(len(keys))
+            text += f"\nWhat is the value of {keys[q]}?\nAnswer: {keys[q]} ="
+            spans.append((len(text), len(text) + 1 + len(values[q])))
+            text += f" {values[q]}"
+        docs.append((text, spans))
+    return docs
 
 
 def _safety_combos(split: str) -> list[tuple[str, bool, str]]:

@@ -1,0 +1,32 @@
+"""The tiny base's pretraining script: answers are scored on the right tokens, and a short run learns."""
+import json
+
+from transformers import AutoModelForCausalLM
+
+from alignment.tokenizer import build_tokenizer
+from data_recipes.tasks import lookup_documents
+from pipelines.pretrain import encode, main
+
+
+def test_answer_positions_are_the_value_tokens(tmp_path):
+    tokenizer = build_tokenizer(tmp_path / "tok", vocab_size=1024)
+    docs = lookup_documents(8, seed=3, n_pairs=(2, 8), questions=3)
+    ids, mask, answers = encode(tokenizer, docs)
+    assert len(answers) == 8 * 3
+    for (row, pos), (text, spans) in zip(answers.tolist(), [(t, s) for t, ss in docs for s in ss]):
+        value = text[spans[0]:spans[1]]
+        assert tokenizer.decode([ids[row, pos].item()]) == value  # one token, the value word with its space
+        assert tokenizer.decode(ids[row, pos - 2:pos].tolist()).endswith(" =")  # right after "key ="
+    assert mask.sum() == sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t, _ in docs)
+
+
+def test_short_pretraining_lowers_loss_and_writes_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "base"
+    metrics = main(["--out", str(out), "--steps", "60", "--batch", "8", "--lr", "2e-3", "--eval-pairs", "2",
+                    "--eval-every", "1000", "--log-every", "5", "--device", "cpu"])
+    log = json.loads((tmp_path / "base.log" / "log_history.json").read_text())
+    losses = [e["loss"] for e in log if "loss" in e]
+    assert losses[-1] < losses[0] - 0.2, losses
+    assert json.loads((out / "pretrain_metrics.json").read_text())["after"] == metrics["after"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.pad_token_id is not None and (out / "tokenizer_config.json").is_file()
