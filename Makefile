@@ -77,9 +77,12 @@ test: setup
 
 # GPU machine only: a python with CUDA torch and the `gpu` extra (no .venv needed there).
 BENCH_PY ?= $(PY)
-# GPU recommended (~7 min on one H200; hours on CPU): rebuild the tiny base checkpoint (pipelines/pretrain.py)
+# GPU recommended (~12 min on one H200; hours on CPU): rebuild the tiny base checkpoint (pipelines/pretrain.py) in two
+# phases: lookup text until the recall circuit forms, then lookups mixed with worked arithmetic
 base: setup
-	$(PY) -m pipelines.pretrain --out configs/model/tiny_base --steps 5000 --batch 128 --lr 2e-3
+	$(PY) -m pipelines.pretrain --out runs/tiny/base_lookup --steps 5000 --batch 128 --lr 2e-3
+	$(PY) -m pipelines.pretrain --model runs/tiny/base_lookup --out configs/model/tiny_base --steps 3000 \
+		--batch 160 --arithmetic-share 0.2 --lr 1e-3
 
 bench:
 	$(BENCH_PY) -m bench.bench_train --out bench/results

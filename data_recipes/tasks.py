@@ -213,16 +213,39 @@ def arithmetic_examples(n: int, seed: int, split: str = "train", max_operand: in
     _check_split(split)
     rng = random.Random(f"arithmetic:{split}:{seed}")
     rows = []
-    while len(rows) < n:
-        a, b, op = rng.randint(0, max_operand), rng.randint(0, max_operand), rng.choice("+-")
-        if op == "-" and a < b:
-            a, b = b, a
-        if _is_heldout(a, op, b) != (split == "heldout"):
-            continue
-        result = a + b if op == "+" else a - b
+    for _ in range(n):
+        a, op, b, result = _arithmetic_problem(rng, max_operand, split)
         question = rng.choice(ARITHMETIC_TEMPLATES).format(a=a, op=op, b=b)
         rows.append(_row("arithmetic", question, f"{a} {op} {b} = {result}", str(result)))
     return rows
+
+
+def _arithmetic_problem(rng: random.Random, max_operand: int, split: str) -> tuple[int, str, int, int]:
+    """One (a, op, b, result) of `split`, non-negative result."""
+    while True:
+        a, b, op = rng.randint(0, max_operand), rng.randint(0, max_operand), rng.choice("+-")
+        if op == "-" and a < b:
+            a, b = b, a
+        if _is_heldout(a, op, b) == (split == "heldout"):
+            return a, op, b, a + b if op == "+" else a - b
+
+
+def arithmetic_documents(n: int, seed: int, lines: int = 8, max_operand: int = 30,
+                         split: str = "train") -> list[tuple[str, list]]:
+    """Raw text for pretraining the tiny base: `lines` worked problems ("37 + 48 = 85"), one per line, as a base
+    model sees arithmetic in its corpus. Returns (text, answer character spans): each result with its leading space."""
+    _check_split(split)
+    rng = random.Random(f"arithmetic-doc:{split}:{seed}")
+    docs = []
+    for _ in range(n):
+        text, spans = "", []
+        for _ in range(lines):
+            a, op, b, result = _arithmetic_problem(rng, max_operand, split)
+            text += f"{chr(10) if text else ''}{a} {op} {b} ="
+            spans.append((len(text), len(text) + 1 + len(str(result))))
+            text += f" {result}"
+        docs.append((text, spans))
+    return docs
 
 
 def _n_pairs_range(n_pairs) -> tuple[int, int]:

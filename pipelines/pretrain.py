@@ -1,20 +1,24 @@
-"""Pretrain the tiny default's base checkpoint: causal-LM training on raw in-context lookup text.
+"""Pretrain the tiny default's base checkpoint: causal-LM training on raw lookup text and worked arithmetic.
 
-    python -m pipelines.pretrain --out configs/model/tiny_base --device cuda      (make base)
+    make base     (two runs of this script; GPU recommended, `docs/probes/pretrain_gpu.sh` is the device run)
 
 Why this exists: the MiniMax-01 recipe post-trains a pretrained base [01 §5], and pretraining is where a model
-learns to copy from its context (the lookup skill that long-context SFT then stretches to longer inputs). The
-2M-parameter tiny model, from random weights, does not form that skill within a CPU budget (README, "What the tiny
-model does not learn in CPU minutes"). So the tiny default starts from a base that this script pretrained once on
-a GPU; the result is committed at `configs/model/tiny_base/` with its tokenizer and `pretrain_metrics.json`.
+learns to copy from its context (the lookup skill that long-context SFT then stretches to longer inputs) and the
+arithmetic that SFT only puts into a chat format. The 2M-parameter tiny model, from random weights, does not form
+the lookup skill within a CPU budget (docs/probes/README.md). So the tiny default starts from a base that this
+script pretrained once on a GPU; the result is committed at `configs/model/tiny_base/` with its tokenizer and
+`pretrain_metrics.json`.
 
-What the base sees: short haystacks only (`--pairs`, default 2-8 pairs, at most ~100 tokens), each followed by
-`--questions` lookups in the task suite's words, with no chat template and nothing about arithmetic or safety;
-stage I (SFT) teaches the chat format and the other tasks, stage II (long SFT) the 24-pair haystacks. Full
-next-token loss on every token (a base model's objective), AdamW with warmup and cosine decay, gradient clipping.
-Lookup accuracy (argmax on each answer's value token, held-out haystacks) is measured at several haystack sizes.
-The script is plain torch + transformers, so it runs on the GPU image without trl or datasets; seeded, but GPU
-kernels are not bit-deterministic, so a rebuild gives a different base with the same measured skill.
+What the base sees: short haystacks (`--pairs`, default 2-8 pairs, at most ~100 tokens), each followed by
+`--questions` lookups in the task suite's words, and (`--arithmetic-share`) documents of worked problems
+("12 + 7 = 19", train split only); no chat template and nothing about safety. Stage I (SFT) teaches the chat format
+and the other tasks, stage II (long SFT) the 24-pair haystacks. Two phases, because mixing arithmetic in from the
+start kept lookup at chance through 4,500 steps (arithmetic was learned by step 1,000 and the recall circuit did not
+form): lookups only until the circuit forms, then `--model <phase 1 checkpoint>` with the mix. Full next-token loss
+on every token (a base model's objective), AdamW with warmup and cosine decay, gradient clipping. Held-out accuracy
+(teacher-forced: every answer token the argmax) is measured for lookups at several haystack sizes and for arithmetic.
+Plain torch + transformers (no trl); seeded, but GPU kernels are not bit-deterministic, so a rebuild gives a
+different base with the same measured skills.
 """
 from __future__ import annotations
 
@@ -28,19 +32,20 @@ import torch
 
 
 def encode(tokenizer, docs: list[tuple[str, list]]):
-    """Right-padded ids, attention mask and the answer-token positions of each document."""
+    """Right-padded ids, attention mask and each answer's token range (row, first, end) in its document."""
     enc = tokenizer([text for text, _ in docs], add_special_tokens=False, return_offsets_mapping=True)
     width = max(len(ids) for ids in enc["input_ids"])
     ids = torch.full((len(docs), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(docs), width, dtype=torch.long)
-    answers = []  # (row, position of the value token)
+    answers = []
     for r, (row, offsets, (_, spans)) in enumerate(zip(enc["input_ids"], enc["offset_mapping"], docs)):
         ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
-        starts = {tuple(span): t for t, span in enumerate(offsets)}
-        for span in spans:
-            if tuple(span) not in starts:
-                raise ValueError(f"answer {span} is not one token in: {docs[r][0]!r}")
-            answers.append((r, starts[tuple(span)]))
+        starts = {start: t for t, (start, _) in enumerate(offsets)}
+        ends = {end: t + 1 for t, (_, end) in enumerate(offsets)}
+        for a, b in spans:
+            if a not in starts or b not in ends:
+                raise ValueError(f"answer {(a, b)} does not start and end on token boundaries in: {docs[r][0]!r}")
+            answers.append((r, starts[a], ends[b]))
     return ids, mask, torch.tensor(answers)
 
 
@@ -52,26 +57,49 @@ def lm_loss(model, ids, mask):
 
 
 @torch.no_grad()
-def lookup_accuracy(model, tokenizer, n_pairs: int, n: int = 256, device="cpu") -> float:
-    """Share of held-out lookups whose value token is the argmax (one question per haystack of `n_pairs`)."""
-    from data_recipes.tasks import lookup_documents
-
-    ids, mask, answers = encode(tokenizer, lookup_documents(n, seed=n_pairs, n_pairs=n_pairs, questions=1,
-                                                            split="heldout"))
+def answer_accuracy(model, tokenizer, docs, device="cpu") -> float:
+    """Share of answers whose every token is the argmax given the text before it (teacher-forced exact match)."""
+    ids, mask, answers = encode(tokenizer, docs)
     ids, mask = ids.to(device), mask.to(device)
     was_training = model.training
     model.eval()
-    logits = model(input_ids=ids, attention_mask=mask).logits
+    predicted = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
     model.train(was_training)
-    rows, pos = answers[:, 0].to(device), answers[:, 1].to(device)
-    return (logits[rows, pos - 1].argmax(-1) == ids[rows, pos]).float().mean().item()
+    hits = [bool((predicted[r, a - 1: b - 1] == ids[r, a:b]).all()) for r, a, b in answers.tolist()]
+    return sum(hits) / len(hits)
+
+
+def heldout_accuracy(model, tokenizer, args, device="cpu") -> dict:
+    """Lookup accuracy at each of `args.eval_pairs` haystack sizes (one question per haystack) and, when the base
+    also learns arithmetic, exact-match accuracy on held-out problems with operands up to 20 and up to 30."""
+    from data_recipes.tasks import arithmetic_documents, lookup_documents
+
+    sets = {f"lookup@{n}": lookup_documents(256, seed=n, n_pairs=n, questions=1, split="heldout")
+            for n in args.eval_pairs}
+    if args.arithmetic_share > 0:
+        sets.update({f"arithmetic@{m}": arithmetic_documents(64, seed=m, lines=4, max_operand=m, split="heldout")
+                     for m in (20, 30)})
+    return {name: round(answer_accuracy(model, tokenizer, docs, device), 4) for name, docs in sets.items()}
+
+
+def training_documents(rng: random.Random, args) -> list[tuple[str, list]]:
+    """One step's documents: lookups, and `--arithmetic-share` of them worked arithmetic problems."""
+    from data_recipes.tasks import arithmetic_documents, lookup_documents
+
+    n_arithmetic = round(args.arithmetic_share * args.batch)
+    docs = lookup_documents(args.batch - n_arithmetic, seed=rng.randrange(2**31), n_pairs=tuple(args.pairs),
+                            questions=args.questions)
+    if n_arithmetic:  # (no extra draw without: a lookup-only run keeps the stream that built configs/model/tiny_base)
+        docs += arithmetic_documents(n_arithmetic, seed=rng.randrange(2**31), max_operand=args.max_operand)
+    return docs
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m pipelines.pretrain", description=__doc__.split("\n")[0],
                                  epilog="Writes <out>/ (safetensors + tokenizer + pretrain_metrics.json) atomically, "
                                         "and <out>.log/ (log_history.json, curves.png).")
-    ap.add_argument("--model", default="configs/model/tiny.yaml", help="model YAML (fresh weights)")
+    ap.add_argument("--model", default="configs/model/tiny.yaml",
+                    help="model YAML (fresh weights), or a checkpoint directory (with its tokenizer) to continue")
     ap.add_argument("--out", default="runs/tiny/base", help="checkpoint directory to write")
     ap.add_argument("--steps", type=int, default=8000)
     ap.add_argument("--batch", type=int, default=128, help="documents per step")
@@ -79,6 +107,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=float, default=0.1, help="share of steps with linear warmup")
     ap.add_argument("--pairs", type=int, nargs=2, default=(2, 8), metavar=("LO", "HI"), help="haystack sizes")
     ap.add_argument("--questions", type=int, default=4, help="lookups per document")
+    ap.add_argument("--arithmetic-share", type=float, default=0.0,
+                    help="share of each batch that is arithmetic documents (8 worked problems each)")
+    ap.add_argument("--max-operand", type=int, default=30, help="largest operand of the arithmetic documents")
     ap.add_argument("--eval-pairs", type=int, nargs="+", default=[2, 4, 8, 16, 24])
     ap.add_argument("--eval-every", type=int, default=500, help="steps between lookup evaluations")
     ap.add_argument("--log-every", type=int, default=50, help="steps between loss log entries")
@@ -87,14 +118,17 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from tqdm import tqdm
+    from transformers import AutoTokenizer
 
     from alignment.modeling import load_model, model_config_from_yaml
     from alignment.reporting import atomic_directory, plot_curves, write_json_atomic, write_log_history
     from alignment.tokenizer import build_tokenizer
-    from data_recipes.tasks import lookup_documents
 
     out, log_dir = Path(args.out), Path(f"{args.out}.log")
-    tokenizer = build_tokenizer(log_dir / "tokenizer", vocab_size=model_config_from_yaml(args.model).vocab_size)
+    if Path(args.model).is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    else:
+        tokenizer = build_tokenizer(log_dir / "tokenizer", vocab_size=model_config_from_yaml(args.model).vocab_size)
     model = load_model(args.model, seed=args.seed).to(args.device).train()
     model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
@@ -105,15 +139,12 @@ def main(argv=None):
     rng = random.Random(args.seed)
 
     def evaluate() -> dict:
-        return {f"lookup@{n}": round(lookup_accuracy(model, tokenizer, n, device=args.device), 4)
-                for n in args.eval_pairs}
+        return heldout_accuracy(model, tokenizer, args, args.device)
 
     history, start = [{"step": 0, **evaluate()}], time.time()
     bar = tqdm(range(1, args.steps + 1), desc="pretrain", mininterval=5)
     for step in bar:
-        docs = lookup_documents(args.batch, seed=rng.randrange(2**31), n_pairs=tuple(args.pairs),
-                                questions=args.questions)
-        ids, mask, _ = encode(tokenizer, docs)
+        ids, mask, _ = encode(tokenizer, training_documents(rng, args))
         loss = lm_loss(model, ids.to(args.device), mask.to(args.device))
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -137,9 +168,10 @@ def main(argv=None):
         tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / "pretrain_metrics.json", metrics)
     write_log_history(log_dir, history)
-    plot_curves(history, log_dir / "curves.png", keys=("loss", "lookup@4", "lookup@24", "learning_rate"))
-    print(f"wrote {out} ({metrics['seconds']} s); lookup accuracy after: " + ", ".join(
-        f"{k} {v}" for k, v in history[-1].items() if k.startswith("lookup")))
+    plot_curves(history, log_dir / "curves.png",
+                keys=("loss", "lookup@4", "lookup@24", "arithmetic@20", "learning_rate"))
+    print(f"wrote {out} ({metrics['seconds']} s); held-out accuracy after: " + ", ".join(
+        f"{k} {v}" for k, v in history[-1].items() if k.startswith(("lookup", "arithmetic"))))
     return metrics
 
 

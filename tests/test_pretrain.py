@@ -4,7 +4,7 @@ import json
 from transformers import AutoModelForCausalLM
 
 from alignment.tokenizer import build_tokenizer
-from data_recipes.tasks import lookup_documents
+from data_recipes.tasks import _is_heldout, arithmetic_documents, lookup_documents
 from pipelines.pretrain import encode, main
 
 
@@ -13,11 +13,26 @@ def test_answer_positions_are_the_value_tokens(tmp_path):
     docs = lookup_documents(8, seed=3, n_pairs=(2, 8), questions=3)
     ids, mask, answers = encode(tokenizer, docs)
     assert len(answers) == 8 * 3
-    for (row, pos), (text, spans) in zip(answers.tolist(), [(t, s) for t, ss in docs for s in ss]):
+    for (row, pos, end), (text, spans) in zip(answers.tolist(), [(t, s) for t, ss in docs for s in ss]):
         value = text[spans[0]:spans[1]]
+        assert end == pos + 1
         assert tokenizer.decode([ids[row, pos].item()]) == value  # one token, the value word with its space
         assert tokenizer.decode(ids[row, pos - 2:pos].tolist()).endswith(" =")  # right after "key ="
     assert mask.sum() == sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t, _ in docs)
+
+
+def test_arithmetic_answers_cover_the_result_tokens(tmp_path):
+    tokenizer = build_tokenizer(tmp_path / "tok", vocab_size=1024)
+    docs = arithmetic_documents(6, seed=1, lines=5, max_operand=30)
+    ids, mask, answers = encode(tokenizer, docs)
+    flat = [(text, span) for text, spans in docs for span in spans]
+    assert len(answers) == len(flat) == 30
+    for (row, first, end), (text, (a, b)) in zip(answers.tolist(), flat):
+        line = text[:b].rsplit("\n", 1)[-1]  # "x op y = r"
+        x, op, y, _, result = line.split()
+        assert int(result) == (int(x) + int(y) if op == "+" else int(x) - int(y)) >= 0
+        assert not _is_heldout(int(x), op, int(y))  # pretraining sees the train split only
+        assert tokenizer.decode(ids[row, first:end].tolist()) == f" {result}"
 
 
 def test_short_pretraining_lowers_loss_and_writes_a_loadable_checkpoint(tmp_path):
@@ -30,3 +45,9 @@ def test_short_pretraining_lowers_loss_and_writes_a_loadable_checkpoint(tmp_path
     assert json.loads((out / "pretrain_metrics.json").read_text())["after"] == metrics["after"]
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.pad_token_id is not None and (out / "tokenizer_config.json").is_file()
+
+    # Phase 2 continues from that checkpoint (its weights and tokenizer) with arithmetic mixed in.
+    more = main(["--model", str(out), "--out", str(tmp_path / "base2"), "--steps", "20", "--batch", "8",
+                 "--arithmetic-share", "0.5", "--eval-pairs", "2", "--eval-every", "1000", "--device", "cpu"])
+    assert more["before"]["lookup@2"] == metrics["after"]["lookup@2"]
+    assert {"arithmetic@20", "arithmetic@30"} <= set(more["after"])

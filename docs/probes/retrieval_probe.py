@@ -7,8 +7,7 @@ From random weights (configs/model/tiny.yaml), retrieval only: "Data: apple = ri
 batches of 32 (`--batch`), AdamW (betas 0.9 / 0.95), 10% linear warmup, gradient clipping at 1.0. Held-out
 accuracy (argmax at the answer position, 256 fixed questions) is printed ten times (`--log-every`). `--train
 recall` trains on dense multi-query recall instead (haystacks whose pairs recur, every recurring value supervised)
-and still evaluates on the questions. README.md ("What the tiny model does not learn in CPU minutes") reports what
-it measured.
+and still evaluates on the questions. docs/probes/README.md reports what it measured.
 """
 import argparse
 import random
