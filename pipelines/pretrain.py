@@ -89,7 +89,7 @@ def training_documents(rng: random.Random, args) -> list[tuple[str, list]]:
     n_arithmetic = round(args.arithmetic_share * args.batch)
     docs = lookup_documents(args.batch - n_arithmetic, seed=rng.randrange(2**31), n_pairs=tuple(args.pairs),
                             questions=args.questions)
-    if n_arithmetic:  # (no extra draw without: a lookup-only run keeps the stream that built configs/model/tiny_base)
+    if n_arithmetic:  # (no extra draw otherwise: a lookup-only run keeps the stream of tiny_base phase 1)
         docs += arithmetic_documents(n_arithmetic, seed=rng.randrange(2**31), max_operand=args.max_operand)
     return docs
 
