@@ -77,7 +77,7 @@ test: setup
 
 # GPU machine only: a python with CUDA torch and the `gpu` extra (no .venv needed there).
 BENCH_PY ?= $(PY)
-# GPU recommended (~12 min on one H200; hours on CPU): rebuild the tiny base checkpoint (pipelines/pretrain.py) in two
+# GPU recommended (~12 min on one H200; not timed on CPU, expect hours): rebuild the tiny base checkpoint (pipelines/pretrain.py) in two
 # phases: lookup text until the recall circuit forms, then lookups mixed with worked arithmetic
 base: setup
 	$(PY) -m pipelines.pretrain --out runs/tiny/base_lookup --steps 5000 --batch 128 --lr 2e-3

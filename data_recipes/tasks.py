@@ -241,9 +241,7 @@ def arithmetic_documents(n: int, seed: int, lines: int = 8, max_operand: int = 3
         text, spans = "", []
         for _ in range(lines):
             a, op, b, result = _arithmetic_problem(rng, max_operand, split)
-            text += f"{chr(10) if text else ''}{a} {op} {b} ="
-            spans.append((len(text), len(text) + 1 + len(str(result))))
-            text += f" {result}"
+            text = _answered(text + ("\n" if text else "") + f"{a} {op} {b} =", str(result), spans)
         docs.append((text, spans))
     return docs
 
@@ -300,11 +298,15 @@ def lookup_documents(n: int, seed: int, n_pairs, questions: int = 4, split: str 
         spans = []
         for _ in range(questions):
             q = rng.randrange(len(keys))
-            text += f"\nWhat is the value of {keys[q]}?\nAnswer: {keys[q]} ="
-            spans.append((len(text), len(text) + 1 + len(values[q])))
-            text += f" {values[q]}"
+            text = _answered(text + f"\nWhat is the value of {keys[q]}?\nAnswer: {keys[q]} =", values[q], spans)
         docs.append((text, spans))
     return docs
+
+
+def _answered(text: str, answer: str, spans: list) -> str:
+    """`text` followed by " answer"; the answer's character span (with its leading space) is appended to `spans`."""
+    spans.append((len(text), len(text) + 1 + len(answer)))
+    return f"{text} {answer}"
 
 
 def _safety_combos(split: str) -> list[tuple[str, bool, str]]:

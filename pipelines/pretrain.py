@@ -111,7 +111,7 @@ def main(argv=None):
                     help="share of each batch that is arithmetic documents (8 worked problems each)")
     ap.add_argument("--max-operand", type=int, default=30, help="largest operand of the arithmetic documents")
     ap.add_argument("--eval-pairs", type=int, nargs="+", default=[2, 4, 8, 16, 24])
-    ap.add_argument("--eval-every", type=int, default=500, help="steps between lookup evaluations")
+    ap.add_argument("--eval-every", type=int, default=500, help="steps between held-out evaluations")
     ap.add_argument("--log-every", type=int, default=50, help="steps between loss log entries")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -138,10 +138,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
 
-    def evaluate() -> dict:
-        return heldout_accuracy(model, tokenizer, args, args.device)
-
-    history, start = [{"step": 0, **evaluate()}], time.time()
+    history, start = [{"step": 0, **heldout_accuracy(model, tokenizer, args, args.device)}], time.time()
     bar = tqdm(range(1, args.steps + 1), desc="pretrain", mininterval=5)
     for step in bar:
         ids, mask, _ = encode(tokenizer, training_documents(rng, args))
@@ -155,7 +152,7 @@ def main(argv=None):
             entry = {"step": step, "loss": round(loss.item(), 4), "grad_norm": round(grad_norm.item(), 4),
                      "learning_rate": schedule.get_last_lr()[0]}
             if step % args.eval_every == 0 or step == args.steps:
-                entry.update(evaluate())
+                entry.update(heldout_accuracy(model, tokenizer, args, args.device))
                 print(f"step {step} ({time.time() - start:.0f} s): " + ", ".join(
                     f"{k} {v}" for k, v in entry.items() if k != "step"), flush=True)
             history.append(entry)
