@@ -120,16 +120,21 @@ def main(argv=None):
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
+    from alignment.config import ConfigError
     from alignment.modeling import load_model, model_config_from_yaml
     from alignment.reporting import atomic_directory, plot_curves, write_json_atomic, write_log_history
     from alignment.tokenizer import build_tokenizer
 
     out, log_dir = Path(args.out), Path(f"{args.out}.log")
-    if Path(args.model).is_dir():
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    else:
-        tokenizer = build_tokenizer(log_dir / "tokenizer", vocab_size=model_config_from_yaml(args.model).vocab_size)
-    model = load_model(args.model, seed=args.seed).to(args.device).train()
+    try:
+        if Path(args.model).is_dir():
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        else:
+            vocab_size = model_config_from_yaml(args.model).vocab_size
+            tokenizer = build_tokenizer(log_dir / "tokenizer", vocab_size=vocab_size)
+        model = load_model(args.model, seed=args.seed).to(args.device).train()
+    except ConfigError as err:
+        ap.error(f"--model: {err}")
     model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, int(args.warmup * args.steps))

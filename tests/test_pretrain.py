@@ -1,6 +1,7 @@
 """The tiny base's pretraining script: answers are scored on the right tokens, and a short run learns."""
 import json
 
+import pytest
 from transformers import AutoModelForCausalLM
 
 from alignment.tokenizer import build_tokenizer
@@ -51,3 +52,10 @@ def test_short_pretraining_lowers_loss_and_writes_a_loadable_checkpoint(tmp_path
                  "--arithmetic-share", "0.5", "--eval-pairs", "2", "--eval-every", "1000", "--device", "cpu"])
     assert more["before"]["lookup@2"] == metrics["after"]["lookup@2"]
     assert {"arithmetic@20", "arithmetic@30"} <= set(more["after"])
+
+
+def test_missing_model_is_one_clear_error_and_writes_nothing(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "base"), "--steps", "1"])
+    assert f"--model: {tmp_path / 'nope.yaml'}: config file not found" in capsys.readouterr().err
+    assert not (tmp_path / "base").exists()
