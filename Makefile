@@ -18,14 +18,14 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
 RUN ?= runs/tiny
-SFT_CONFIG ?= configs/sft_tiny.yaml
-LONG_SFT_CONFIG ?= configs/long_sft_tiny.yaml
-GRPO_CONFIG ?= configs/grpo_tiny.yaml
-PIPELINE_CONFIG ?= configs/pipeline_tiny.yaml
-DPO_CONFIG ?= configs/dpo_tiny.yaml
-LONG_DPO_CONFIG ?= configs/long_dpo_tiny.yaml
-RM_CONFIG ?= configs/rm_tiny.yaml
-EVAL_RM_CONFIG ?= configs/eval_rm_tiny.yaml
+SFT_CONFIG ?= configs/tiny/sft.yaml
+LONG_SFT_CONFIG ?= configs/tiny/long_sft.yaml
+GRPO_CONFIG ?= configs/tiny/grpo.yaml
+PIPELINE_CONFIG ?= configs/tiny/pipeline.yaml
+DPO_CONFIG ?= configs/tiny/dpo.yaml
+LONG_DPO_CONFIG ?= configs/tiny/long_dpo.yaml
+RM_CONFIG ?= configs/tiny/rm.yaml
+EVAL_RM_CONFIG ?= configs/tiny/eval_rm.yaml
 
 .PHONY: setup base demo pipeline sft long-sft dpo long-dpo grpo rm eval-rm test bench bench-rollout clean help
 
@@ -81,7 +81,7 @@ BENCH_PY ?= $(PY)
 # phases: lookup text until the recall circuit forms, then lookups mixed with worked arithmetic
 base: setup
 	$(PY) -m pipelines.pretrain --out runs/tiny/base_lookup --steps 5000 --batch 128 --lr 2e-3
-	$(PY) -m pipelines.pretrain --model runs/tiny/base_lookup --out configs/model/tiny_base --steps 3000 \
+	$(PY) -m pipelines.pretrain --model runs/tiny/base_lookup --out configs/tiny/base --steps 3000 \
 		--batch 160 --arithmetic-share 0.2 --lr 1e-3
 
 bench:

@@ -3,7 +3,7 @@
     make bench-rollout                                   # on a GPU machine: bench/results/rollout_bench.{json,md}
     python -m bench.bench_rollout --out DIR [--quick]    # --quick: batch 8, 16 tokens, a smoke test of the script
 
-For the 548M MiniMax config (bench/minimax_548m.yaml; random weights, bf16, seed 0, LM head scaled by 5 so that
+For the 548M MiniMax config (configs/548m/model.yaml; random weights, bf16, seed 0, LM head scaled by 5 so that
 sampled tokens are not near-uniform), bench/README.md explains each measurement:
 1. generation tokens/s, 128-token random prompts + 128 new tokens (EOS ignored), temperature 1, batch 64 and 256:
    transformers `generate` on `load_model`'s model and on stock transformers (same weights), stock vLLM
@@ -24,7 +24,7 @@ sampled tokens are not near-uniform), bench/README.md explains each measurement:
 One vLLM engine is alive at a time (stock, patched with vLLM's own groups, then patched; `--engines` picks others).
 Results are written after every section; a section that fails records its error and the next one runs; sections
 that would overrun `--budget-s` are skipped with the reason.
-Without CUDA or vLLM (CPU CI) only the transformers path runs (on configs/model/tiny.yaml) and the rest is recorded
+Without CUDA or vLLM (CPU CI) only the transformers path runs (on configs/tiny/model.yaml) and the rest is recorded
 as skipped.
 """
 

@@ -16,7 +16,7 @@ Three measurements (bench/README.md explains each and records the results):
    float64 reference, packed batch included; a torch-profiler breakdown (top kernels) of our layer and of the fla
    kernel at 32K.
 2. train step (fwd + bwd + AdamW, gradient checkpointing, bf16) tokens/s and peak memory of the 548M MiniMax model
-   (bench/minimax_548m.yaml) at 2K/8K/32K: stock transformers vs ours (`load_model`: fla + FP32 LM head + a loss that
+   (configs/548m/model.yaml) at 2K/8K/32K: stock transformers vs ours (`load_model`: fla + FP32 LM head + a loss that
    never holds the full logits), MFU from active parameters.
 3. the longest context that trains (one step, batch 1, gradient checkpointing) for that model, ours vs stock.
 
@@ -51,7 +51,7 @@ from alignment.lightning import lightning_attention  # noqa: E402
 from alignment.modeling import ModelOptions, PackedLightningAttention, load_model, model_config_from_yaml  # noqa: E402
 from alignment.reporting import write_json_atomic  # noqa: E402
 
-MODEL_YAML = str(Path(__file__).with_name("minimax_548m.yaml"))
+MODEL_YAML = str(Path(__file__).resolve().parents[1] / "configs" / "548m" / "model.yaml")
 PEAK_BF16_TFLOPS = 989.4  # H100 SXM dense bf16, datasheet (a measured 8192^3 matmul reaches ~798 on these machines)
 GIB = 2**30
 DEVICE = "cuda"  # a module constant so the script can be dry-run on CPU with stand-in kernels

@@ -1,7 +1,7 @@
 """Offline DPO: stage III (short DPO) and stage IV (long-context DPO) of the MiniMax-01 recipe [01 §5.4.1].
 
-    make dpo                                   # configs/dpo_tiny.yaml, starts from the stage I SFT checkpoint
-    make long-dpo                              # configs/long_dpo_tiny.yaml, starts from the stage II checkpoint
+    make dpo                                   # configs/tiny/dpo.yaml, starts from the stage I SFT checkpoint
+    make long-dpo                              # configs/tiny/long_dpo.yaml, starts from the stage II checkpoint
     python -m pipelines.dpo --config CONFIG [--set dpo.beta=0.2 ...] [--overwrite]
 
 Reads top to bottom: config -> tokenizer + packing-safe policy -> held-out evaluation -> prompts already used in SFT
@@ -102,7 +102,7 @@ class DPOStageConfig:
 
 def main(argv: list[str] | None = None) -> int:
     return stage_main(
-        argv, prog="python -m pipelines.dpo", config_cls=DPOStageConfig, run=run, example="configs/dpo_tiny.yaml",
+        argv, prog="python -m pipelines.dpo", config_cls=DPOStageConfig, run=run, example="configs/tiny/dpo.yaml",
         errors=(RewardError,),
         description="Offline DPO (stages III/IV of the MiniMax-01 recipe): reward-scored pairs sampled from the "
         "starting checkpoint, then DPO against it. Writes <output_dir>/pairs, final/ (the checkpoint), "

@@ -1,6 +1,6 @@
 """Reward-model evaluation on a held-out preference set: pairwise accuracy, length bias, calibration.
 
-    make eval-rm                               # configs/eval_rm_tiny.yaml: runs/tiny/rm/final on held-out pairs
+    make eval-rm                               # configs/tiny/eval_rm.yaml: runs/tiny/rm/final on held-out pairs
     python -m pipelines.eval_rm --config CONFIG [--set reward_model=DIR ...]
 
 Writes `<output_dir>/eval.json`, `eval.md` and `eval.png` (accuracy per category, score vs length, reliability).
@@ -55,7 +55,7 @@ class EvalRMConfig:
 def main(argv: list[str] | None = None) -> int:
     return stage_main(
         argv, prog="python -m pipelines.eval_rm", config_cls=EvalRMConfig, run=run,
-        example="configs/eval_rm_tiny.yaml", trains=False,
+        example="configs/tiny/eval_rm.yaml", trains=False,
         description="Evaluate a reward model on held-out preference pairs: accuracy per category, length bias, "
         "calibration. Writes <output_dir>/eval.json, eval.md and eval.png.")
 

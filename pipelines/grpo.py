@@ -1,6 +1,6 @@
 """Online RL: stage V of the MiniMax-01 recipe, modified GRPO with success-rate prompt filtering.
 
-    make grpo                                  # configs/grpo_tiny.yaml, starts from the stage I SFT checkpoint
+    make grpo                                  # configs/tiny/grpo.yaml, starts from the stage I SFT checkpoint
     python -m pipelines.grpo --config CONFIG [--set loss.name=cispo ...] [--overwrite]
 
 Reads top to bottom: config -> tokenizer + packing-safe policy -> held-out evaluation -> prompt pool (the policy
@@ -104,7 +104,7 @@ class GRPOStageConfig:
 
 def main(argv: list[str] | None = None) -> int:
     return stage_main(
-        argv, prog="python -m pipelines.grpo", config_cls=GRPOStageConfig, run=run, example="configs/grpo_tiny.yaml",
+        argv, prog="python -m pipelines.grpo", config_cls=GRPOStageConfig, run=run, example="configs/tiny/grpo.yaml",
         errors=(RewardError, ImportError),
         description="Online modified GRPO (stage V of the MiniMax-01 recipe) with success-rate prompt filtering. "
         "Writes <output_dir>/prompt_pool.jsonl, final/ (the checkpoint), metrics.json, summary.md, curves.png and "

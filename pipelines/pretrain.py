@@ -6,7 +6,7 @@ Why this exists: the MiniMax-01 recipe post-trains a pretrained base [01 §5], a
 learns to copy from its context (the lookup skill that long-context SFT then stretches to longer inputs) and the
 arithmetic that SFT only puts into a chat format. The 2M-parameter tiny model, from random weights, does not form
 the lookup skill within a CPU budget (docs/probes/README.md). So the tiny default starts from a base that this
-script pretrained once on a GPU; the result is committed at `configs/model/tiny_base/` with its tokenizer and
+script pretrained once on a GPU; the result is committed at `configs/tiny/base/` with its tokenizer and
 `pretrain_metrics.json`.
 
 What the base sees: short haystacks (`--pairs`, default 2-8 pairs, at most ~100 tokens), each followed by
@@ -98,7 +98,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m pipelines.pretrain", description=__doc__.split("\n")[0],
                                  epilog="Writes <out>/ (safetensors + tokenizer + pretrain_metrics.json) atomically, "
                                         "and <out>.log/ (log_history.json, curves.png).")
-    ap.add_argument("--model", default="configs/model/tiny.yaml",
+    ap.add_argument("--model", default="configs/tiny/model.yaml",
                     help="model YAML (fresh weights), or a checkpoint directory (with its tokenizer) to continue")
     ap.add_argument("--out", default="runs/tiny/base", help="checkpoint directory to write")
     ap.add_argument("--steps", type=int, default=8000)

@@ -1,6 +1,6 @@
 """Reward-model training on preference pairs with TRL's RewardTrainer (Bradley–Terry loss).
 
-    make rm                                    # configs/rm_tiny.yaml: from the SFT checkpoint
+    make rm                                    # configs/tiny/rm.yaml: from the SFT checkpoint
     python -m pipelines.rm --config CONFIG [--set training.learning_rate=1e-4 ...] [--overwrite]
     make eval-rm                               # held-out report (rewards/eval_rm.py)
 
@@ -79,7 +79,7 @@ class RMStageConfig:
 
 def main(argv: list[str] | None = None) -> int:
     return stage_main(
-        argv, prog="python -m pipelines.rm", config_cls=RMStageConfig, run=run, example="configs/rm_tiny.yaml",
+        argv, prog="python -m pipelines.rm", config_cls=RMStageConfig, run=run, example="configs/tiny/rm.yaml",
         description="Train a reward model (one-logit MiniMax sequence classifier) on preference pairs with TRL's "
         "RewardTrainer. Writes <output_dir>/final (model + tokenizer + reward_meta.json), metrics.json, summary.md, "
         "curves.png and TensorBoard logs; a re-run resumes from the last checkpoint.")
@@ -101,7 +101,7 @@ def run(cfg: RMStageConfig, overwrite: bool = False) -> dict:
 
     if not Path(cfg.model.path).exists():
         raise ConfigError(f"model.path '{cfg.model.path}' does not exist (run make sft first, or use a model YAML "
-                          "such as configs/model/tiny.yaml with tokenizer: builtin)")
+                          "such as configs/tiny/model.yaml with tokenizer: builtin)")
     # data first: bad files fail before a model is built
     train_rows = build_preferences(cfg.data.builtin, cfg.seed, "train", cfg.data.files)
     heldout_rows = build_preferences(cfg.eval.builtin, cfg.seed, "heldout", cfg.eval.files) \

@@ -1,7 +1,7 @@
 """The staged pipeline: the whole MiniMax-01 post-training recipe as one resumable run [01 §5, Table 7].
 
-    make pipeline                                   # configs/pipeline_tiny.yaml (what `make demo` runs)
-    python -m pipelines.run --config configs/pipeline_tiny.yaml [--from dpo] [--only grpo] [--check]
+    make pipeline                                   # configs/tiny/pipeline.yaml (what `make demo` runs)
+    python -m pipelines.run --config configs/tiny/pipeline.yaml [--from dpo] [--only grpo] [--check]
 
 A pipeline YAML lists stages in order; each names its stage YAML and dotted overrides. The runner
 1. validates every stage up front (unknown keys, missing files, stage order, lengths above the model's positions),
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "an interrupted stage resumes from its last complete checkpoint. Writes <output_root>/manifest.json, "
         "report.md and report.png.",
     )
-    parser.add_argument("--config", required=True, help="pipeline YAML, e.g. configs/pipeline_tiny.yaml")
+    parser.add_argument("--config", required=True, help="pipeline YAML, e.g. configs/tiny/pipeline.yaml")
     parser.add_argument("--from", dest="start", metavar="STAGE", help="skip the stages before STAGE")
     parser.add_argument("--only", metavar="STAGE", help="run just STAGE (its input checkpoint must exist)")
     parser.add_argument("--check", action="store_true", help="validate the pipeline and exit")

@@ -1,7 +1,7 @@
 """Supervised fine-tuning: stage I (short SFT) and stage II (long-context SFT) of the MiniMax-01 recipe.
 
-    make sft                                   # configs/sft_tiny.yaml
-    make long-sft                              # configs/long_sft_tiny.yaml, starts from the SFT checkpoint
+    make sft                                   # configs/tiny/sft.yaml
+    make long-sft                              # configs/tiny/long_sft.yaml, starts from the SFT checkpoint
     python -m pipelines.sft --config CONFIG [--set training.learning_rate=3e-4 ...] [--overwrite]
 
 Reads top to bottom: config -> tokenizer + packing-safe model -> data (built-in task suite and/or local chat files)
@@ -46,7 +46,7 @@ class SFTStageConfig:
 
 def main(argv: list[str] | None = None) -> int:
     return stage_main(
-        argv, prog="python -m pipelines.sft", config_cls=SFTStageConfig, run=run, example="configs/sft_tiny.yaml",
+        argv, prog="python -m pipelines.sft", config_cls=SFTStageConfig, run=run, example="configs/tiny/sft.yaml",
         description="Short or long-context SFT of a MiniMax model (stages I/II of the MiniMax-01 recipe). "
         "Writes <output_dir>/final (the checkpoint), metrics.json, summary.md, curves.png and TensorBoard logs; "
         "a re-run resumes from the last checkpoint in <output_dir>/checkpoints.")

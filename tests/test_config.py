@@ -53,7 +53,7 @@ def write(tmp_path, text):
 
 
 GOOD = """
-model: {path: configs/model/tiny.yaml}
+model: {path: configs/tiny/model.yaml}
 data: {builtin: {arithmetic: {n: 10}}}
 training: {learning_rate: 1e-3}
 """
@@ -73,7 +73,7 @@ def test_good_config_and_yaml_float_strings(tmp_path):
         (GOOD.replace("1e-3", "fast"), r"stage\.yaml: 'training\.learning_rate' = 'fast' must be float"),
         (GOOD.replace("1e-3", "-1"), r"stage\.yaml: training: training\.learning_rate must be > 0"),
         (GOOD + "eval: {max_new_tokens: [1]}\n", r"'eval\.max_new_tokens' = \[1\] must be int"),
-        (GOOD.replace("{path: configs/model/tiny.yaml}", "{dtype: float32}"),
+        (GOOD.replace("{path: configs/tiny/model.yaml}", "{dtype: float32}"),
          r"stage\.yaml: missing required key 'model\.path'"),
         (GOOD + "training: {lr_schedule: wavy}\n", r"'training\.lr_schedule' = 'wavy'; expected one of"),
         ("model: [1, 2\n", r"stage\.yaml: invalid YAML"),

@@ -17,7 +17,7 @@ from alignment.tokenizer import build_tokenizer
 from data_recipes.dpo_pairs import PairOptions, build_dpo_pairs, load_pairs, select_pair, select_prompts
 from pipelines.dpo import DPOStageConfig, dpo_args, run
 
-TINY = "configs/model/tiny.yaml"
+TINY = "configs/tiny/model.yaml"
 
 
 # -- pair selection ------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from alignment import kernels
 from alignment.lightning import document_ids, lightning_attention
 from alignment.modeling import ModelOptions, PackedLightningAttention, load_model
 
-TINY = "configs/model/tiny.yaml"
+TINY = "configs/tiny/model.yaml"
 ON_GPU = torch.cuda.is_available() and kernels.fla_available()
 gpu = pytest.mark.skipif(not ON_GPU, reason="GPU fast path: needs a CUDA device and flash-linear-attention "
                                             "(the `gpu` extra); CPU machines run the torch reference instead")

@@ -19,7 +19,7 @@ from alignment.trainers import DynamicSamplingOptions, MiniMaxGRPOTrainer
 from data_recipes.tasks import arithmetic_examples
 from pipelines.grpo import GRPOStageConfig, run
 
-TINY = "configs/model/tiny.yaml"
+TINY = "configs/tiny/model.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_stage_end_to_end(tmp_path, checkpoint):
 
 
 def test_configs_validate(tmp_path, checkpoint):
-    cfg = load_config("configs/grpo_tiny.yaml", GRPOStageConfig)
+    cfg = load_config("configs/tiny/grpo.yaml", GRPOStageConfig)
     assert cfg.loss.drop_negative_high_ratio and cfg.loss.kl == "minimax" and cfg.advantages.balanced
     assert cfg.training.adam_beta2 == 0.95 and cfg.training.adam_epsilon == 1e-15
     with pytest.raises(ConfigError, match="loss.bta"):

@@ -8,7 +8,7 @@ from alignment.config import ConfigError
 from alignment.lightning import document_ids, lightning_attention, naive_lightning_attention
 from alignment.modeling import LoraOptions, ModelOptions, load_model, stock_model_copy
 
-TINY = "configs/model/tiny.yaml"
+TINY = "configs/tiny/model.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from alignment.config import ConfigError
 from pipelines.run import plan, select
 
-TINY = "configs/model/tiny.yaml"
+TINY = "configs/tiny/model.yaml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 

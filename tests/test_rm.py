@@ -24,9 +24,9 @@ def test_doctests():
 
 
 def test_configs_validate():
-    cfg = load_config("configs/rm_tiny.yaml", RMStageConfig)
+    cfg = load_config("configs/tiny/rm.yaml", RMStageConfig)
     assert set(cfg.data.builtin) == set(CATEGORIES) and cfg.model.path == "runs/tiny/sft/final"
-    assert load_config("configs/eval_rm_tiny.yaml", EvalRMConfig).reward_model == "runs/tiny/rm/final"
+    assert load_config("configs/tiny/eval_rm.yaml", EvalRMConfig).reward_model == "runs/tiny/rm/final"
 
 
 # --- preference set ----------------------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def trained_rm(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("rm")
     cfg = from_dict(RMStageConfig, {
-        "model": {"path": "configs/model/tiny.yaml"}, "tokenizer": "builtin", "output_dir": str(out),
+        "model": {"path": "configs/tiny/model.yaml"}, "tokenizer": "builtin", "output_dir": str(out),
         "data": {"builtin": {"safety": {"n": 160}, "over_refusal": {"n": 160}}, "max_length": 128},
         "eval": {"builtin": {"safety": {"n": 40}, "over_refusal": {"n": 40}}},
         "training": {"max_steps": 50, "learning_rate": 3e-3, "batch_size": 8, "logging_steps": 5,
@@ -171,5 +171,5 @@ def test_eval_report(trained_rm, tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     from pipelines.rm import main
 
-    assert main(["--config", "configs/rm_tiny.yaml", "--set", f"model.path={tmp_path}/nope",
+    assert main(["--config", "configs/tiny/rm.yaml", "--set", f"model.path={tmp_path}/nope",
                  "--set", f"output_dir={tmp_path}/out"]) == 2

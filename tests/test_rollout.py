@@ -10,7 +10,7 @@ from alignment.modeling import load_model
 from alignment.rollout import SamplingOptions, build_rollout, encode_prompts, importance_weights, logprob_mismatch
 from alignment.tokenizer import build_tokenizer
 
-TINY = "configs/model/tiny.yaml"
+TINY = "configs/tiny/model.yaml"
 PROMPTS = [[{"role": "user", "content": "What is 3 + 4?"}], [{"role": "user", "content": "Compute 12 - 5."}]]
 
 

@@ -14,7 +14,7 @@ from alignment.tokenizer import build_tokenizer
 from data_recipes import DataError
 from pipelines.sft import SFTStageConfig, _trl_args, run
 
-TINY = "configs/model/tiny.yaml"
+TINY = "configs/tiny/model.yaml"
 
 
 @pytest.fixture(scope="module")

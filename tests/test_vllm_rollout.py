@@ -29,7 +29,7 @@ from alignment.rollout.vllm_backend import (LIGHTNING_BUFFERS, VLLMRollout, _cle
                                             patched_engine_build, sampled_logprobs, vllm_checkpoint_tensors)
 from alignment.tokenizer import build_tokenizer
 
-TINY = "configs/model/tiny.yaml"
+TINY = "configs/tiny/model.yaml"
 HAS_CUDA = torch.cuda.is_available()
 HAS_FLA = importlib.util.find_spec("fla") is not None
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -220,7 +220,7 @@ def test_grpo_stage_asks_for_vllm_before_touching_its_output(tmp_path, capsys):
     from pipelines.grpo import main
 
     out = tmp_path / "run"
-    code = main(["--config", "configs/grpo_tiny.yaml", "--set", "rollout.backend=vllm", "--set", f"output_dir={out}"])
+    code = main(["--config", "configs/tiny/grpo.yaml", "--set", "rollout.backend=vllm", "--set", f"output_dir={out}"])
     assert code != 0 and "pip install -e '.[gpu]'" in capsys.readouterr().err and not out.exists()
 
 

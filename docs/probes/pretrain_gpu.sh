@@ -1,4 +1,4 @@
-# The device runs that built configs/model/tiny_base on one H200 (`bash docs/probes/pretrain_gpu.sh` with $OUT set):
+# The device runs that built configs/tiny/base on one H200 (`bash docs/probes/pretrain_gpu.sh` with $OUT set):
 # phase 1, lookup text only (421 s, results/pretrain_tiny_base_phase1_gpu.log), then phase 2 from it, lookups mixed
 # with worked arithmetic (309 s beside two other settings, results/pretrain_tiny_base_phase2_gpu.log: run C).
 # The device image has torch + transformers but not datasets, which data_recipes/__init__ imports; pretraining never

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python docs/probes/retrieval_probe.py --format kv --steps 12000 --pairs 2 2 --lr 1e-3
 
-From random weights (configs/model/tiny.yaml), retrieval only: "Data: apple = river; tiger = lamp. Q: tiger? A: tiger ="
+From random weights (configs/tiny/model.yaml), retrieval only: "Data: apple = river; tiger = lamp. Q: tiger? A: tiger ="
 → " lamp" (format `kv`) or with the value first, "lamp is tiger" (format `vk`). Only the value token is supervised;
 batches of 32 (`--batch`), AdamW (betas 0.9 / 0.95), 10% linear warmup, gradient clipping at 1.0. Held-out
 accuracy (argmax at the answer position, 256 fixed questions) is printed ten times (`--log-every`). `--train
@@ -32,7 +32,7 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--batch", type=int, default=32, help="questions per step")
     ap.add_argument("--log-every", type=int, default=0, help="steps between held-out evaluations (0: ten in all)")
-    ap.add_argument("--model", default="configs/model/tiny.yaml")
+    ap.add_argument("--model", default="configs/tiny/model.yaml")
     ap.add_argument("--warmup-pairs-steps", type=int, default=0,
                     help="curriculum: the first N steps with 1 pair per haystack (copy the only value), then --pairs")
     ap.add_argument("--key-vocab", type=int, default=0,
