@@ -16,8 +16,10 @@ and no layout conversion, so every expert and router weight is silently left as 
 `SafeCheckpoints` loads them through `from_pretrained` (which converts) and copies them in strictly.
 
 Fault injection for crash tests: `ALIGNMENT_KILL_AT=save:N` SIGKILLs the process half-way through writing checkpoint
-N (model written, optimizer not yet), `ALIGNMENT_KILL_AT=step:N` right after optimizer step N. It only ever kills the
-process that sets it, and is read nowhere else.
+N (model written, optimizer not yet), `ALIGNMENT_KILL_AT=step:N` right after optimizer step N, `ALIGNMENT_KILL_AT=trained`
+once training has finished (its last checkpoint written, the final evaluation not yet), `ALIGNMENT_KILL_AT=saving`
+half-way through writing the stage's `final/`. It only ever kills
+the process that sets it, and is read nowhere else.
 """
 
 from __future__ import annotations
@@ -34,8 +36,14 @@ STAGING = ".staging"
 KILL_ENV = "ALIGNMENT_KILL_AT"
 
 
-def _kill_requested(kind: str, step: int) -> bool:
-    return os.environ.get(KILL_ENV, "") == f"{kind}:{step}"
+def _kill_requested(kind: str, step: int | None = None) -> bool:
+    return os.environ.get(KILL_ENV, "") == (kind if step is None else f"{kind}:{step}")
+
+
+def kill_if_requested(point: str) -> None:
+    """SIGKILL this process at a named point of a stage when `ALIGNMENT_KILL_AT=<point>` (crash tests)."""
+    if _kill_requested(point):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def clean_staging(output_dir: str | Path) -> None:
@@ -95,6 +103,17 @@ class SafeCheckpoints:
         if _kill_requested("save", self.state.global_step):  # model files are written, optimizer is not
             os.kill(os.getpid(), signal.SIGKILL)
         super()._save_optimizer_and_scheduler(output_dir)
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                             trial):
+        # transformers resumed from a checkpoint at the last step (a run killed during its final evaluation or save)
+        # still enters the epoch loop and trains one step past max_steps before it checks for the end; start
+        # "after the last epoch" instead, so the resumed run ends with the uninterrupted run's weights.
+        epochs_trained, steps_in_epoch = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial)
+        if resume_from_checkpoint is not None and self.state.global_step >= max_steps:
+            return num_train_epochs, 0
+        return epochs_trained, steps_in_epoch
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         model = model if model is not None else self.model

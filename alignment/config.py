@@ -74,6 +74,20 @@ def from_dict(cls: type, data: Any, source: str, prefix: str = ""):
         raise ConfigError(f"{source}: {where}: {err}") from None
 
 
+def check_value(tp: Any, value: Any, source: str, key: str):
+    """`value` checked against type `tp` as `from_dict` checks a field (unions, lists, dicts, Literal, int -> float),
+    returned converted; a mismatch is a `ConfigError` naming `source` and the dotted `key`.
+
+    >>> check_value(int | list[int], [4, 16], "sft.yaml", "data.builtin.retrieval.n_pairs")
+    [4, 16]
+    >>> check_value(int, "ten", "sft.yaml", "data.builtin.arithmetic.n")
+    Traceback (most recent call last):
+    ...
+    alignment.config.ConfigError: sft.yaml: 'data.builtin.arithmetic.n' = 'ten' must be int, got str
+    """
+    return _convert(tp, value, source, key)
+
+
 def _convert(tp: Any, value: Any, source: str, key: str):
     origin, args = get_origin(tp), get_args(tp)
     if origin in (Union, types.UnionType):

@@ -1,11 +1,10 @@
-"""Held-out evaluation used by every stage: greedy answers to the task suite, scored by the rule verifiers."""
+"""Greedy generation for evaluation: batched, left-padded completions of chat prompts. Scoring them is the caller's
+business (the task suite's held-out evaluation is `data_recipes.evaluation.evaluate`)."""
 
 from __future__ import annotations
 
 import torch
 from tqdm.auto import tqdm
-
-from rewards.verifiers import is_refusal, verify
 
 
 @torch.no_grad()
@@ -27,19 +26,3 @@ def generate_greedy(model, tokenizer, conversations: list[list[dict]], max_new_t
         outputs += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     model.train(was_training)
     return outputs
-
-
-def evaluate(model, tokenizer, sets: dict[str, list[dict]], max_new_tokens: int = 16,
-             batch_size: int = 32) -> dict[str, float]:
-    """Accuracy per held-out set; safety sets also report refusal rates on harmful and on benign prompts
-    (the second one is over-refusal, which the MiniMax harmlessness criteria explicitly penalise)."""
-    metrics = {}
-    for name, rows in sets.items():
-        completions = generate_greedy(model, tokenizer, [r["messages"][:-1] for r in rows], max_new_tokens,
-                                      batch_size, desc=f"eval {name}")
-        metrics[f"{name}/accuracy"] = sum(verify(r, c) for r, c in zip(rows, completions)) / max(len(rows), 1)
-        if rows and rows[0]["task"] == "safety":
-            for kind, harmful in (("harmful", True), ("benign", False)):
-                picked = [is_refusal(c) for r, c in zip(rows, completions) if r["harmful"] == harmful]
-                metrics[f"{name}/refusal_rate_{kind}"] = sum(picked) / max(len(picked), 1)
-    return metrics

@@ -13,8 +13,8 @@ log-decay `g_gamma` makes `G_t - G_s = (t - s) · g_gamma`. So lightning attenti
 flattened into one sequence) restarts the state at every document start as the CPU reference does. The slope is the
 layer's float32 decay (`PackedLightningAttention.slope_fp32`; the `slope_rate` buffer is rounded in a bf16 model),
 as in the torch reference and the vLLM rollout engine. `LightningChunk` runs fla's own kernels in that function's
-order but keeps the forward's chunk states for the backward (fla recomputes them; bench/README.md: 3.37 → 2.67 ms
-fwd+bwd at 32K tokens).
+order but keeps the forward's chunk states for the backward (fla recomputes them; bench/results/train_bench.md:
+2.90 → 2.36 ms fwd+bwd at 32K tokens).
 
 Around the kernel, the whole layer (`lightning_layer_fla`) moves each activation through memory once: one Triton
 kernel applies the SiLU to the qkv projection and writes q, k, v straight into the (B, T, H, D) layout fla reads

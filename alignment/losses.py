@@ -69,6 +69,18 @@ class LossOptions:
         if self.beta < 0:
             raise ValueError(f"loss.beta must be >= 0, got {self.beta}")
 
+    @property
+    def uses_kl(self) -> bool:
+        """Whether the loss has a KL term, hence needs the reference log-probs: the one place that decides it (the
+        trainer, the TRL settings and the stage all ask this).
+
+        >>> LossOptions(kl="minimax", beta=0.04).uses_kl, LossOptions(kl="none", beta=0.04).uses_kl
+        (True, False)
+        >>> LossOptions(kl="k3", beta=0.0).uses_kl
+        False
+        """
+        return self.kl != "none" and self.beta > 0
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Advantages
@@ -249,8 +261,7 @@ def _finish(per_token, keep, flags, logp, mask, opts: LossOptions, ref_logp, is_
     mask = mask.to(per_token.dtype)
     if is_weight is not None:
         per_token = per_token * is_weight.detach()
-    use_kl = opts.kl != "none" and opts.beta > 0
-    if use_kl:
+    if opts.uses_kl:
         if ref_logp is None:
             raise ValueError(f"loss.beta = {opts.beta} with kl = {opts.kl} needs ref_logp")
         per_token = per_token + opts.beta * KL_TERMS[opts.kl](logp, ref_logp)
@@ -271,13 +282,3 @@ def policy_loss(logp, old_logp, adv, mask, opts: LossOptions, ref_logp=None, is_
         raise ValueError(f"unknown loss {opts.name!r}; known: {', '.join(LOSSES)}")
     return LOSSES[opts.name](logp, old_logp, adv, mask, opts, ref_logp=ref_logp, is_weight=is_weight)
 
-
-def dpo_sigmoid_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, beta: float = 0.1):
-    """DPO's sigmoid loss on summed sequence log-probs (B,): −log σ(β[(c − c_ref) − (r − r_ref)]).
-
-    >>> round(float(dpo_sigmoid_loss(*[torch.zeros(1)] * 4)[0]), 4)
-    0.6931
-    """
-    margin = beta * ((chosen_logp - ref_chosen_logp) - (rejected_logp - ref_rejected_logp))
-    loss = -torch.nn.functional.logsigmoid(margin).mean()
-    return loss, {"reward_margin": float(margin.detach().mean() / beta), "accuracy": float((margin > 0).float().mean())}

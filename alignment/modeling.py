@@ -1,7 +1,9 @@
 """The MiniMax model wrapper: one entry point, `load_model`, returning a packing-safe transformers model.
 
-`load_model(spec)` takes a local checkpoint directory or a model YAML (architecture fields of `MiniMaxConfig`) and
-returns a `transformers.MiniMaxForCausalLM` whose attention is packing-safe. What it changes, and why:
+`load_model(spec, head=..., tokenizer=...)` takes a local checkpoint directory or a model YAML (architecture fields of
+`MiniMaxConfig`) and returns a `transformers.MiniMaxForCausalLM` (or, `head="score"`, a one-logit reward model) whose
+attention is packing-safe; `load_tokenizer(dir)` is its tokenizer counterpart. Every stage, the rollout workers, the
+reward handlers and the bench scripts load through these two. What it changes, and why:
 
 - Lightning layers: transformers' `MiniMaxLightningAttention` ignores `position_ids`, so in a packed row the recurrent
   state leaks from one document into the next. `PackedLightningAttention` computes the same blockwise math
@@ -71,8 +73,8 @@ class ModelOptions:
     lora: LoraOptions | None = None
     # Lightning-layer kernel (alignment.kernels): "fla_fused" = flash-linear-attention's Triton kernel with the
     # SiLU/split, output norm and gate fused around it (CUDA, the `gpu` extra; packed softmax layers then use torch's
-    # flash varlen kernel too; GPU-tested on packed and left-padded rows; bench/README.md: layer 9.0 -> 4.9 ms at
-    # 32K), "fla" = the same kernel with torch's element-wise ops around it, "torch" = the blockwise reference in
+    # flash varlen kernel too; GPU-tested on packed and left-padded rows; bench/results/train_bench.md: layer 7.05 ->
+    # 3.12 ms at 32K), "fla" = the same kernel with torch's element-wise ops around it, "torch" = the blockwise reference in
     # alignment.lightning, "auto" = fla_fused on CUDA when installed, else torch. Same math either way.
     lightning_kernel: Literal["auto", "torch", "fla", "fla_fused"] = "auto"
 
@@ -271,21 +273,41 @@ def model_config_from_yaml(path: str | Path) -> MiniMaxConfig:
         raise ConfigError(f"{path}: invalid model config: {err}") from None
 
 
-def load_model(spec: str | Path | ModelOptions, seed: int = 0) -> torch.nn.Module:
-    """Load a packing-safe MiniMax model from a checkpoint directory or a model YAML (fresh weights, `seed`)."""
+def load_model(spec: str | Path | ModelOptions, seed: int = 0, *, head: Literal["lm", "score"] = "lm",
+               tokenizer=None) -> torch.nn.Module:
+    """The one model loader: policy, reference and reward models, from a checkpoint directory or a model YAML
+    (fresh weights, seeded by `seed`), packing-safe.
+
+    `head="lm"`: `MiniMaxForCausalLM` with the `ModelOptions` applied (FP32 LM head, LoRA, kernels, ...).
+    `head="score"`: a one-logit sequence classifier (reward models): `MiniMaxForSequenceClassification` from a MiniMax
+    checkpoint (a causal-LM checkpoint gets a fresh score head, seeded) or a model YAML; another architecture loads
+    through `AutoModelForSequenceClassification`.
+    `tokenizer` (from `load_tokenizer`, or the built-in one): checked against the model's vocabulary, and its pad /
+    EOS ids written into the model's config and generation config - the one place that sets them.
+    """
     opts = spec if isinstance(spec, ModelOptions) else ModelOptions(path=str(spec))
     check_lightning_kernel(opts.lightning_kernel)
     path = Path(opts.path)
     dtype = getattr(torch, opts.dtype)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ConfigError(f"{path}: not a checkpoint directory (no config.json)")
-        config = MiniMaxConfig.from_pretrained(path)
-    elif path.suffix in (".yaml", ".yml"):
-        config = model_config_from_yaml(path)
+            raise ConfigError(f"model.path: '{path}' is not a checkpoint directory (no config.json)")
+    elif path.suffix not in (".yaml", ".yml"):
+        raise ConfigError(f"model.path: '{path}' is neither a checkpoint directory nor a model YAML"
+                          + ("" if path.exists() else " (it does not exist)"))
+    if head == "score":
+        model = _load_score_model(path, dtype, seed)
+    elif head == "lm":
+        model = _load_causal_lm(path, opts, dtype, seed)
     else:
-        raise ConfigError(f"model path '{path}' is neither a checkpoint directory nor a model YAML")
+        raise ValueError(f"head must be 'lm' or 'score', got {head!r}")
+    if tokenizer is not None:
+        _attach_tokenizer(model, tokenizer, path)
+    return model
 
+
+def _load_causal_lm(path: Path, opts: ModelOptions, dtype, seed: int) -> torch.nn.Module:
+    config = MiniMaxConfig.from_pretrained(path) if path.is_dir() else model_config_from_yaml(path)
     if opts.rope_theta is not None:
         config.rope_parameters = {**(config.rope_parameters or {}), "rope_type": "default",
                                   "rope_theta": float(opts.rope_theta)}
@@ -319,6 +341,47 @@ def load_model(spec: str | Path | ModelOptions, seed: int = 0) -> torch.nn.Modul
     if opts.lora is not None:
         model = apply_lora(model, opts.lora)
     return model
+
+
+def _load_score_model(path: Path, dtype, seed: int) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForSequenceClassification, MiniMaxForSequenceClassification
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the score head of a causal-LM checkpoint (or a fresh model) is initialised here
+        if path.is_dir():
+            config = AutoConfig.from_pretrained(path)
+            cls = MiniMaxForSequenceClassification if config.model_type == "minimax" else \
+                AutoModelForSequenceClassification
+            model = cls.from_pretrained(path, num_labels=1, dtype=dtype)
+        else:
+            config = model_config_from_yaml(path)
+            config.num_labels = 1
+            model = MiniMaxForSequenceClassification(config).to(dtype)
+    if model.config.num_labels != 1:
+        raise ConfigError(f"{path}: a reward model needs num_labels=1, got {model.config.num_labels}")
+    return make_packing_safe(model)
+
+
+def _attach_tokenizer(model, tokenizer, path: Path) -> None:
+    if tokenizer.pad_token_id is None:  # many released tokenizers have none; batching needs one
+        tokenizer.pad_token = tokenizer.eos_token
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if len(tokenizer) > base.config.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model '{path}' has vocab_size "
+                          f"{base.config.vocab_size}")
+    for conf in (base.config, getattr(base, "generation_config", None)):
+        if conf is not None:
+            conf.pad_token_id, conf.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+
+
+def load_tokenizer(path: str | Path, key: str = "model.path"):
+    """The tokenizer saved in a local directory; `key` names the config key that pointed here in the error."""
+    from transformers import AutoTokenizer
+
+    if not Path(path, "tokenizer_config.json").is_file():
+        raise ConfigError(f"{key}: no tokenizer in '{path}' (no tokenizer_config.json; for a model YAML with fresh "
+                          "weights set tokenizer: builtin)")
+    return AutoTokenizer.from_pretrained(path)
 
 
 def apply_lora(model: torch.nn.Module, lora: LoraOptions):

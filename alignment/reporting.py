@@ -1,4 +1,9 @@
-"""Run outputs users expect: atomic files and checkpoints, a metrics JSON, a markdown summary, PNG curves."""
+"""Run outputs users expect: atomic files and checkpoints, a metrics JSON, a markdown summary, PNG curves.
+
+Every file a run writes goes through `atomic_path` (a temp name beside the target, renamed into place when complete),
+so a crash never leaves half a file where a resumed run or a reader would pick it up. The temp name is fixed per
+target (`.<stem>.tmp<suffix>`), so a leftover from a killed run is replaced by the next write instead of piling up.
+"""
 
 from __future__ import annotations
 
@@ -9,30 +14,64 @@ import shutil
 from pathlib import Path
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON via a temp file + rename, so a crash never leaves half a file."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path, directory: bool = False):
+    """Yield a temp path beside `path` (a fresh empty directory when `directory`); it becomes `path` only if the
+    block finishes (an existing `path` is replaced), and is removed if the block raises.
+
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> with atomic_path(root / "a.txt") as tmp:
+    ...     _ = tmp.write_text("done")
+    >>> (root / "a.txt").read_text(), sorted(p.name for p in root.iterdir())
+    ('done', ['a.txt'])
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def atomic_directory(final: str | Path):
-    """Yield a temp directory that becomes `final` only if the block finishes (a crash leaves no `final`)."""
-    final = Path(final)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    _remove(tmp)
+    if directory:
+        tmp.mkdir()
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if directory and path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file via `atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON via `atomic_path`, so a crash never leaves half a file."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def atomic_directory(final: str | Path):
+    """A temp directory that becomes `final` only if the block finishes (a crash leaves no `final`)."""
+    return atomic_path(final, directory=True)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100) -> None:
+    """Save a matplotlib figure atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
 
 
 def write_log_history(out: str | Path, log_history: list[dict]) -> None:
@@ -58,11 +97,7 @@ def plot_curves(log_history: list[dict], path: str | Path, keys=("loss", "learni
         ax.set_title(key)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
     return list(series)
 
 
@@ -108,9 +143,7 @@ def pipeline_report(root: str | Path, stages: list[tuple[str, Path]]) -> Path:
     lines += ["", "Training curves: report.png; per-stage summary.md, curves.png and TensorBoard logs under each "
               "stage's directory."]
     path = root / "report.md"
-    tmp = path.with_name(f".report.md.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(lines) + "\n")
     _plot_stage_curves(curves, root / "report.png")
     return path
 
@@ -141,7 +174,4 @@ def _plot_stage_curves(curves: list[tuple[str, list[dict]]], path: Path) -> None
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=90)

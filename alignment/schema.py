@@ -8,21 +8,34 @@ from typing import Literal
 
 
 @dataclass
-class DataOptions:
-    # Built-in task suite: task name -> kwargs of its builder (data_recipes.tasks), e.g. {arithmetic: {n: 4000}}.
+class DataSource:
+    """Where a stage's rows come from: built-in builders and/or local files (the one data-spec schema; SFT data,
+    DPO prompts and preference sets extend it)."""
+
+    # Built-in builders: name -> kwargs (SFT/DPO: the task suite in data_recipes.tasks, e.g. {arithmetic: {n: 4000}};
+    # reward models: the preference categories in data_recipes.preferences).
     builtin: dict[str, dict] = field(default_factory=dict)
-    # Local chat files (.jsonl / .parquet) in the `messages` format.
+    # Local .jsonl / .parquet files (chat `messages` rows; preference sets: prompt / chosen / rejected rows).
     files: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.required and not self.builtin and not self.files:
+            raise ValueError("give at least one of 'builtin' or 'files'")
+
+    required = True  # (a class attribute, not a YAML key) an optional source, e.g. held-out pairs, may be empty
+
+
+@dataclass
+class DataOptions(DataSource):
     # Packed row length (tokens). Samples longer than this are dropped, not truncated (MiniMax-01 Table 7).
     max_length: int = 512
     # Pack several documents per row; the model wrapper keeps them isolated (per-document state and mask).
     packing: bool = True
 
     def __post_init__(self):
+        super().__post_init__()
         if self.max_length < 8:
             raise ValueError(f"data.max_length must be >= 8, got {self.max_length}")
-        if not self.builtin and not self.files:
-            raise ValueError("data: give at least one of 'builtin' or 'files'")
 
 
 @dataclass

@@ -1,13 +1,11 @@
 """A small byte-level BPE tokenizer with a ChatML template, trained locally so tiny runs need no hub access.
 
 MiniMax-Text-01 has a 200,064-token vocabulary; the tiny model gets a few hundred tokens trained on the built-in
-tasks' text. Digits are split one per token before BPE, so "85" is always "8" "5": numbers then share their digit
+tasks' text (`data_recipes.tokenizer.builtin_tokenizer` passes that corpus in). Digits are split one per token before BPE, so "85" is always "8" "5": numbers then share their digit
 embeddings and the tiny model can learn column-wise arithmetic instead of memorising merged multi-digit tokens.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -55,12 +53,3 @@ def train_tokenizer(texts, vocab_size: int = 512) -> PreTrainedTokenizerFast:
         chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
     )
-
-
-def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0) -> PreTrainedTokenizerFast:
-    """Train on the built-in tasks' corpus and save to `out_dir` (loadable with AutoTokenizer.from_pretrained)."""
-    from data_recipes.tasks import tokenizer_corpus
-
-    tokenizer = train_tokenizer(tokenizer_corpus(seed), vocab_size=vocab_size)
-    tokenizer.save_pretrained(out_dir)
-    return tokenizer

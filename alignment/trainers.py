@@ -7,14 +7,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from accelerate.utils import gather_object
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
-from trl.trainer.utils import add_fused_lm_head
+from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
 from alignment.checkpointing import SafeCheckpoints
 from alignment.losses import LossOptions, group_advantages, policy_loss, zero_variance_groups
 from alignment.modeling import FP32LMHead, make_packing_safe
-from alignment.rollout.base import importance_weights, logprob_mismatch
-from rewards.base import completion_text
+from alignment.rollout.base import SamplingOptions, importance_weights, logprob_mismatch
 
 
 def _base(model):
@@ -123,26 +124,128 @@ class RolloutCorrectionOptions:
     cap: float = 2.0
 
 
+def grpo_trl_settings(loss: LossOptions, sampling: SamplingOptions) -> dict:
+    """The `GRPOConfig` fields TRL needs from our loss and sampling options, and only those; the trainer refuses a
+    config that disagrees with them on `beta` (as a switch) or `temperature`.
+
+    What TRL still reads once `MiniMaxGRPOTrainer._compute_loss` (our loss) and `_round` (our advantages) replace
+    its own (TRL 1.16, `grpo_trainer.py`):
+    - `beta`: only as the switch "build a reference model (non-PEFT policy) and compute `ref_per_token_logps`"; its
+      value never reaches a loss (ours takes `loss.beta`). Non-zero exactly when `loss.uses_kl`; set to `loss.beta`
+      then so the saved training arguments tell the truth.
+    - `temperature`: TRL's fused log-prob head divides the logits by it, for the policy, π_old and the reference; it
+      must be the temperature the rollout worker samples at. `top_p`, `top_k`, `max_completion_length`: TRL's own
+      generation path (used when the trainer has no rollout worker) and its completion-length bookkeeping.
+    Left out on purpose: `epsilon`, `epsilon_high`, `loss_type`, `importance_sampling_level`, `delta`,
+    `use_bias_correction_kl`: read only by TRL's `_compute_loss` and its clip metrics, which ours replaces (our
+    clip range is `loss.epsilon_low/high`). `scale_rewards`: read only where TRL computes its advantages (replaced by
+    `group_advantages` with `AdvantageOptions.scale`) and for its `frac_reward_zero_std` metric, which keeps TRL's
+    default "group" meaning (share of groups with equal rewards).
+
+    >>> grpo_trl_settings(LossOptions(kl="none", beta=0.04), SamplingOptions(temperature=0.8, max_new_tokens=16))
+    {'beta': 0.0, 'temperature': 0.8, 'top_p': 1.0, 'top_k': 0, 'max_completion_length': 16}
+    """
+    return {"beta": loss.beta if loss.uses_kl else 0.0, "temperature": sampling.temperature, "top_p": sampling.top_p,
+            "top_k": sampling.top_k, "max_completion_length": sampling.max_new_tokens}
+
+
+@dataclass
+class Round:
+    """One generation + scoring round, as `MiniMaxGRPOTrainer._round` computes it and returns it.
+
+    Every field covers the whole round, all processes' completions in TRL's order (a group of `group_size`
+    consecutive completions can straddle processes; advantages are relative within it), except `batch`: TRL's
+    scored batch of this process's rows, with `batch["advantages"]` this process's slice of `advantages`.
+
+        rewards        (N,) Σ_f reward_weights[f] · reward_f per completion (NaN-skipping: unscored counts 0)
+        advantages     (N,) group_advantages(rewards, group_size, AdvantageOptions.scale, .balanced)
+        zero_variance  (N / group_size,) bool: zero_variance_groups(rewards, group_size, tolerance)
+        lengths        N ints: completion tokens (the completion-mask sums, i.e. the tokens the loss sees)
+        success        N floats from the trainer's `success_fn`, or None without one
+    """
+
+    batch: dict
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    zero_variance: torch.Tensor
+    lengths: list[int]
+    success: list[float] | None
+    group_size: int
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """(n_groups,) bool: the groups with a learning signal (not zero-variance), which dynamic sampling keeps."""
+        return ~self.zero_variance
+
+
 class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
     """`GRPOTrainer` with the MiniMax-01 / M1 online-RL changes, at TRL's own hooks:
 
     - `_generate_single_turn`: completions come from a rollout worker (`alignment.rollout`), with the engine's
       per-token log-probs and the repetition early stop [M1 §3]; weights are synced to it once per optimizer step.
-    - `_calculate_rewards` / `_generate_and_score_completions`: advantages recomputed by
-      `alignment.losses.group_advantages` (balanced advantages, change 3); zero-variance groups dropped and the
-      batch refilled from further prompts (dynamic sampling); train-vs-rollout log-prob mismatch logged, with
-      optional importance-sampling correction; reward, success rate and the length-bias monitor logged.
+    - `_generate_and_score_completions`: one explicit `Round` per generation (`_round`: TRL's generation + scoring,
+      our rewards / advantages from `alignment.losses.group_advantages` (balanced advantages, change 3) /
+      zero-variance groups / lengths / successes); then, on Round values, dynamic sampling (zero-variance groups
+      dropped, the batch refilled from further prompts), the train-vs-rollout log-prob mismatch (optional
+      importance-sampling correction), and the reward / success-rate / length-bias metrics.
     - `_compute_loss`: TRL's log-prob forward, then the named loss from `alignment.losses` (modified GRPO or CISPO).
+
+    Arguments beyond TRL's: `loss`, `sampling` (what the rollout worker samples with; build the `GRPOConfig` from
+    the same two through `grpo_trl_settings`), `rollout` (a worker; None: TRL's own generation), `advantages`,
+    `dynamic_sampling`, `rollout_correction`, `length_monitor` (`update(step, rewards, lengths, success) -> dict`),
+    `success_fn(row, completion) -> bool` (row: the dataset row; completion: as TRL gives it to reward functions, a
+    string or, for conversational prompts, a list of messages: the caller adapts it, e.g. with
+    `rewards.completion_text`), and `ref_model`: the KL reference when `loss.uses_kl`, a model from
+    `alignment.modeling.load_model` (packing-safe, FP32 head). Given one, TRL loads none; without one, a full
+    (non-PEFT) policy gets TRL's reference, rebuilt from `config._name_or_path` as a stock transformers model and
+    then made packing-safe; a PEFT policy needs none (TRL scores the reference with the adapter disabled, or with a
+    frozen copy of the starting adapter).
 
     Checkpoints go through `SafeCheckpoints` (staged then renamed; resume restores the MoE weights).
     Multi-process runs are refused when dynamic sampling is on (groups would have to be re-balanced across ranks).
     """
 
-    def __init__(self, *args, loss: LossOptions, sampling, rollout=None, advantages: AdvantageOptions | None = None,
+    def __init__(self, model, reward_funcs=None, args=None, *, loss: LossOptions, sampling: SamplingOptions,
+                 rollout=None, advantages: AdvantageOptions | None = None,
                  dynamic_sampling: DynamicSamplingOptions | None = None,
                  rollout_correction: RolloutCorrectionOptions | None = None, length_monitor=None,
-                 success_fn=None, **kwargs):
-        super().__init__(*args, **kwargs)
+                 success_fn=None, ref_model=None, **kwargs):
+        trl_beta = 0.0 if args is None else args.beta  # TRL's default GRPOConfig has beta 0
+        if (trl_beta != 0) != loss.uses_kl:
+            raise ValueError(f"GRPOConfig.beta = {trl_beta} disagrees with the loss (uses_kl = {loss.uses_kl}): TRL "
+                             "builds the reference and its log-probs iff beta != 0; build the config with "
+                             "alignment.trainers.grpo_trl_settings(loss, sampling)")
+        if args is not None and args.temperature != sampling.temperature:
+            raise ValueError(f"GRPOConfig.temperature = {args.temperature} but sampling.temperature = "
+                             f"{sampling.temperature}: TRL's log-probs divide by the former, the rollouts sample at "
+                             "the latter; use grpo_trl_settings(loss, sampling)")
+        if ref_model is not None:
+            if not loss.uses_kl:
+                raise ValueError("ref_model is only used by a KL term; pass it only when loss.uses_kl")
+            if _is_peft(model) or kwargs.get("peft_config") is not None:
+                raise ValueError("a PEFT policy needs no ref_model: TRL scores the reference with the adapter "
+                                 "disabled (or a frozen copy of the starting adapter)")
+            if ref_model is model:
+                raise ValueError("ref_model must be a separate copy of the policy, not the policy itself")
+            if args.sync_ref_model:
+                raise NotImplementedError("sync_ref_model with a given ref_model is not supported")
+            # TRL loads a reference in its __init__ iff beta != 0 (and the policy is not PEFT), and beta is read
+            # nowhere else during __init__ (sync_ref_model is refused above): hide it for that call only, then put
+            # the given reference where TRL keeps its own and prepare it the way TRL prepares its own.
+            args.beta = 0.0
+        try:
+            super().__init__(model, reward_funcs, args, **kwargs)
+        finally:
+            if ref_model is not None:
+                args.beta = trl_beta
+        if ref_model is not None:
+            self.beta = trl_beta  # TRL's switch for the reference log-probs in _generate_and_score_completions
+            self.ref_model = self._prepare_ref_model(ref_model)
+        elif self.ref_model is not None:  # TRL rebuilt it from the checkpoint as a stock model
+            make_packing_safe(self.ref_model)
+        if len(set(self.reward_func_names)) != len(self.reward_func_names):
+            raise ValueError(f"reward functions need distinct names (TRL records rewards per name), got "
+                             f"{self.reward_func_names}")
         self.loss_opts, self.sampling, self.rollout = loss, sampling, rollout
         self.adv_opts = advantages or AdvantageOptions()
         self.dynamic = dynamic_sampling or DynamicSamplingOptions(enabled=False)
@@ -151,13 +254,24 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
         if self.dynamic.enabled and self.accelerator.num_processes > 1:
             raise NotImplementedError("dynamic sampling is single-process for now; set dynamic_sampling.enabled: "
                                       "false for multi-GPU runs")
-        if loss.beta > 0 and loss.kl != "none" and self.beta == 0:
-            raise ValueError("loss.beta > 0 needs GRPOConfig.beta > 0 too (TRL then builds the reference model)")
-        if self.ref_model is not None:  # TRL rebuilds it from the checkpoint as a stock model
-            make_packing_safe(self.ref_model)
         self._synced_step = None
         self._refill_iter = None
-        self._round_log: list[dict] = []
+
+    def _prepare_ref_model(self, ref_model):
+        """What TRL's __init__ does to the reference it loads, done to the given one: dropout off (if asked), the
+        fused log-prob head at the training temperature, then DeepSpeed / FSDP / accelerate preparation for
+        evaluation. TRL's `cast_lm_head_to_fp32` also stores the head's weight in fp32; not needed here: the fused
+        head computes in fp32 with that flag whatever the weight's dtype, and `load_model`'s FP32 head is fp32."""
+        make_packing_safe(ref_model).requires_grad_(False).eval()
+        if self.args.disable_dropout:
+            disable_dropout_in_model(ref_model)
+        add_fused_lm_head(ref_model, temperature=self.temperature,
+                          cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(ref_model, self.accelerator)
+        if self.is_fsdp_enabled:
+            return prepare_fsdp(ref_model, self.accelerator)
+        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
     # -- generation --------------------------------------------------------------------------------------------
 
@@ -179,56 +293,73 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
             self._metrics[mode][key].append(value)
         return batch.completion_ids, batch.logprobs
 
-    # -- rewards, advantages, dynamic sampling -----------------------------------------------------------------
+    # -- one round: rewards, advantages, zero-variance groups -------------------------------------------------
 
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
+    def _round(self, inputs: list[dict]) -> Round:
+        """One TRL generation + scoring round (`GRPOTrainer._generate_and_score_completions`), with our rewards,
+        advantages, zero-variance groups, lengths and successes, returned as a `Round`.
+
+        Where the rewards come from: TRL's output holds only its own advantages (not invertible to rewards), and
+        `_calculate_rewards` runs deep inside that call. TRL records every round's per-function rewards, gathered
+        over processes (exactly the `rewards_per_func` its `_calculate_rewards` returned), and its completions in
+        `self._logs`, whatever `log_completions` says; the last N entries, read right after the call, are this
+        round's. So `_calculate_rewards` stays TRL's, and nothing of ours is stashed between hooks. The weighted
+        sum is TRL's own (`reward_weights`, NaN-skipping).
+        """
+        mode = "train" if self.model.training else "eval"
+        G = self.num_generations if mode == "train" else self.num_generations_eval
+        batch = super()._generate_and_score_completions(inputs)
+        n_local = len(inputs)
+        n = n_local * self.accelerator.num_processes
+        recorded = [self._logs["rewards"][name] for name in self.reward_func_names] + [self._logs["completion"]]
+        if any(len(r) < n for r in recorded):
+            raise RuntimeError(f"TRL kept fewer than the round's {n} completions in its records (their length is the "
+                               f"generation batch, {self.args.generation_batch_size}); rounds larger than the "
+                               "generation batch (e.g. a larger eval batch) are not supported")
+        per_func = torch.tensor([list(r)[-n:] for r in recorded[:-1]], dtype=torch.float32).T  # (N, F)
+        completions = list(recorded[-1])[-n:]
+        rewards = (per_func * self.reward_weights.cpu()).nansum(dim=1)
+        advantages = group_advantages(rewards, G, self.adv_opts.scale, self.adv_opts.balanced)
+        local = slice(self.accelerator.process_index * n_local, (self.accelerator.process_index + 1) * n_local)
+        batch["advantages"] = advantages[local].to(batch["advantages"].device)
+        lengths = self.accelerator.gather(batch["completion_mask"].sum(1)).tolist()
         success = None
         if self.success_fn is not None:
-            success = [float(self.success_fn(row, completion_text(c))) for row, c in zip(inputs, completions)]
-        self._round_log.append({"rewards": rewards.detach().cpu(), "lengths": [len(c) for c in completion_ids_list],
-                                "success": success})
-        return rewards_per_func
-
-    def _score_round(self, inputs) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        """One TRL generation + scoring round; advantages replaced by ours. Returns (batch, rewards, zero-var)."""
-        batch = super()._generate_and_score_completions(inputs)
-        rewards = self._round_log[-1]["rewards"].to(batch["advantages"].device)
-        mode = "train" if self.model.training else "eval"
-        G = self.num_generations if mode == "train" else self.num_generations_eval
-        batch["advantages"] = group_advantages(torch.nan_to_num(rewards, nan=0.0), G, self.adv_opts.scale,
-                                               self.adv_opts.balanced)
-        return batch, rewards, zero_variance_groups(rewards, G, self.dynamic.tolerance)
+            success = gather_object([float(self.success_fn(row, c)) for row, c in zip(inputs, completions[local])])
+        return Round(batch=batch, rewards=rewards, advantages=advantages,
+                     zero_variance=zero_variance_groups(rewards, G, self.dynamic.tolerance), lengths=lengths,
+                     success=success, group_size=G)
 
     def _generate_and_score_completions(self, inputs):
-        self._round_log = []
-        batch, rewards, zero_var = self._score_round(inputs)
         mode = "train" if self.model.training else "eval"
-        G = self.num_generations if mode == "train" else self.num_generations_eval
+        first = self._round(inputs)
+        batch, rounds = first.batch, [first]
         if mode == "train" and self.dynamic.enabled:
-            batch = self._dynamic_sampling(batch, zero_var, G)
+            batch, rounds = self._dynamic_sampling(first)
         batch = self._rollout_correction(batch, mode)
-        self._log_round_metrics(mode)
+        self._log_round_metrics(rounds, mode)
         return batch
 
-    def _dynamic_sampling(self, batch: dict, zero_var: torch.Tensor, G: int) -> dict:
-        target = len(zero_var)
-        kept, dropped = [_select_groups(batch, ~zero_var, G)], [_select_groups(batch, zero_var, G)]
-        n_kept, n_generated, refills = int((~zero_var).sum()), target, 0
-        while n_kept < target and refills < self.dynamic.max_refills:
-            more, _, zv = self._score_round(self._next_refill_inputs(target, G))
-            kept.append(_select_groups(more, ~zv, G))
-            dropped.append(_select_groups(more, zv, G))
-            n_kept, n_generated, refills = n_kept + int((~zv).sum()), n_generated + len(zv), refills + 1
+    def _dynamic_sampling(self, first: Round) -> tuple[dict, list[Round]]:
+        """Keep `first`'s informative groups and refill from further prompts (more rounds) until the batch is full
+        or `max_refills` is spent. Returns the batch (first's size) and every round generated for it."""
+        G, target = first.group_size, len(first.zero_variance)
+        rounds = [first]
+        n_kept = int(first.kept.sum())
+        while n_kept < target and len(rounds) - 1 < self.dynamic.max_refills:
+            rounds.append(self._round(self._next_refill_inputs(target, G)))
+            n_kept += int(rounds[-1].kept.sum())
+        n_generated, refills = sum(len(r.zero_variance) for r in rounds), len(rounds) - 1
         # kept groups first; dropped ones (zero advantage) only fill a batch still short after the refills
-        merged = _concat_batches([b for b in kept + dropped if b is not None], self._tokenizer.pad_token_id)
+        parts = [_select_groups(r.batch, r.kept, G) for r in rounds]
+        parts += [_select_groups(r.batch, r.zero_variance, G) for r in rounds]
+        merged = _concat_batches([b for b in parts if b is not None], self._tokenizer.pad_token_id)
         m = self._metrics["train"]
         m["dynamic/kept_frac"].append(n_kept / n_generated)  # of all groups generated for this batch
         m["dynamic/dropped_frac"].append(1 - n_kept / n_generated)
         m["dynamic/zero_var_fill_frac"].append(max(target - n_kept, 0) / target)  # of the final batch
         m["dynamic/refills"].append(float(refills))
-        return _select_rows(merged, torch.arange(target * G))
+        return _select_rows(merged, torch.arange(target * G)), rounds
 
     def _next_refill_inputs(self, n_prompts: int, G: int) -> list[dict]:
         """Further training prompts (a separately seeded pass over the train set), each repeated G times."""
@@ -260,12 +391,14 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
             self._metrics[mode]["mismatch/is_weight_mean"].append(float((weights * mask).sum() / mask.sum()))
         return batch
 
-    def _log_round_metrics(self, mode: str) -> None:
-        rewards = torch.cat([r["rewards"] for r in self._round_log]).tolist()
-        lengths = [n for r in self._round_log for n in r["lengths"]]
+    def _log_round_metrics(self, rounds: list[Round], mode: str) -> None:
+        """Success rate and the length-bias monitor over every completion generated for this batch (dropped
+        groups and refills included: they describe the policy's samples, not the filtered batch)."""
+        rewards = torch.cat([r.rewards for r in rounds]).tolist()
+        lengths = [n for r in rounds for n in r.lengths]
         success = None
-        if all(r["success"] is not None for r in self._round_log):
-            success = [s for r in self._round_log for s in r["success"]]
+        if all(r.success is not None for r in rounds):
+            success = [s for r in rounds for s in r.success]
             self._metrics[mode]["success_rate"].append(sum(success) / max(len(success), 1))
         if self.length_monitor is not None and mode == "train":
             for key, value in self.length_monitor.update(self.state.global_step, rewards, lengths, success).items():

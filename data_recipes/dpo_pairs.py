@@ -32,6 +32,7 @@ import datasets
 import torch
 
 from alignment.rollout.base import RolloutWorker, SamplingOptions
+from data_recipes.io import prompt_of
 
 STATS_FILE = "pair_stats.json"
 TASK_FIELDS = ("task", "answer", "harmful", "n_pairs")  # row columns the reward handlers read
@@ -72,12 +73,6 @@ class PairOptions:
     @property
     def n(self) -> int:
         return len(self.temperatures) * self.samples_per_temperature
-
-
-def prompt_of(row: dict) -> list[dict]:
-    """The conversation up to (not including) its final assistant reply: what the policy is asked to continue."""
-    messages = row.get("prompt") or row["messages"]
-    return list(messages[:-1]) if messages and messages[-1]["role"] == "assistant" else list(messages)
 
 
 def select_prompts(rows, seed: int, n: int | None = None, tasks: list[str] | None = None,

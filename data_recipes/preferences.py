@@ -22,7 +22,8 @@ import random
 
 from pathlib import Path
 
-from data_recipes.io import DataError, _read_json_lines, _read_parquet
+from data_recipes.io import DataError, read_rows
+from data_recipes.specs import check_builtin
 from data_recipes.tasks import BENIGN, REFUSALS, WORDS, _safety_combos, arithmetic_examples, retrieval_examples
 
 CATEGORIES = ("math", "safety", "over_refusal", "general")
@@ -92,7 +93,7 @@ def over_refusal_pairs(n: int, seed: int, split: str = "train") -> list[dict]:
     return pairs
 
 
-def general_pairs(n: int, seed: int, split: str = "train", n_pairs=(2, 4)) -> list[dict]:
+def general_pairs(n: int, seed: int, split: str = "train", n_pairs: int | list[int] = (2, 4)) -> list[dict]:
     """Half on-topic vs off-topic answers to benign questions (another category's helpful reply), half key→value
     lookups where the right value beats another value from the same haystack (same length, same format)."""
     rng = random.Random(f"pref-general:{split}:{seed}")
@@ -128,10 +129,9 @@ def build_preferences(spec: dict[str, dict], seed: int, split: str = "train",
     >>> sorted(rows[0]), rows[0]["category"], rows[0]["harmful"]
     (['answer', 'category', 'chosen', 'harmful', 'prompt', 'rejected', 'task'], 'safety', True)
     """
+    check_builtin(spec, PREFERENCE_BUILDERS, "build_preferences", "spec")
     rows = []
     for category, kwargs in spec.items():
-        if category not in PREFERENCE_BUILDERS:
-            raise ValueError(f"unknown preference category {category!r}; valid: {', '.join(PREFERENCE_BUILDERS)}")
         rows += PREFERENCE_BUILDERS[category](**{"seed": seed, "split": split, **kwargs})
     for path in files:
         rows += load_preference_file(path)
@@ -155,13 +155,8 @@ def load_preference_file(path: str | Path) -> list[dict]:
     """Rows of a user .jsonl / .json / .parquet preference file: `prompt`, `chosen`, `rejected` (strings or
     message lists) and an optional `category` (default "general"); errors name the file, row and field."""
     path = Path(path)
-    readers = {".jsonl": _read_json_lines, ".json": _read_json_lines, ".parquet": _read_parquet}
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    if path.suffix not in readers:
-        raise DataError(f"{path}: unsupported extension {path.suffix!r}; expected one of {', '.join(readers)}")
     rows = []
-    for n, row in readers[path.suffix](path):
+    for n, row in read_rows(path):
         where = f"{path} row {n}"
         if not isinstance(row, dict):
             raise DataError(f"{where}: row is {type(row).__name__}; expected an object")

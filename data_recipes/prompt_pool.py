@@ -20,6 +20,7 @@ from typing import Callable
 import datasets
 
 from alignment.rollout.base import RolloutWorker, SamplingOptions
+from data_recipes.io import prompt_of
 from rewards.verifiers import verify
 
 
@@ -51,7 +52,7 @@ class PoolOptions:
 def success_rates(worker: RolloutWorker, rows: list[dict], k: int, sampling: SamplingOptions,
                   score: Callable[[dict, str], float] = verify) -> list[float]:
     """Pass rate of each row's prompt (its messages without the final assistant reply): mean score of k samples."""
-    batch = worker.generate([prompt_messages(r) for r in rows], n=k, sampling=sampling)
+    batch = worker.generate([prompt_of(r) for r in rows], n=k, sampling=sampling)
     return [sum(float(score(row, batch.texts[i * k + j])) for j in range(k)) / k for i, row in enumerate(rows)]
 
 
@@ -74,7 +75,7 @@ def unique_prompts(rows: list[dict]) -> list[dict]:
     """
     seen, out = set(), []
     for row in rows:
-        key = repr(prompt_messages(row))
+        key = repr(prompt_of(row))
         if key not in seen:
             seen.add(key)
             out.append(row)
@@ -88,21 +89,16 @@ def exclude_prompts(rows: list[dict], seen: list[dict]) -> list[dict]:
     >>> [r["messages"][0]["content"] for r in exclude_prompts([q("a"), q("b")], [q("b")])]
     ['a']
     """
-    seen_keys = {repr(prompt_messages(r)) for r in seen}
-    return [r for r in rows if repr(prompt_messages(r)) not in seen_keys]
-
-
-def prompt_messages(row: dict) -> list[dict]:
-    """The conversation up to (not including) the final assistant reply."""
-    messages = row.get("prompt") or row["messages"]
-    return messages[:-1] if messages[-1]["role"] == "assistant" else messages
+    seen_keys = {repr(prompt_of(r)) for r in seen}
+    return [r for r in rows if repr(prompt_of(r)) not in seen_keys]
 
 
 def build_prompt_pool(worker: RolloutWorker, rows: list[dict], opts: PoolOptions, sampling: SamplingOptions,
                       out_path: str | Path | None = None, score: Callable[[dict, str], float] = verify):
     """Filter `rows` by success rate and return (dataset, stats). The dataset has `prompt` (chat messages), the
     task columns the verifiers read, and `pass_rate`; written to `out_path` (.jsonl or .parquet) atomically if
-    given. Duplicate prompts are scored once. stats: prompts scored / kept and the pass-rate histogram counts (0, band, >= hi)."""
+    given. Duplicate prompts are scored once. stats: prompts scored / kept and the pass-rate histogram counts
+    (0, band, >= hi)."""
     rows = unique_prompts(rows)
     rates = success_rates(worker, rows, opts.k, sampling, score)
     kept = filter_by_success_rate(rows, rates, opts.lo, opts.hi)
@@ -111,7 +107,7 @@ def build_prompt_pool(worker: RolloutWorker, rows: list[dict], opts: PoolOptions
     if not kept:
         raise ValueError(f"prompt pool is empty: none of {len(rows)} prompts has a pass rate in "
                          f"({opts.lo}, {opts.hi}) (mean pass rate {sum(rates) / max(len(rates), 1):.3f})")
-    records = [{"prompt": prompt_messages(r), "task": r["task"], "answer": r["answer"], "harmful": r["harmful"],
+    records = [{"prompt": prompt_of(r), "task": r["task"], "answer": r["answer"], "harmful": r["harmful"],
                 "n_pairs": r["n_pairs"], "pass_rate": r["pass_rate"]} for r in kept]
     ds = datasets.Dataset.from_list(records)
     stats = {"scored": len(rows), "kept": len(kept), "mean_pass_rate_all": sum(rates) / len(rates),

@@ -12,13 +12,8 @@ import random
 import datasets
 
 from data_recipes.io import load_rows, rows_to_dataset
+from data_recipes.specs import check_builtin
 from data_recipes.tasks import TASKS
-
-
-def _task_fn(name: str):
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
-    return TASKS[name]
 
 
 def build_sft_mix(builtin: dict[str, dict], files: list[str], seed: int) -> datasets.Dataset:
@@ -27,9 +22,10 @@ def build_sft_mix(builtin: dict[str, dict], files: list[str], seed: int) -> data
 
     `seed` seeds the tasks unless their kwargs give one, and the shuffle: the same arguments give the same Dataset.
     """
+    check_builtin(builtin, TASKS, "build_sft_mix", "builtin")
     rows = []
     for name, kwargs in builtin.items():
-        rows += _task_fn(name)(**{"seed": seed, **kwargs})
+        rows += TASKS[name](**{"seed": seed, **kwargs})
     for path in files:
         rows += load_rows(path)
     if not rows:
@@ -44,9 +40,10 @@ def heldout_sets(spec: dict[str, dict], seed: int) -> dict[str, list[dict]]:
 
     Arithmetic and safety held-out problems never occur in the train split; retrieval uses a separate stream.
     """
+    check_builtin(spec, TASKS, "heldout_sets", "spec", named_sets=True)
     sets = {}
     for name, kwargs in spec.items():
         kwargs = dict(kwargs)
         task = kwargs.pop("task", name)
-        sets[name] = _task_fn(task)(**{"seed": seed, **kwargs, "split": "heldout"})
+        sets[name] = TASKS[task](**{"seed": seed, **kwargs, "split": "heldout"})
     return sets

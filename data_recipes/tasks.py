@@ -246,16 +246,17 @@ def arithmetic_documents(n: int, seed: int, lines: int = 8, max_operand: int = 3
     return docs
 
 
-def _n_pairs_range(n_pairs) -> tuple[int, int]:
-    """An int, or an inclusive (lo, hi) range (a YAML list is fine)."""
-    lo, hi = (n_pairs, n_pairs) if isinstance(n_pairs, int) else tuple(n_pairs)
+def _n_pairs_range(n_pairs: int | list[int]) -> tuple[int, int]:
+    """An int, or an inclusive (lo, hi) range (a YAML list or a tuple is fine)."""
+    pair = (n_pairs, n_pairs) if isinstance(n_pairs, int) else tuple(n_pairs)
     most = len(WORDS) // 2  # keys and values are distinct words
-    if not 1 <= lo <= hi <= most:
-        raise ValueError(f"n_pairs is {n_pairs!r}; expected 1 <= lo <= hi <= {most} (half the word list)")
-    return lo, hi
+    if len(pair) != 2 or not 1 <= pair[0] <= pair[1] <= most:
+        raise ValueError(f"n_pairs is {n_pairs!r}; expected an int or a [lo, hi] range with 1 <= lo <= hi <= {most} "
+                         "(half the word list)")
+    return pair
 
 
-def retrieval_examples(n: int, seed: int, n_pairs, split: str = "train") -> list[dict]:
+def retrieval_examples(n: int, seed: int, n_pairs: int | list[int], split: str = "train") -> list[dict]:
     """Key→value lookup: "Data: apple = river; tiger = lamp; ... What is the value of tiger?" → "Answer: tiger = lamp".
 
     Keys and values are distinct words, so the answer is unambiguous and echoing another value is detectably wrong.
@@ -285,7 +286,8 @@ def _haystack(rng: random.Random, lo: int, hi: int) -> tuple[list[str], list[str
     return keys, values, "Data: " + "; ".join(f"{key} = {value}" for key, value in zip(keys, values)) + "."
 
 
-def lookup_documents(n: int, seed: int, n_pairs, questions: int = 4, split: str = "train") -> list[tuple[str, list]]:
+def lookup_documents(n: int, seed: int, n_pairs: int | list[int], questions: int = 4,
+                     split: str = "train") -> list[tuple[str, list]]:
     """Raw text (no chat template) for pretraining the tiny base: a retrieval haystack followed by `questions`
     question/answer lines in the task's own words. Returns (text, answer character spans); each span is a value
     word with its leading space, i.e. one token, so the caller can score the lookup token by token."""

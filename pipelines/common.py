@@ -1,9 +1,22 @@
-"""What every stage file shares: its command line, and the finished / resumable output-directory check."""
+"""The stage scaffolding every stage file shares, in the order a stage uses it:
+
+    stage_main     the command line: load + validate the YAML, `check` the inputs, `run`; bad input -> one `error:`
+                   line naming file and key, exit code 2, nothing written
+    check_*        input checks that need no model: files, built-in task options, reward specs, the start checkpoint
+    finished       a finished stage's metrics (nothing to do), or None after checking the output dir can be resumed
+    claim          take the output directory: record the config (after the inputs loaded), point TensorBoard there
+    stage_tokenizer / evaluate_sets / cached_eval_before / train_resuming
+    finish         the metrics dict every stage writes, `final/` saved atomically, summary.md + curves.png
+
+A stage reads top to bottom: `finished` -> build its data (errors name file and row) -> load model + tokenizer ->
+`claim` -> evaluate before -> train -> evaluate after -> `finish`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -13,14 +26,24 @@ import yaml
 from alignment.config import ConfigError, load_config, to_dict
 from alignment.reporting import write_json_atomic
 
+MAY_CHANGE = ("training", "eval", "title", "output_dir")  # config sections a resumed run may change
 
-def stage_main(argv, *, prog: str, description: str, config_cls, run, example: str, errors: tuple = (),
-               trains: bool = True) -> int:
-    """`python -m pipelines.<stage> --config FILE [--set KEY=VALUE ...] [--overwrite]`: load + validate the YAML,
-    run the stage, and turn bad input into one `error:` line and exit code 2. `trains=False` (an evaluation, which
-    always rewrites its report) has no `--overwrite`."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", required=True, help=f"stage YAML, e.g. {example}")
+
+# -- command line ------------------------------------------------------------------------------------------------
+
+
+def stage_main(argv, *, stage: str) -> int:
+    """`python -m pipelines STAGE --config FILE [--set KEY=VALUE ...] [--overwrite]` for the registered `stage`."""
+    from data_recipes import DataError
+    from pipelines.stages import STAGES, stage_module
+    from rewards import RewardError
+
+    info, module = STAGES[stage], stage_module(stage)
+    trains = "overwrite" in module.run.__code__.co_varnames
+    parser = argparse.ArgumentParser(prog=f"python -m pipelines {stage}",
+                                     description=f"{info.summary[0].upper()}{info.summary[1:]} of the MiniMax-01 "
+                                     f"recipe. {module.DESCRIPTION}")
+    parser.add_argument("--config", required=True, help=f"stage YAML, e.g. {info.example}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (dotted, YAML value), e.g. --set training.max_steps=10")
     if trains:
@@ -34,26 +57,111 @@ def stage_main(argv, *, prog: str, description: str, config_cls, run, example: s
             parser.error(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key] = yaml.safe_load(value)
     try:
-        cfg = load_config(args.config, config_cls, overrides)
-        run(cfg, overwrite=args.overwrite) if trains else run(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, *errors) as err:
+        cfg = load_config(args.config, module.Config, overrides)
+        module.check(cfg, args.config, produced=set())
+        module.run(cfg, overwrite=args.overwrite) if trains else module.run(cfg)
+    except (ConfigError, DataError, RewardError, ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
 
 
-MAY_CHANGE = ("training", "eval", "title", "output_dir")  # config sections a resumed run may change
+# -- input checks (no model, no output written) ------------------------------------------------------------------
 
 
-def prepare_output(cfg, overwrite: bool) -> dict | None:
-    """Before a stage runs in `cfg.output_dir`: the metrics of a finished stage (its `final/metrics.json`, written
-    last) when there is one and not `overwrite`; otherwise None, after making sure what is there can be resumed.
+def _exists(path, produced: set) -> bool:
+    return Path(path) in produced or Path(path).exists()
+
+
+def check_files(paths, source: str, key: str) -> None:
+    """Every data file named under `key` exists (its rows are checked when the stage reads it)."""
+    for i, path in enumerate(paths or []):
+        if not Path(path).is_file():
+            raise ConfigError(f"{source}: '{key}[{i}]': data file '{path}' not found")
+
+
+def check_model(cfg, source: str, produced: set, *, checkpoint: bool, what: str = "this stage",
+                max_length: int | None = None) -> None:
+    """`model.path` exists now or is produced by an earlier pipeline stage; `checkpoint=True` (DPO, GRPO: they
+    start from a trained model) refuses a model YAML, which would start from random weights; `max_length` (the
+    stage's `data.max_length`) must fit the model's positions."""
+    path = Path(cfg.model.path)
+    if path in produced:
+        return
+    if checkpoint and path.suffix in (".yaml", ".yml"):
+        raise ConfigError(f"{source}: 'model.path' is the model YAML '{path}' (fresh weights), but {what} starts "
+                          "from a trained checkpoint directory, e.g. the SFT stage's <output_dir>/final")
+    if not path.exists():
+        hint = (f"; {what} starts from a trained checkpoint: run the stage that writes it first, or point "
+                "model.path at a local checkpoint directory") if checkpoint else ""
+        raise ConfigError(f"{source}: 'model.path': '{path}' does not exist{hint}")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ConfigError(f"{source}: 'model.path': '{path}' is not a checkpoint directory (no config.json)")
+    if not path.is_dir() and path.suffix not in (".yaml", ".yml"):
+        raise ConfigError(f"{source}: 'model.path': '{path}' is neither a checkpoint directory nor a model YAML")
+    positions = _max_positions(path)
+    if max_length and positions and max_length > positions:
+        raise ConfigError(f"{source}: 'data.max_length' {max_length} exceeds the model's max_position_embeddings "
+                          f"{positions} (raise it in the model config or shorten the rows)")
+
+
+def _max_positions(path: Path) -> int | None:
+    if path.suffix in (".yaml", ".yml"):
+        return (yaml.safe_load(path.read_text()) or {}).get("max_position_embeddings")
+    config = path / "config.json"
+    return json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None
+
+
+def check_tokenizer(cfg, source: str, produced: set) -> None:
+    """The tokenizer a stage will load exists: `tokenizer` (a directory, or `builtin`) or the checkpoint's own."""
+    choice = getattr(cfg, "tokenizer", None)
+    if choice == "builtin":
+        return
+    path, key = (choice, "tokenizer") if choice else (cfg.model.path, "model.path")
+    if Path(path) in produced:
+        return
+    if not Path(path, "tokenizer_config.json").is_file():
+        raise ConfigError(f"{source}: '{key}': no tokenizer in '{path}' (no tokenizer_config.json; for a model YAML "
+                          "with fresh weights set tokenizer: builtin)")
+
+
+def check_reward(spec: dict, source: str, key: str, produced: set) -> None:
+    """A reward spec's handlers and options, and the model directories they read, without loading any model."""
+    from rewards import RewardError, check_reward_spec
+
+    try:
+        check_reward_spec(spec, exists=lambda path: _exists(path, produced))
+    except RewardError as err:
+        raise ConfigError(f"{source}: '{key}': {err}") from None
+
+
+def check_builtin(spec: dict, source: str, key: str, registry: str = "tasks") -> None:
+    """Built-in data options: task (or preference category) names, option names and types."""
+    from data_recipes import check_builtin as check
+    from data_recipes.preferences import PREFERENCE_BUILDERS
+    from data_recipes.tasks import TASKS
+
+    if registry == "eval":
+        check(spec, TASKS, source, key, named_sets=True)
+    else:
+        check(spec, PREFERENCE_BUILDERS if registry == "preferences" else TASKS, source, key)
+
+
+# -- output directory --------------------------------------------------------------------------------------------
+
+
+def _record(cfg) -> dict:
+    return {k: v for k, v in json.loads(json.dumps(to_dict(cfg), default=str)).items() if k not in MAY_CHANGE}
+
+
+def finished(cfg, overwrite: bool) -> dict | None:
+    """The metrics of a finished stage (its `final/metrics.json`, written last) when there is one and not
+    `overwrite`; otherwise None, after checking that what is in `cfg.output_dir` can be resumed. Writes nothing.
 
     A re-run resumes from the checkpoints, cached evaluation, pairs or prompt pools in the output directory, so they
-    must come from the same inputs: the config is recorded in `stage_config.json` and a run whose model, tokenizer,
-    data, rewards or seed differ is refused (resuming another model's checkpoint would silently mix weights and
-    tokenizers); training length, LR, logging and evaluation may change between runs. `--overwrite` clears
-    everything but `final/`, which is replaced only when the new run finishes.
+    must come from the same inputs: the config is recorded in `stage_config.json` (by `claim`) and a run whose model,
+    tokenizer, data, rewards or seed differ is refused (resuming another model's checkpoint would silently mix
+    weights and tokenizers); training length, LR, logging and evaluation may change between runs.
     """
     out = Path(cfg.output_dir)
     done = out / "final" / "metrics.json"
@@ -61,18 +169,25 @@ def prepare_output(cfg, overwrite: bool) -> dict | None:
         print(f"{done.parent} is complete; nothing to do (pass --overwrite to train again)")
         return json.loads(done.read_text())
     record = out / "stage_config.json"
-    current = {k: v for k, v in json.loads(json.dumps(to_dict(cfg), default=str)).items() if k not in MAY_CHANGE}
+    if not overwrite and record.is_file() and json.loads(record.read_text()) != _record(cfg):
+        changed = sorted(_diff_keys(json.loads(record.read_text()), _record(cfg)))
+        raise ConfigError(f"{out} holds an unfinished run with a different config (changed: {', '.join(changed)}); "
+                          "pass --overwrite to start again, or use another output_dir")
+    return None
+
+
+def claim(cfg, overwrite: bool) -> Path:
+    """Take `cfg.output_dir` once the stage's inputs have loaded: `--overwrite` clears everything but `final/`
+    (replaced only when the new run finishes), the config is recorded, TensorBoard logs go to `<out>/tensorboard`
+    (transformers reads the variable when the trainer is built). Returns the output directory."""
+    out = Path(cfg.output_dir)
     if overwrite:
         for child in out.iterdir() if out.is_dir() else []:
             if child.name != "final":
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
-    elif record.is_file() and json.loads(record.read_text()) != current:
-        old = json.loads(record.read_text())
-        changed = sorted(_diff_keys(old, current))
-        raise ConfigError(f"{out} holds an unfinished run with a different config (changed: {', '.join(changed)}); "
-                          "pass --overwrite to start again, or use another output_dir")
-    write_json_atomic(record, current)
-    return None
+    write_json_atomic(out / "stage_config.json", _record(cfg))
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
+    return out
 
 
 def _diff_keys(a, b, prefix: str = "") -> list[str]:
@@ -81,10 +196,36 @@ def _diff_keys(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+# -- model inputs and evaluation -----------------------------------------------------------------------------------
+
+
+def stage_tokenizer(cfg):
+    """The stage's tokenizer: `tokenizer: null` -> the one saved with `model.path`; `builtin` -> the built-in BPE
+    sized to the model YAML's vocabulary (deterministic under the seed, so a resume rebuilds the same one);
+    otherwise a local tokenizer directory."""
+    from alignment.modeling import load_tokenizer, model_config_from_yaml
+
+    choice = getattr(cfg, "tokenizer", None)
+    if choice == "builtin":
+        from data_recipes.tokenizer import builtin_tokenizer
+
+        path = cfg.model.path
+        vocab = model_config_from_yaml(path).vocab_size if path.endswith((".yaml", ".yml")) else 512
+        return builtin_tokenizer(vocab_size=vocab, seed=cfg.seed)
+    return load_tokenizer(choice, key="tokenizer") if choice else load_tokenizer(cfg.model.path)
+
+
+def evaluate_sets(model, tokenizer, sets: dict, opts) -> dict:
+    """Held-out accuracy per set (`data_recipes.evaluation.evaluate`) with the stage's `eval` options."""
+    from data_recipes.evaluation import evaluate
+
+    return evaluate(model, tokenizer, sets, opts.max_new_tokens, opts.batch_size)
+
+
 def cached_eval_before(out: Path, evaluate_fn) -> dict:
     """The stage's held-out metrics before training, computed once and kept in `<out>/eval_before.json` across
     resumes (the 'before' model is the stage's input, not a half-trained checkpoint)."""
-    path = out / "eval_before.json"
+    path = Path(out) / "eval_before.json"
     if path.is_file():
         return json.loads(path.read_text())
     before = evaluate_fn()
@@ -92,40 +233,26 @@ def cached_eval_before(out: Path, evaluate_fn) -> dict:
     return before
 
 
-def save_stage(cfg, model, tokenizer, metrics: dict, history: list, curve_keys: tuple, notes: dict,
-               extra_files: dict | None = None, heading: str = "held-out metrics") -> None:
-    """The end of every training stage: `<output_dir>/final` written atomically (LoRA merged; `metrics.json` last,
-    its presence marks a finished checkpoint; `extra_files` = {name: json data} beside it), then metrics.json,
-    log_history.json, curves.png (the `curve_keys` found in the log) and summary.md in the output dir."""
-    from alignment.reporting import atomic_directory, plot_curves, summary_markdown, write_log_history
-
-    out = Path(cfg.output_dir)
-    final = out / "final"
-    with atomic_directory(final) as tmp:
-        to_save = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        to_save.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        for name, data in (extra_files or {}).items():
-            write_json_atomic(tmp / name, data)
-        write_json_atomic(tmp / "metrics.json", metrics)
-    write_json_atomic(out / "metrics.json", metrics)
-    write_log_history(out, history)
-    plotted = plot_curves(history, out / "curves.png", keys=curve_keys)
-    notes = {**notes, "curves": f"curves.png ({', '.join(plotted)})", "checkpoint": str(final)}
-    (out / "summary.md").write_text(summary_markdown(f"{cfg.title}: {heading}", metrics["before"], metrics["after"],
-                                                     notes))
-    print(f"[{cfg.title}] wrote {final}, {out / 'summary.md'}")
+def short(metrics: dict) -> str:
+    """`key=0.123, ...` for one log line."""
+    return ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())
 
 
-def train_resuming(trainer, out: Path, title: str):
-    """`trainer.train()` from the last complete checkpoint in `<out>/checkpoints`, if there is one; returns the
-    train result and that checkpoint (None for a fresh start)."""
-    from alignment.checkpointing import last_checkpoint
+# -- training and the end of a stage -------------------------------------------------------------------------------
 
-    last = last_checkpoint(out / "checkpoints")
+
+def train_resuming(trainer, cfg):
+    """`trainer.train()` from the last complete checkpoint in `<output_dir>/checkpoints`, if there is one; returns
+    the train result and that checkpoint (None for a fresh start). A checkpoint at the last step (killed during the
+    final evaluation or save) means training is done: its weights are loaded and no step is trained again."""
+    from alignment.checkpointing import kill_if_requested, last_checkpoint
+
+    last = last_checkpoint(Path(cfg.output_dir) / "checkpoints")
     if last:
-        print(f"[{title}] resuming from {last}")
-    return trainer.train(resume_from_checkpoint=last), last
+        print(f"[{cfg.title}] resuming from {last}")
+    result = trainer.train(resume_from_checkpoint=last)
+    kill_if_requested("trained")
+    return result, last
 
 
 def series_ends(history: list[dict], keys) -> dict:
@@ -137,3 +264,41 @@ def series_ends(history: list[dict], keys) -> dict:
         if series:
             ends[f"{key}/first"], ends[f"{key}/last"] = series[0], series[-1]
     return ends
+
+
+def finish(cfg, trainer, result, last, tokenizer, before: dict, after: dict, *, curve_keys: tuple,
+           notes: dict | None = None, train: dict | None = None, extra: dict | None = None,
+           extra_files: dict | None = None, heading: str = "held-out metrics") -> dict:
+    """The end of every training stage: the metrics dict (`stage`, `before`, `after`, `train` = the trainer's result
+    + `train` + the first/last value of each curve key, `extra` sections, `config`), then `<output_dir>/final`
+    written atomically (LoRA merged; `extra_files` = {name: json data} beside it; `metrics.json` last, its presence
+    marks a finished stage), metrics.json, log_history.json, curves.png and summary.md in the output dir."""
+    from alignment.checkpointing import kill_if_requested
+    from alignment.reporting import (atomic_directory, plot_curves, summary_markdown, write_log_history,
+                                     write_text_atomic)
+
+    history = trainer.state.log_history
+    metrics = {"stage": cfg.title, "before": before, "after": after, **(extra or {}),
+               "train": {**result.metrics, **(train or {}), "resumed_from": last,
+                         "global_step": trainer.state.global_step, **series_ends(history, curve_keys)},
+               "config": to_dict(cfg)}
+    out = Path(cfg.output_dir)
+    final = out / "final"
+    model = trainer.model
+    with atomic_directory(final) as tmp:
+        to_save = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        to_save.save_pretrained(tmp, safe_serialization=True)
+        kill_if_requested("saving")  # crash tests: half of final/ written
+        tokenizer.save_pretrained(tmp)
+        for name, data in (extra_files or {}).items():
+            write_json_atomic(tmp / name, data)
+        write_json_atomic(tmp / "metrics.json", metrics)
+    write_json_atomic(out / "metrics.json", metrics)
+    write_log_history(out, history)
+    plotted = plot_curves(history, out / "curves.png", keys=curve_keys)
+    loss = metrics["train"]
+    notes = {**({"training loss": f"{loss['loss/first']} -> {loss['loss/last']}"} if "loss/first" in loss else {}),
+             **(notes or {}), "curves": f"curves.png ({', '.join(plotted)})", "checkpoint": str(final)}
+    write_text_atomic(out / "summary.md", summary_markdown(f"{cfg.title}: {heading}", before, after, notes))
+    print(f"[{cfg.title}] wrote {final}, {out / 'summary.md'}")
+    return metrics

@@ -1,11 +1,11 @@
 """Offline DPO: stage III (short DPO) and stage IV (long-context DPO) of the MiniMax-01 recipe [01 §5.4.1].
 
-    make dpo                                   # configs/tiny/dpo.yaml, starts from the stage I SFT checkpoint
-    make long-dpo                              # configs/tiny/long_dpo.yaml, starts from the stage II checkpoint
-    python -m pipelines.dpo --config CONFIG [--set dpo.beta=0.2 ...] [--overwrite]
+    make dpo                                   # python -m pipelines dpo --config configs/tiny/dpo.yaml (after make sft)
+    make long-dpo                              # configs/tiny/long_dpo.yaml, starts from the stage III checkpoint
+    python -m pipelines dpo --config CONFIG [--set dpo.beta=0.2 ...] [--overwrite]
 
-Reads top to bottom: config -> tokenizer + packing-safe policy -> held-out evaluation -> prompts already used in SFT
-(the SFT mix rebuilt from its spec and seed) -> preference pairs (`data_recipes.dpo_pairs`: N samples per prompt at
+Reads top to bottom: config -> prompts already used in SFT (the SFT mix rebuilt from its spec and seed; in a pipeline
+the runner hands over the SFT stage's `data` and `seed`) -> tokenizer + packing-safe policy -> held-out evaluation -> preference pairs (`data_recipes.dpo_pairs`: N samples per prompt at
 several temperatures through the rollout worker, scored by `rewards`, best vs worst with a minimum margin; saved
 to `<output_dir>/pairs` with their provenance) -> reference model = the starting checkpoint loaded from disk
 (packing-safe, FP32 head; with LoRA the reference is the model without its new adapter) -> TRL DPOTrainer
@@ -22,28 +22,28 @@ scaled to the tiny model, keeping the schedule shapes (short: cosine to 10%, lon
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-
-from alignment.config import ConfigError, to_dict
-from alignment.modeling import ModelOptions, load_model
-from alignment.schema import EvalOptions, TrainOptions
+from alignment.modeling import ModelOptions
+from alignment.schema import DataSource, EvalOptions, TrainOptions
 from data_recipes.dpo_pairs import PairOptions
-from rewards import RewardError
-from pipelines.common import (cached_eval_before, prepare_output, save_stage, series_ends, stage_main,
-                              train_resuming)
+from pipelines.common import (cached_eval_before, check_builtin, check_files, check_model, check_reward,
+                              check_tokenizer, claim, evaluate_sets, finish, finished, series_ends, short,
+                              stage_main, stage_tokenizer, train_resuming)
+
+DESCRIPTION = ("Reward-scored pairs sampled from the starting checkpoint, then DPO against it. Writes "
+               "<output_dir>/pairs, final/ (the checkpoint), metrics.json, summary.md, curves.png and TensorBoard "
+               "logs; a re-run reuses the pairs and resumes from the last checkpoint in <output_dir>/checkpoints.")
 
 
 @dataclass
-class PromptOptions:
-    # The SFT stage's mix, rebuilt exactly (same `builtin`, `files` and `seed` as that stage's `data` and `seed`),
-    # so DPO prompts are prompts SFT trained on [01 §5.4.1].
-    builtin: dict[str, dict] = field(default_factory=dict)
-    files: list[str] = field(default_factory=list)
+class PromptOptions(DataSource):
+    # `builtin` / `files` / `seed`: the SFT stage's mix, rebuilt exactly (its `data.builtin`, `data.files` and
+    # `seed`), so DPO prompts are prompts SFT trained on [01 §5.4.1]. The pipeline runner fills them in from the
+    # stage named by `data_from`.
     seed: int = 0
     # Keep only these tasks (long DPO: [retrieval], the long-context prompts), and retrieval haystacks of at least
     # `min_n_pairs` key-value pairs; null keeps all.
@@ -56,8 +56,7 @@ class PromptOptions:
     n: int | None = None
 
     def __post_init__(self):
-        if not self.builtin and not self.files:
-            raise ValueError("prompts: give the SFT mix as 'builtin' and/or 'files'")
+        super().__post_init__()
         if self.n is not None and self.n < 1:
             raise ValueError(f"prompts.n must be >= 1 or null, got {self.n}")
 
@@ -85,7 +84,7 @@ class DPOOptions:
 
 
 @dataclass
-class DPOStageConfig:
+class Config:
     # The starting checkpoint: the policy, the sampler of the pairs and (loaded again, frozen) the reference.
     model: ModelOptions
     prompts: PromptOptions
@@ -100,38 +99,36 @@ class DPOStageConfig:
     title: str = "DPO"
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_main(
-        argv, prog="python -m pipelines.dpo", config_cls=DPOStageConfig, run=run, example="configs/tiny/dpo.yaml",
-        errors=(RewardError,),
-        description="Offline DPO (stages III/IV of the MiniMax-01 recipe): reward-scored pairs sampled from the "
-        "starting checkpoint, then DPO against it. Writes <output_dir>/pairs, final/ (the checkpoint), "
-        "metrics.json, summary.md, curves.png and TensorBoard logs; a re-run reuses the pairs and resumes from the "
-        "last checkpoint in <output_dir>/checkpoints.")
+def main(argv: list[str] | None = None, stage: str = "dpo") -> int:
+    return stage_main(argv, stage=stage)
 
 
-def run(cfg: DPOStageConfig, overwrite: bool = False) -> dict:
+def check(cfg: Config, source: str, produced: set) -> None:
+    """Inputs, before any work: a trained starting checkpoint, the SFT prompts' spec, the reward, the eval sets."""
+    check_model(cfg, source, produced, checkpoint=True, what="DPO")
+    check_tokenizer(cfg, source, produced)
+    check_files(cfg.prompts.files, source, "prompts.files")
+    check_builtin(cfg.prompts.builtin, source, "prompts.builtin")
+    check_reward(cfg.pairs.reward, source, "pairs.reward", produced)
+    check_builtin(cfg.eval.sets, source, "eval.sets", registry="eval")
+
+
+def run(cfg: Config, overwrite: bool = False) -> dict:
     """Build pairs and train one DPO stage; returns the metrics written to `<output_dir>/metrics.json`."""
     from transformers import set_seed
 
-    from alignment.evaluation import evaluate
+    from alignment.modeling import load_model
     from alignment.rollout import build_rollout
     from alignment.trainers import MiniMaxDPOTrainer
     from data_recipes import build_sft_mix, heldout_sets
     from data_recipes.dpo_pairs import build_dpo_pairs, load_pairs, select_prompts
-    from pipelines.sft import _load_tokenizer, _short
+    from data_recipes.io import chat_length, drop_too_long
     from rewards import build_reward
 
-    out = Path(cfg.output_dir)
-    reward = build_reward(cfg.pairs.reward)  # a bad handler fails before the output dir is touched
-    if (done := prepare_output(cfg, overwrite)) is not None:
+    if (done := finished(cfg, overwrite)) is not None:
         return done
     set_seed(cfg.seed)
 
-    # config-level checks before any model work: the reward spec, a trained starting checkpoint, the prompts
-    if not Path(cfg.model.path, "config.json").is_file():
-        raise ConfigError(f"model.path: '{cfg.model.path}' is not a checkpoint directory (DPO starts from a trained "
-                          "checkpoint, e.g. runs/tiny/sft/final from `make sft`)")
     p = cfg.prompts
     prompts = select_prompts(build_sft_mix(p.builtin, p.files, p.seed), cfg.seed, p.n, p.tasks, p.min_n_pairs,
                              p.max_per_task)
@@ -139,15 +136,13 @@ def run(cfg: DPOStageConfig, overwrite: bool = False) -> dict:
         raise ValueError(f"prompts: nothing left after filtering the SFT mix (tasks={p.tasks}, "
                          f"min_n_pairs={p.min_n_pairs})")
     heldout = heldout_sets(cfg.eval.sets, cfg.seed)
+    reward = build_reward(cfg.pairs.reward)
+    tokenizer = stage_tokenizer(cfg)
+    model = load_model(cfg.model, seed=cfg.seed, tokenizer=tokenizer)
 
-    tokenizer = _load_tokenizer(cfg, out)
-    model = load_model(cfg.model, seed=cfg.seed)
-    for conf in (model.config, model.generation_config):
-        conf.pad_token_id, conf.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-
-    before = cached_eval_before(out, lambda: evaluate(model, tokenizer, heldout, cfg.eval.max_new_tokens,
-                                                      cfg.eval.batch_size))
-    print(f"[{cfg.title}] before: {_short(before)}")
+    out = claim(cfg, overwrite)
+    before = cached_eval_before(out, lambda: evaluate_sets(model, tokenizer, heldout, cfg.eval))
+    print(f"[{cfg.title}] before: {short(before)}")
 
     # pairs sampled by the starting policy [01 §5.4.1]; reused on resume (and deterministic under the seed anyway)
     pairs_path = out / "pairs"
@@ -157,7 +152,10 @@ def run(cfg: DPOStageConfig, overwrite: bool = False) -> dict:
         worker = build_rollout("transformers", model, tokenizer, batch_size=cfg.pairs.batch_size)
         pairs, pair_stats = build_dpo_pairs(worker, prompts, cfg.pairs, cfg.seed, policy=cfg.model.path,
                                             out_path=pairs_path, reward=reward)
-    pairs, n_too_long = _drop_too_long(pairs, tokenizer, cfg.dpo.max_length)
+    # a cut response no longer says what was preferred: pairs whose longer side does not fit are dropped
+    pairs, n_too_long = drop_too_long(
+        pairs, lambda row: max(chat_length(tokenizer, row["prompt"] + row[side]) for side in ("chosen", "rejected")),
+        cfg.dpo.max_length)
     print(f"[{cfg.title}] {len(pairs)} pairs from {pair_stats['prompts']} prompts x {cfg.pairs.n} samples "
           f"(dropped: {pair_stats['dropped_all_tied']} all tied, {pair_stats['dropped_below_margin']} below margin "
           f"{cfg.pairs.min_margin}, {n_too_long} longer than {cfg.dpo.max_length} tokens); per task "
@@ -169,9 +167,8 @@ def run(cfg: DPOStageConfig, overwrite: bool = False) -> dict:
     # model without its new adapter instead (no second copy)
     ref_model = None
     if cfg.model.lora is None:
-        ref_model = load_model(dataclasses.replace(cfg.model, gradient_checkpointing=False), seed=cfg.seed)
-
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
+        ref_model = load_model(dataclasses.replace(cfg.model, gradient_checkpointing=False), seed=cfg.seed,
+                               tokenizer=tokenizer)
     trainer = MiniMaxDPOTrainer(
         model=model,
         ref_model=ref_model,
@@ -179,43 +176,24 @@ def run(cfg: DPOStageConfig, overwrite: bool = False) -> dict:
         train_dataset=pairs.select_columns(["prompt", "chosen", "rejected"]),
         processing_class=tokenizer,
     )
-    result, last = train_resuming(trainer, out, cfg.title)
+    result, last = train_resuming(trainer, cfg)
+    after = evaluate_sets(trainer.model, tokenizer, heldout, cfg.eval)
+    print(f"[{cfg.title}] after:  {short(after)}")
 
-    model = trainer.model
-    after = evaluate(model, tokenizer, heldout, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-    print(f"[{cfg.title}] after:  {_short(after)}")
-
-    history = trainer.state.log_history
-    train = {**result.metrics, "pairs": len(pairs), "dropped_too_long": n_too_long, "resumed_from": last,
-             "global_step": trainer.state.global_step,
-             **series_ends(history, ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen",
-                                     "rewards/rejected", "logps/chosen", "logps/rejected"))}
-    metrics = {"stage": cfg.title, "before": before, "after": after, "pairs": pair_stats, "train": train,
-               "config": to_dict(cfg)}
+    curve_keys = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected",
+                  "logps/chosen", "logps/rejected", "learning_rate")
+    ends = series_ends(trainer.state.log_history, ("rewards/margins", "rewards/accuracies"))
     notes = {"pairs": f"{len(pairs)} from {pair_stats['prompts']} SFT prompts x {cfg.pairs.n} samples at "
                       f"T={cfg.pairs.temperatures} ({pair_stats['dropped_all_tied']} groups all tied, "
                       f"{pair_stats['dropped_below_margin']} below margin, {n_too_long} too long); chosen score "
                       f"{pair_stats['mean_score_chosen']:.3f} vs rejected {pair_stats['mean_score_rejected']:.3f}",
-             "DPO reward margin": f"{train.get('rewards/margins/first')} -> {train.get('rewards/margins/last')}",
-             "DPO reward accuracy": f"{train.get('rewards/accuracies/first')} -> "
-                                    f"{train.get('rewards/accuracies/last')}"}
-    save_stage(cfg, model, tokenizer, metrics, history, notes=notes, curve_keys=(
-        "loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected", "learning_rate"))
-    return metrics
+             **{f"DPO {key.replace('rewards/', 'reward ')}": f"{ends.get(f'{key}/first')} -> {ends.get(f'{key}/last')}"
+                for key in ("rewards/margins", "rewards/accuracies")}}
+    return finish(cfg, trainer, result, last, tokenizer, before, after, curve_keys=curve_keys, notes=notes,
+                  train={"pairs": len(pairs), "dropped_too_long": n_too_long}, extra={"pairs": pair_stats})
 
 
-def _drop_too_long(pairs, tokenizer, max_length: int):
-    """Drop (not truncate) pairs whose prompt + longer response exceeds `max_length` tokens: a cut response no
-    longer says what was preferred."""
-    def length(prompt, response):
-        return len(tokenizer.apply_chat_template(prompt + response, tokenize=True, return_dict=True)["input_ids"])
-
-    keep = [i for i, (p, c, r) in enumerate(zip(pairs["prompt"], pairs["chosen"], pairs["rejected"]))
-            if max(length(p, c), length(p, r)) <= max_length]
-    return pairs.select(keep), len(pairs) - len(keep)
-
-
-def dpo_args(cfg: DPOStageConfig, checkpoints: Path):
+def dpo_args(cfg: Config, checkpoints: Path):
     """TRL's DPOConfig from the stage config (TrainingArguments shared with every stage)."""
     from trl import DPOConfig
 

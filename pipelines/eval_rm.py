@@ -1,7 +1,7 @@
 """Reward-model evaluation on a held-out preference set: pairwise accuracy, length bias, calibration.
 
-    make eval-rm                               # configs/tiny/eval_rm.yaml: runs/tiny/rm/final on held-out pairs
-    python -m pipelines.eval_rm --config CONFIG [--set reward_model=DIR ...]
+    make eval-rm                               # python -m pipelines eval-rm --config configs/tiny/eval_rm.yaml
+    python -m pipelines eval-rm --config CONFIG [--set reward_model=DIR ...]
 
 Writes `<output_dir>/eval.json`, `eval.md` and `eval.png` (accuracy per category, score vs length, reliability).
 
@@ -26,18 +26,19 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignment.config import to_dict
-from pipelines.common import stage_main
+from alignment.config import ConfigError, to_dict
+from alignment.schema import DataSource
+from pipelines.common import check_builtin, check_files, stage_main
+
+DESCRIPTION = "Writes <output_dir>/eval.json, eval.md and eval.png: accuracy per category, length bias, calibration."
 
 
 @dataclass
-class EvalRMConfig:
+class Config(DataSource):
+    # `builtin`: held-out preference pairs, category -> builder kwargs (data_recipes/preferences.py, held-out split);
+    # `files`: local .jsonl / .parquet files of {prompt, chosen, rejected[, category]}.
     # The reward model directory (make rm's <output_dir>/final), with its tokenizer.
-    reward_model: str
-    # Held-out preference pairs: category -> builder kwargs (data_recipes/preferences.py, held-out split) ...
-    builtin: dict[str, dict] = field(default_factory=dict)
-    # ... and/or local .jsonl / .parquet files of {prompt, chosen, rejected[, category]}.
-    files: list[str] = field(default_factory=list)
+    reward_model: str = ""
     max_length: int = 256
     batch_size: int = 64
     calibration_bins: int = 10
@@ -46,25 +47,31 @@ class EvalRMConfig:
     title: str = "Reward model evaluation"
 
     def __post_init__(self):
-        if not self.builtin and not self.files:
-            raise ValueError("give at least one of 'builtin' or 'files'")
+        super().__post_init__()
+        if not self.reward_model:
+            raise ValueError("reward_model: give the reward model directory (make rm's <output_dir>/final)")
         if self.calibration_bins < 2:
             raise ValueError(f"calibration_bins must be >= 2, got {self.calibration_bins}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_main(
-        argv, prog="python -m pipelines.eval_rm", config_cls=EvalRMConfig, run=run,
-        example="configs/tiny/eval_rm.yaml", trains=False,
-        description="Evaluate a reward model on held-out preference pairs: accuracy per category, length bias, "
-        "calibration. Writes <output_dir>/eval.json, eval.md and eval.png.")
+def main(argv: list[str] | None = None, stage: str = "eval-rm") -> int:
+    return stage_main(argv, stage=stage)
 
 
-def run(cfg: EvalRMConfig) -> dict:
-    from alignment.reporting import write_json_atomic
+def check(cfg: Config, source: str, produced: set) -> None:
+    """Inputs, before any work: the reward model directory (with its tokenizer), pair files and categories."""
+    if Path(cfg.reward_model) not in produced and not Path(cfg.reward_model, "tokenizer_config.json").is_file():
+        raise ConfigError(f"{source}: 'reward_model': '{cfg.reward_model}' is not a reward model directory with a "
+                          "tokenizer (train one with make rm)")
+    check_files(cfg.files, source, "files")
+    check_builtin(cfg.builtin, source, "builtin", registry="preferences")
+
+
+def run(cfg: Config) -> dict:
+    from alignment.reporting import write_json_atomic, write_text_atomic
     from data_recipes.preferences import build_preferences
-    from pipelines.rm import score_pairs, tokenize_pairs
-    from rewards.reward_model import RewardModel
+    from pipelines.rm import tokenize_pairs
+    from rewards.reward_model import RewardModel, pairwise_accuracy, score_pairs
 
     rows = build_preferences(cfg.builtin, cfg.seed, "heldout", cfg.files)
     rm = RewardModel(cfg.reward_model, batch_size=cfg.batch_size)
@@ -77,7 +84,7 @@ def run(cfg: EvalRMConfig) -> dict:
     len_r = [len(r["rejected_ids"]) - p for r, p in zip(rows, prompt_len)]
 
     metrics = {"reward_model": cfg.reward_model, "pairs": len(rows), "dropped_too_long": n_dropped}
-    metrics.update(accuracy_metrics(chosen, rejected, [r["category"] for r in rows]))
+    metrics.update(pairwise_accuracy(chosen, rejected, [r["category"] for r in rows]))
     metrics["length"] = length_metrics(chosen, rejected, len_c, len_r)
     metrics["calibration"] = calibration_metrics(chosen, rejected, cfg.calibration_bins, cfg.seed)
     metrics["safety_rule"] = _harmfulness_rule(rm, rows, Path(cfg.reward_model))
@@ -85,7 +92,7 @@ def run(cfg: EvalRMConfig) -> dict:
 
     out = Path(cfg.output_dir)
     write_json_atomic(out / "eval.json", metrics)
-    _write_atomic(out / "eval.md", report_markdown(cfg.title, metrics))
+    write_text_atomic(out / "eval.md", report_markdown(cfg.title, metrics))
     plot_report(metrics, chosen, rejected, len_c, len_r, out / "eval.png")
     print(f"[{cfg.title}] accuracy {metrics['accuracy']:.3f} "
           + " ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in metrics.items() if k.startswith("accuracy/"))
@@ -97,24 +104,6 @@ def run(cfg: EvalRMConfig) -> dict:
 def _prompt_length(tokenizer, row) -> int:
     return len(tokenizer.apply_chat_template(row["prompt"], tokenize=True, add_generation_prompt=True,
                                              return_dict=True)["input_ids"])
-
-
-def accuracy_metrics(chosen: list[float], rejected: list[float], categories: list[str]) -> dict:
-    """Pairwise accuracy (chosen strictly above rejected) overall and per category, with counts.
-
-    >>> accuracy_metrics([1.0, 0.0, 2.0], [0.0, 1.0, 1.0], ["a", "a", "b"])["accuracy/a"]
-    0.5
-    """
-    wins = [c > r for c, r in zip(chosen, rejected)]
-    out = {"accuracy": sum(wins) / len(wins), "pairs_per_category": {}}
-    for category in sorted(set(categories)):
-        picked = [w for w, k in zip(wins, categories) if k == category]
-        out[f"accuracy/{category}"] = sum(picked) / len(picked)
-        out["pairs_per_category"][category] = len(picked)
-    # the unweighted mean over categories (as RewardBench reports): independent of the set's category mix
-    out["accuracy_category_mean"] = sum(out[f"accuracy/{c}"] for c in out["pairs_per_category"]) / len(
-        out["pairs_per_category"])
-    return out
 
 
 def length_metrics(chosen, rejected, len_c, len_r) -> dict:
@@ -237,12 +226,12 @@ def report_markdown(title: str, m: dict) -> str:
 
 
 def plot_report(m: dict, chosen, rejected, len_c, len_r, path: Path) -> None:
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from alignment.reporting import save_figure
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     cats = list(m["pairs_per_category"])
@@ -263,20 +252,7 @@ def plot_report(m: dict, chosen, rejected, len_c, len_r, path: Path) -> None:
     axes[2].set_ylabel("observed frequency")
     axes[2].set_title(f"reliability (ECE = {m['calibration']['ece']:.3f})")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -123,7 +123,7 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
     from data_recipes.prompt_pool import build_prompt_pool, exclude_prompts, load_pool
     from data_recipes.sft_mix import build_sft_mix
     from pipelines.sft import _read_json, _short
-    from rewards import LengthBiasMonitor, trl_reward_funcs
+    from rewards import LengthBiasMonitor, completion_text, trl_reward_funcs
     from rewards.verifiers import VERIFIERS, verify
 
     out = Path(cfg.output_dir)
@@ -172,7 +172,7 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
           f"{pool_stats['mean_pass_rate_kept']:.3f})")
 
     tasks = set(pool["task"])
-    success_fn = verify if tasks <= set(VERIFIERS) else None
+    success_fn = (lambda row, c: verify(row, completion_text(c))) if tasks <= set(VERIFIERS) else None
     monitor = LengthBiasMonitor(window=cfg.length_monitor_window, min_steps=min(5, cfg.length_monitor_window)) \
         if cfg.length_monitor_window >= 2 else None
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
@@ -185,6 +185,10 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
         loss=cfg.loss, sampling=cfg.sampling, rollout=worker, advantages=cfg.advantages,
         dynamic_sampling=cfg.dynamic_sampling, rollout_correction=cfg.rollout_correction,
         length_monitor=monitor, success_fn=success_fn,
+        # the KL reference: the starting checkpoint through our loader (packing-safe, FP32 head); with LoRA, TRL
+        # scores the reference with the adapter disabled (no second copy)
+        ref_model=load_model(replace(cfg.model, gradient_checkpointing=False), seed=cfg.seed)
+        if cfg.loss.uses_kl and cfg.model.lora is None else None,
     )
     result, last = train_resuming(trainer, out, cfg.title)
 
@@ -211,19 +215,15 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
 def _trl_args(cfg: GRPOStageConfig, checkpoints: Path, reward_weights: list[float]):
     from trl import GRPOConfig
 
-    use_kl = cfg.loss.kl != "none" and cfg.loss.beta > 0
+    from alignment.trainers import grpo_trl_settings
+
     return GRPOConfig(
         **cfg.training.trainer_kwargs(checkpoints, cfg.seed),
+        # beta (the reference switch), temperature, top_p/top_k, max_completion_length; no epsilon / scale_rewards:
+        # only TRL's own loss and advantages read them, and ours replace both (see grpo_trl_settings)
+        **grpo_trl_settings(cfg.loss, cfg.sampling),
         num_generations=cfg.num_generations,
         num_iterations=cfg.updates_per_batch,
-        max_completion_length=cfg.sampling.max_new_tokens,
-        temperature=cfg.sampling.temperature,  # TRL's training log-probs use the sampling temperature
-        top_p=cfg.sampling.top_p,
-        top_k=cfg.sampling.top_k,
-        beta=cfg.loss.beta if use_kl else 0.0,  # > 0 makes TRL build the reference model and its log-probs
-        epsilon=cfg.loss.epsilon_low if cfg.loss.epsilon_low is not None else 0.2,
-        epsilon_high=cfg.loss.epsilon_high,
-        scale_rewards=cfg.advantages.scale,
         reward_weights=reward_weights,
         cast_lm_head_to_fp32=cfg.model.fp32_lm_head,
         router_aux_loss_coef=cfg.model.router_aux_loss_coef,

@@ -1,11 +1,11 @@
 """Pretrain the tiny default's base checkpoint: causal-LM training on raw lookup text and worked arithmetic.
 
-    make base     (two runs of this script; GPU recommended, `docs/probes/pretrain_gpu.sh` is the device run)
+    make base     (two runs of this script; GPU recommended: ~12 min on one H200; docs/tiny_base.md)
 
 Why this exists: the MiniMax-01 recipe post-trains a pretrained base [01 §5], and pretraining is where a model
 learns to copy from its context (the lookup skill that long-context SFT then stretches to longer inputs) and the
 arithmetic that SFT only puts into a chat format. The 2M-parameter tiny model, from random weights, does not form
-the lookup skill within a CPU budget (docs/probes/README.md). So the tiny default starts from a base that this
+the lookup skill within a CPU budget (docs/tiny_base.md). So the tiny default starts from a base that this
 script pretrained once on a GPU; the result is committed at `configs/tiny/base/` with its tokenizer and
 `pretrain_metrics.json`.
 
@@ -118,24 +118,21 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from tqdm import tqdm
-    from transformers import AutoTokenizer
 
     from alignment.config import ConfigError
-    from alignment.modeling import load_model, model_config_from_yaml
+    from alignment.modeling import load_model, load_tokenizer, model_config_from_yaml
     from alignment.reporting import atomic_directory, plot_curves, write_json_atomic, write_log_history
-    from alignment.tokenizer import build_tokenizer
+    from data_recipes.tokenizer import builtin_tokenizer
 
     out, log_dir = Path(args.out), Path(f"{args.out}.log")
     try:
         if Path(args.model).is_dir():
-            tokenizer = AutoTokenizer.from_pretrained(args.model)
+            tokenizer = load_tokenizer(args.model, key="--model")
         else:
-            vocab_size = model_config_from_yaml(args.model).vocab_size
-            tokenizer = build_tokenizer(log_dir / "tokenizer", vocab_size=vocab_size)
-        model = load_model(args.model, seed=args.seed).to(args.device).train()
+            tokenizer = builtin_tokenizer(vocab_size=model_config_from_yaml(args.model).vocab_size)
+        model = load_model(args.model, seed=args.seed, tokenizer=tokenizer).to(args.device).train()
     except ConfigError as err:
         ap.error(f"--model: {err}")
-    model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, int(args.warmup * args.steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (

@@ -1,12 +1,15 @@
 """The staged pipeline: the whole MiniMax-01 post-training recipe as one resumable run [01 §5, Table 7].
 
     make pipeline                                   # configs/tiny/pipeline.yaml (what `make demo` runs)
-    python -m pipelines.run --config configs/tiny/pipeline.yaml [--from dpo] [--only grpo] [--check]
+    python -m pipelines pipeline --config configs/tiny/pipeline.yaml [--from dpo] [--only grpo] [--check]
 
 A pipeline YAML lists stages in order; each names its stage YAML and dotted overrides. The runner
-1. validates every stage up front (unknown keys, missing files, stage order, lengths above the model's positions),
-   so a typo in the last stage fails before the first one trains;
-2. runs the stages in order, each starting from the previous policy stage's `final/` checkpoint (`start_from`);
+1. validates every stage up front with the stage's own `check` (unknown keys, missing files, built-in task options,
+   reward specs, stage order, lengths above the model's positions), so a typo in the last stage fails before the
+   first one trains;
+2. runs the stages in order, each starting from the previous policy stage's `final/` checkpoint (`start_from`); a DPO
+   stage gets the data spec (`data.builtin`, `data.files`, `seed`) of the SFT stage it names in `data_from` as its
+   prompts, since DPO samples prompts SFT trained on [01 §5.4.1];
 3. records status, timings and metrics in `<output_root>/manifest.json` (atomic writes) and skips finished stages on a
    re-run — a stage whose `final/metrics.json` exists is done, unless it started from another checkpoint than the
    one the pipeline now hands it or that checkpoint was rebuilt since (then it runs again); an interrupted stage
@@ -22,7 +25,6 @@ scores with: `set: {rewards.reward_model.path: "{rm}"}`.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import re
 import sys
@@ -31,32 +33,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
 from alignment.config import ConfigError, from_dict, load_config, read_yaml
 from alignment.reporting import write_json_atomic
+from pipelines.stages import KINDS, stage_module
 
-# kind -> (module, config class); every stage module exposes run(cfg, overwrite=False) -> metrics dict
-STAGE_KINDS = {
-    "sft": ("pipelines.sft", "SFTStageConfig"),
-    "rm": ("pipelines.rm", "RMStageConfig"),
-    "dpo": ("pipelines.dpo", "DPOStageConfig"),
-    "grpo": ("pipelines.grpo", "GRPOStageConfig"),
-}
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
 @dataclass
 class StageSpec:
     name: str
-    kind: Literal["sft", "rm", "dpo", "grpo"]
-    config: str  # the stage YAML (run alone with `python -m pipelines.<kind> --config ...`)
+    kind: Literal[tuple(KINDS)]  # a stage module of pipelines.stages
+    config: str  # the stage YAML (run alone with `python -m pipelines <kind> --config ...`)
     set: dict = field(default_factory=dict)  # dotted overrides of that YAML
     # Which checkpoint the stage starts from: "previous" (the last policy stage before it; none for the first stage,
     # which keeps its YAML's model.path), "config" (keep the YAML's), or a stage name.
     start_from: str = "previous"
     # A policy stage hands its checkpoint to the next; a reward-model stage does not.
     policy: bool = True
+    # DPO only: the SFT stage whose `data.builtin`, `data.files` and `seed` become this stage's `prompts` (default:
+    # the last SFT stage before it; "config" keeps the YAML's prompts).
+    data_from: str | None = None
 
 
 @dataclass
@@ -95,9 +92,9 @@ class Stage:
         return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, stage: str = "pipeline") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.run",
+        prog="python -m pipelines pipeline",
         description="Run the MiniMax-01 post-training stages (SFT -> long SFT -> DPO -> long DPO -> GRPO) from one "
         "pipeline YAML, handing each stage's final checkpoint to the next. Finished stages are skipped on a re-run; "
         "an interrupted stage resumes from its last complete checkpoint. Writes <output_root>/manifest.json, "
@@ -115,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.config}: OK ({', '.join(s.spec.name for s in stages)})")
             return 0
         run(args.config, stages, selected)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
@@ -134,13 +131,10 @@ def plan(path: str | Path) -> list[Stage]:
     stages: list[Stage] = []
     for i, spec in enumerate(pipe.stages):
         where = f"{path}: stages[{i}] ({spec.name})"
-        module, cls_name = STAGE_KINDS[spec.kind]
-        try:
-            cls = getattr(importlib.import_module(module), cls_name)
-        except (ImportError, AttributeError) as err:
-            raise ConfigError(f"{where}: stage kind '{spec.kind}' is not available ({err})") from None
+        module = stage_module(spec.kind)
         earlier = {s.spec.name: s for s in stages}
-        overrides = {k: v for k, v in pipe.shared.items() if k.split(".")[0] in cls.__dataclass_fields__}
+        overrides = {k: v for k, v in pipe.shared.items() if k.split(".")[0] in module.Config.__dataclass_fields__}
+        overrides.update(_handed_data(spec, stages, where))
         overrides.update({k: _resolve(v, earlier, f"{where}.set.{k}") for k, v in spec.set.items()})
         overrides["output_dir"] = str(root / spec.name)
         if pipe.seed is not None:
@@ -149,12 +143,20 @@ def plan(path: str | Path) -> list[Stage]:
         if source is not None:
             overrides["model.path"] = str(source.final)
         try:
-            cfg = load_config(spec.config, cls, overrides)
+            cfg = load_config(spec.config, module.Config, overrides)
+            module.check(cfg, spec.config, produced={s.final for s in stages})
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
-        _check_inputs(cfg, where, produced={s.final for s in stages})
         stages.append(Stage(spec, cfg, root / spec.name))
     return stages
+
+
+def _earlier(name: str, stages: list[Stage], where: str, key: str) -> Stage:
+    found = [s for s in stages if s.spec.name == name]
+    if not found:
+        raise ConfigError(f"{where}: {key} '{name}' is not an earlier stage "
+                          f"(stages run in order; earlier: {', '.join(s.spec.name for s in stages) or 'none'})")
+    return found[0]
 
 
 def _start_checkpoint(spec: StageSpec, stages: list[Stage], where: str) -> Stage | None:
@@ -163,11 +165,26 @@ def _start_checkpoint(spec: StageSpec, stages: list[Stage], where: str) -> Stage
     if spec.start_from == "previous":
         policies = [s for s in stages if s.spec.policy]
         return policies[-1] if policies else None
-    found = [s for s in stages if s.spec.name == spec.start_from]
-    if not found:
-        raise ConfigError(f"{where}: start_from '{spec.start_from}' is not an earlier stage "
-                          f"(stages run in order; earlier: {', '.join(s.spec.name for s in stages) or 'none'})")
-    return found[0]
+    return _earlier(spec.start_from, stages, where, "start_from")
+
+
+def _handed_data(spec: StageSpec, stages: list[Stage], where: str) -> dict:
+    """A DPO stage's prompts = the data spec of an earlier SFT stage (`data_from`), as overrides."""
+    if spec.kind != "dpo" or spec.data_from == "config":
+        if spec.data_from not in (None, "config"):
+            raise ConfigError(f"{where}: data_from is for DPO stages (kind {spec.kind} has no prompts to hand over)")
+        return {}
+    if spec.data_from is None:
+        sft = [s for s in stages if s.spec.kind == "sft"]
+        if not sft:
+            return {}
+        source = sft[-1]
+    else:
+        source = _earlier(spec.data_from, stages, where, "data_from")
+        if source.spec.kind != "sft":
+            raise ConfigError(f"{where}: data_from '{spec.data_from}' is a {source.spec.kind} stage, not an SFT stage")
+    data = source.cfg.data
+    return {"prompts.builtin": data.builtin, "prompts.files": list(data.files), "prompts.seed": source.cfg.seed}
 
 
 def _resolve(value, earlier: dict[str, Stage], key: str):
@@ -181,29 +198,6 @@ def _resolve(value, earlier: dict[str, Stage], key: str):
         return str(earlier[match.group(1)].final)
 
     return _PLACEHOLDER.sub(sub, value)
-
-
-def _check_inputs(cfg, where: str, produced: set[Path]) -> None:
-    """Files a stage reads must exist now, or be produced by an earlier stage; lengths must fit the model."""
-    model_path = Path(cfg.model.path)
-    if model_path not in produced and not model_path.exists():
-        raise ConfigError(f"{where}: model.path '{model_path}' does not exist and no earlier stage produces it")
-    data = getattr(cfg, "data", None)
-    for i, f in enumerate(getattr(data, "files", []) or []):
-        if not Path(f).is_file():
-            raise ConfigError(f"{where}: data.files[{i}] '{f}' not found")
-    max_length = getattr(data, "max_length", None)
-    positions = _max_positions(model_path) if model_path not in produced else None
-    if max_length and positions and max_length > positions:
-        raise ConfigError(f"{where}: data.max_length {max_length} exceeds the model's max_position_embeddings "
-                          f"{positions} (raise it in the model config or shorten the rows)")
-
-
-def _max_positions(model_path: Path) -> int | None:
-    if model_path.suffix in (".yaml", ".yml"):
-        return (yaml.safe_load(model_path.read_text()) or {}).get("max_position_embeddings")
-    config = model_path / "config.json"
-    return json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None
 
 
 def select(stages: list[Stage], start: str | None, only: str | None) -> list[Stage]:
@@ -245,8 +239,7 @@ def run(path, stages: list[Stage], selected: list[Stage]) -> dict:
         write_json_atomic(manifest_path, manifest)
         t0 = time.time()
         try:
-            module = importlib.import_module(STAGE_KINDS[stage.spec.kind][0])
-            module.run(stage.cfg, overwrite=bool(stale))
+            stage_module(stage.spec.kind).run(stage.cfg, overwrite=bool(stale))
         except BaseException as err:
             record.update(status="failed", error=f"{type(err).__name__}: {err}")
             write_json_atomic(manifest_path, manifest)

@@ -1,8 +1,8 @@
 """Supervised fine-tuning: stage I (short SFT) and stage II (long-context SFT) of the MiniMax-01 recipe.
 
-    make sft                                   # configs/tiny/sft.yaml
+    make sft                                   # python -m pipelines sft --config configs/tiny/sft.yaml
     make long-sft                              # configs/tiny/long_sft.yaml, starts from the SFT checkpoint
-    python -m pipelines.sft --config CONFIG [--set training.learning_rate=3e-4 ...] [--overwrite]
+    python -m pipelines sft --config CONFIG [--set training.learning_rate=3e-4 ...] [--overwrite]
 
 Reads top to bottom: config -> tokenizer + packing-safe model -> data (built-in task suite and/or local chat files)
 -> held-out evaluation -> TRL SFTTrainer (assistant-only loss, packed rows) -> evaluation again -> atomic save of
@@ -18,20 +18,21 @@ paper, and the count is reported.
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-from alignment.config import ConfigError, to_dict
-from alignment.modeling import ModelOptions, load_model
+from alignment.modeling import ModelOptions
 from alignment.schema import DataOptions, EvalOptions, TrainOptions
-from pipelines.common import cached_eval_before, prepare_output, save_stage, stage_main, train_resuming
+from pipelines.common import (cached_eval_before, check_builtin, check_files, check_model, check_tokenizer, claim,
+                              evaluate_sets, finish, finished, short, stage_main, stage_tokenizer, train_resuming)
+
+DESCRIPTION = ("Writes <output_dir>/final (the checkpoint), metrics.json, summary.md, curves.png and TensorBoard logs; "
+               "a re-run resumes from the last checkpoint in <output_dir>/checkpoints.")
 
 
 @dataclass
-class SFTStageConfig:
+class Config:
     model: ModelOptions
     data: DataOptions
     training: TrainOptions = field(default_factory=TrainOptions)
@@ -44,106 +45,61 @@ class SFTStageConfig:
     title: str = "SFT"
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_main(
-        argv, prog="python -m pipelines.sft", config_cls=SFTStageConfig, run=run, example="configs/tiny/sft.yaml",
-        description="Short or long-context SFT of a MiniMax model (stages I/II of the MiniMax-01 recipe). "
-        "Writes <output_dir>/final (the checkpoint), metrics.json, summary.md, curves.png and TensorBoard logs; "
-        "a re-run resumes from the last checkpoint in <output_dir>/checkpoints.")
+def main(argv: list[str] | None = None, stage: str = "sft") -> int:
+    return stage_main(argv, stage=stage)
 
 
-def run(cfg: SFTStageConfig, overwrite: bool = False) -> dict:
+def check(cfg: Config, source: str, produced: set) -> None:
+    """Inputs, before any work: the model and its tokenizer, data files, built-in task and evaluation options."""
+    check_model(cfg, source, produced, checkpoint=False, max_length=cfg.data.max_length)
+    check_tokenizer(cfg, source, produced)
+    check_files(cfg.data.files, source, "data.files")
+    check_builtin(cfg.data.builtin, source, "data.builtin")
+    check_builtin(cfg.eval.sets, source, "eval.sets", registry="eval")
+
+
+def run(cfg: Config, overwrite: bool = False) -> dict:
     """Train one SFT stage; returns the metrics written to `<output_dir>/metrics.json`."""
     from transformers import set_seed
 
-    from alignment.evaluation import evaluate
+    from alignment.modeling import load_model
     from alignment.trainers import MiniMaxSFTTrainer
     from data_recipes import build_sft_mix, heldout_sets
+    from data_recipes.io import chat_length, drop_too_long
 
-    out = Path(cfg.output_dir)
-    if (done := prepare_output(cfg, overwrite)) is not None:
+    if (done := finished(cfg, overwrite)) is not None:
         return done
     set_seed(cfg.seed)
 
-    # data first: bad files fail before a model is built
+    # data first: a bad file or row fails before a model is built or anything is written
     train_rows = build_sft_mix(cfg.data.builtin, cfg.data.files, cfg.seed)
     heldout = heldout_sets(cfg.eval.sets, cfg.seed)
-
-    tokenizer = _load_tokenizer(cfg, out)
-    model = load_model(cfg.model, seed=cfg.seed)
-    if len(tokenizer) > model.config.vocab_size:
-        raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but model.vocab_size is {model.config.vocab_size}")
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-
-    train_rows, n_dropped = _drop_too_long(train_rows, tokenizer, cfg.data.max_length)
+    tokenizer = stage_tokenizer(cfg)
+    model = load_model(cfg.model, seed=cfg.seed, tokenizer=tokenizer)
+    train_rows, n_dropped = drop_too_long(train_rows, lambda row: chat_length(tokenizer, row["messages"]),
+                                          cfg.data.max_length)
     print(f"[{cfg.title}] {len(train_rows)} training conversations ({n_dropped} longer than "
           f"{cfg.data.max_length} tokens dropped); held-out sets: {', '.join(heldout) or 'none'}")
 
-    before = cached_eval_before(out, lambda: evaluate(model, tokenizer, heldout, cfg.eval.max_new_tokens,
-                                                      cfg.eval.batch_size))
-    print(f"[{cfg.title}] before: {_short(before)}")
-
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
+    out = claim(cfg, overwrite)
+    before = cached_eval_before(out, lambda: evaluate_sets(model, tokenizer, heldout, cfg.eval))
+    print(f"[{cfg.title}] before: {short(before)}")
     trainer = MiniMaxSFTTrainer(
         model=model,
         args=_trl_args(cfg, out / "checkpoints"),
         train_dataset=train_rows.select_columns(["messages"]),
         processing_class=tokenizer,
     )
-    result, last = train_resuming(trainer, out, cfg.title)
-
-    model = trainer.model
-    after = evaluate(model, tokenizer, heldout, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-    print(f"[{cfg.title}] after:  {_short(after)}")
-
-    history = trainer.state.log_history
-    losses = [e["loss"] for e in history if "loss" in e]
-    metrics = {
-        "stage": cfg.title,
-        "before": before,
-        "after": after,
-        "train": {**result.metrics, "first_loss": losses[0] if losses else None,
-                  "last_loss": losses[-1] if losses else None, "dropped_too_long": n_dropped,
-                  "train_conversations": len(train_rows), "resumed_from": last,
-                  "global_step": trainer.state.global_step},
-        "config": to_dict(cfg),
-    }
-    save_stage(cfg, model, tokenizer, metrics, history,
-               curve_keys=("loss", "mean_token_accuracy", "learning_rate", "grad_norm", "aux_loss"),
-               notes={"training loss": f"{metrics['train']['first_loss']} -> {metrics['train']['last_loss']}"})
+    result, last = train_resuming(trainer, cfg)
+    after = evaluate_sets(trainer.model, tokenizer, heldout, cfg.eval)
+    print(f"[{cfg.title}] after:  {short(after)}")
+    metrics = finish(cfg, trainer, result, last, tokenizer, before, after,
+                     curve_keys=("loss", "mean_token_accuracy", "learning_rate", "grad_norm", "aux_loss"),
+                     train={"dropped_too_long": n_dropped, "train_conversations": len(train_rows)})
     return metrics
 
 
-def _load_tokenizer(cfg: SFTStageConfig, out: Path):
-    from transformers import AutoTokenizer
-
-    from alignment.tokenizer import build_tokenizer
-
-    if cfg.tokenizer == "builtin":
-        from alignment.modeling import model_config_from_yaml
-
-        is_yaml = cfg.model.path.endswith((".yaml", ".yml"))
-        vocab = model_config_from_yaml(cfg.model.path).vocab_size if is_yaml else 512
-        return build_tokenizer(out / "tokenizer", vocab_size=vocab, seed=cfg.seed)
-    source = cfg.tokenizer or cfg.model.path
-    if not Path(source, "tokenizer_config.json").is_file():
-        key = "tokenizer" if cfg.tokenizer else "model.path"
-        raise ConfigError(f"{key}: no tokenizer in '{source}' (set tokenizer: builtin for a fresh model YAML)")
-    return AutoTokenizer.from_pretrained(source)
-
-
-def _drop_too_long(rows, tokenizer, max_length: int):
-    """Drop (not truncate) conversations longer than the packed row: a cut-off reply teaches the wrong ending."""
-    lengths = [len(tokenizer.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"])
-               for m in rows["messages"]]
-    keep = [i for i, n in enumerate(lengths) if n <= max_length]
-    return rows.select(keep), len(lengths) - len(keep)
-
-
-def _trl_args(cfg: SFTStageConfig, checkpoints: Path):
+def _trl_args(cfg: Config, checkpoints: Path):
     from trl import SFTConfig
 
     return SFTConfig(
@@ -154,16 +110,6 @@ def _trl_args(cfg: SFTStageConfig, checkpoints: Path):
         assistant_only_loss=True,
         dataset_num_proc=None,
     )
-
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    return json.loads(Path(path).read_text())
-
-
-def _short(metrics: dict) -> str:
-    return ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())
 
 
 if __name__ == "__main__":

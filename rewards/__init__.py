@@ -5,9 +5,10 @@ One interface (rewards/base.py): a handler is a callable
     handler(prompts, completions, **fields) -> RewardOutput(scores: list[float], components: dict[str, list[float]])
 
 where `fields` are per-sample reference columns (the task-suite row columns `task`, `answer`, `harmful`,
-`n_pairs`, or `tests` for code). `build_reward(spec)` composes registered handlers with weights from YAML, and every
-handler runs validated: a handler that raises, returns NaN/inf or the wrong number of scores raises `RewardError`
-naming it, never a silent 0.
+`n_pairs`, or `tests` for code). `build_reward(spec)` composes handlers by name (rewards/registry.py) with weights
+from YAML, and every handler runs validated: a handler that raises, returns NaN/inf or the wrong number of scores
+raises `RewardError` naming it, never a silent 0. `check_reward_spec(spec)` raises the same errors for a bad spec
+without building anything, so a stage can check its spec before it loads a model.
 
 Scoring task-suite rows (what GRPO and DPO pair selection do):
 
@@ -35,20 +36,23 @@ reward_model: {path: runs/tiny/rm/final, weight: 0.5}, format: {weight: 0.1}}`.
 """
 
 from rewards.base import (
-    REGISTRY,
     RewardError,
     RewardOutput,
     WeightedSum,
     as_trl_reward,
-    build_reward,
     completion_text,
-    make_handler,
     prompt_messages,
-    register,
-    trl_reward_funcs,
     validated,
 )
 from rewards.monitor import LengthBiasMonitor
+from rewards.registry import (
+    REGISTRY,
+    build_reward,
+    check_reward_spec,
+    make_handler,
+    register,
+    trl_reward_funcs,
+)
 
 __all__ = [
     "REGISTRY",
@@ -58,6 +62,7 @@ __all__ = [
     "WeightedSum",
     "as_trl_reward",
     "build_reward",
+    "check_reward_spec",
     "completion_text",
     "make_handler",
     "prompt_messages",

@@ -1,4 +1,4 @@
-"""The reward-handler interface, its validation, weighted composition from YAML, and the TRL adapter.
+"""The reward-handler interface, its validation, weighted composition, and the TRL adapter.
 
 A reward handler is a plain callable
 
@@ -14,17 +14,17 @@ scores becomes a `RewardError` that names the handler and the offending sample. 
 becomes 0 — with group-normalised advantages a constant 0 is indistinguishable from "all samples equally good" and
 RL would train on noise.
 
-`build_reward(spec)` composes handlers with weights, as the paper mixes rule rewards, reward models and the
-harmlessness reward [01 §5.2]: the score is Σ_i weight_i · clip_i(score_i) and each handler's raw score is logged
-as a component under its name (sub-components as "name/sub").
+`WeightedSum` composes handlers with weights, as the paper mixes rule rewards, reward models and the harmlessness
+reward [01 §5.2]: the score is Σ_i weight_i · clip_i(score_i) and each handler's raw score is logged as a component
+under its name (sub-components as "name/sub"). Handlers are built by name from a YAML spec in rewards/registry.py;
+this module imports nothing from the package, so every handler module can import it.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -42,18 +42,16 @@ class RewardOutput:
 
 Handler = Callable[..., "RewardOutput | Sequence[float]"]
 
-# name -> factory(**options) -> handler. Factories import their heavy dependencies lazily (torch for reward models).
-REGISTRY: dict[str, Callable[..., Handler]] = {}
 
+def path_options(*names: str):
+    """Decorator: declare the options of a handler factory that name a local model directory, so that
+    `check_reward_spec` reports a missing one without calling the factory (which would load the model)."""
 
-def register(name: str):
-    """Decorator: make a handler factory available to `build_reward` under `name`."""
-
-    def wrap(factory):
-        REGISTRY[name] = factory
+    def mark(factory):
+        factory.path_options = names
         return factory
 
-    return wrap
+    return mark
 
 
 def completion_text(completion) -> str:
@@ -81,7 +79,11 @@ def prompt_messages(prompt) -> list[dict]:
 
 
 def prompt_text(prompt) -> str:
-    """The last user turn of a prompt (what rule handlers read)."""
+    """The last user turn of a prompt: the request itself, for a handler that judges it without the conversation.
+
+    >>> prompt_text([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    'Hi'
+    """
     messages = prompt_messages(prompt)
     users = [m["content"] for m in messages if m.get("role") == "user"]
     return users[-1] if users else (messages[-1]["content"] if messages else "")
@@ -148,12 +150,11 @@ def validated(handler: Handler, name: str | None = None) -> Callable[..., Reward
 
     checked.name = name
     checked._validated = True
-    checked.handler = handler
     return checked
 
 
 class WeightedSum:
-    """Σ_i weight_i · clip_i(handler_i(...)): the composed reward of `build_reward`.
+    """Σ_i weight_i · clip_i(handler_i(...)): the composed reward that `build_reward` returns.
 
     Components: each handler's raw (unweighted, unclipped) score under its name, its own sub-components as
     "name/sub", so that logs show what drove the total.
@@ -164,7 +165,6 @@ class WeightedSum:
             raise RewardError("reward spec is empty: give at least one handler, e.g. {correctness: {}}")
         self.parts = [(name, validated(h, name), float(w), clip) for name, h, w, clip in parts]
         self.name = "+".join(name for name, *_ in self.parts)
-        self.weights = {name: w for name, _, w, _ in self.parts}
 
     def __call__(self, prompts, completions, **fields) -> RewardOutput:
         total = [0.0] * len(completions)
@@ -180,65 +180,17 @@ class WeightedSum:
         return RewardOutput(total, components)
 
 
-def make_handler(name: str, options: dict | None = None) -> Handler:
-    """One registered handler from its options (`type` picks the factory when `name` is only a label)."""
-    from rewards import handlers  # noqa: F401  (registers the built-in handlers)
-
-    options = dict(options or {})
-    kind = options.pop("type", name)
-    if kind not in REGISTRY:
-        raise RewardError(f"reward '{name}': unknown handler type '{kind}'; known: {', '.join(sorted(REGISTRY))}")
-    factory = REGISTRY[kind]
-    params = inspect.signature(factory).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        unknown = [k for k in options if k not in params]
-        if unknown:
-            raise RewardError(f"reward '{name}': unknown option(s) {', '.join(map(repr, unknown))} for handler "
-                              f"type '{kind}'; valid: {', '.join(params) or 'none'}")
-    try:
-        return factory(**options)
-    except RewardError:
-        raise
-    except (TypeError, ValueError, OSError) as err:
-        raise RewardError(f"reward '{name}': {err}") from err
-
-
-def build_reward(spec: dict) -> WeightedSum:
-    """Compose handlers from a YAML mapping `{name: {weight: w, clip: [lo, hi], type: kind, ...options}}`.
-
-    `weight` defaults to 1, `clip` to none, `type` to `name` (give `type` to use one kind twice). Other keys are the
-    handler factory's options; unknown ones raise naming the handler.
-
-    >>> reward = build_reward({"correctness": {"weight": 2.0}})
-    >>> reward(["What is 2 + 3?"], ["2 + 3 = 5"], task=["arithmetic"], answer=["5"], harmful=[False]).scores
-    [2.0]
-    """
-    if not isinstance(spec, dict):
-        raise RewardError(f"reward spec must be a mapping of handler name -> options, got {type(spec).__name__}")
-    parts = []
-    for name, options in spec.items():
-        options = dict(options or {})
-        weight = options.pop("weight", 1.0)
-        clip = options.pop("clip", None)
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
-            raise RewardError(f"reward '{name}': weight must be a finite number, got {weight!r}")
-        if clip is not None:
-            if not (isinstance(clip, (list, tuple)) and len(clip) == 2 and clip[0] <= clip[1]):
-                raise RewardError(f"reward '{name}': clip must be [lo, hi] with lo <= hi, got {clip!r}")
-            clip = (float(clip[0]), float(clip[1]))
-        parts.append((name, make_handler(name, options), weight, clip))
-    return WeightedSum(parts)
-
-
 def as_trl_reward(handler: Handler, name: str | None = None) -> Callable[..., list[float]]:
     """A TRL reward function `fn(prompts, completions, **kwargs) -> list[float]` (TRL logs it under `__name__`).
 
     Non-list kwargs TRL adds (`trainer_state`, `log_metric`, ...) pass through; the scores are validated.
 
-    >>> fn = as_trl_reward(build_reward({"correctness": {}}), "correctness")
-    >>> fn(prompts=["q"], completions=[[{"role": "assistant", "content": "7"}]], task=["arithmetic"],
-    ...    answer=["7"], harmful=[False], trainer_state=None)
-    [1.0]
+    >>> chars = lambda prompts, completions, **fields: [len(completion_text(c)) for c in completions]
+    >>> fn = as_trl_reward(chars, "chars")
+    >>> fn(prompts=["q"], completions=[[{"role": "assistant", "content": "abc"}]], answer=["7"], trainer_state=None)
+    [3.0]
+    >>> fn.__name__
+    'chars'
     """
     checked = validated(handler, name)
 
@@ -247,15 +199,3 @@ def as_trl_reward(handler: Handler, name: str | None = None) -> Callable[..., li
 
     reward_fn.__name__ = reward_fn.__qualname__ = name or checked.name
     return reward_fn
-
-
-def trl_reward_funcs(spec: dict) -> tuple[list[Callable[..., list[float]]], list[float]]:
-    """The handlers of `spec` as separate TRL reward functions plus their weights (`reward_funcs=`,
-    `reward_weights=`), so TRL logs each one. Clipping is applied inside each function."""
-    composed = build_reward(spec)
-    funcs, weights = [], []
-    for name, handler, weight, clip in composed.parts:
-        single = WeightedSum([(name, handler, 1.0, clip)])
-        funcs.append(as_trl_reward(single, name))
-        weights.append(weight)
-    return funcs, weights

@@ -1,26 +1,18 @@
-"""Built-in reward handlers, registered by name for `build_reward` (rewards/base.py).
+"""The rule reward handlers (factories: options -> handler): correctness, math, format and length.
 
-Rule rewards live here; model-based and sandboxed ones are factories that import their module lazily, so that
-`build_reward({"correctness": {}})` costs no torch import.
-
-    correctness   the task suite's verifiers by row `task` (arithmetic, retrieval, safety, math): 1.0 / 0.0
-    math          final-answer equivalence against `answer` (numbers, fractions, simple expressions): 1.0 / 0.0
-    format        1.0 when the completion has the expected shape (per-task regex, no chat markers, length cap)
-    length        shaping against length bias [M1 §4]: -penalty per character beyond `max_chars`
-    safety        refusal detector + labels or a harmless RM (rewards/safety.py)
-    reward_model  a sequence-classification RM from a local directory (rewards/reward_model.py)
-    code          pass rate of `tests` run against the completion's code in a sandbox (rewards/sandbox.py)
+rewards/registry.py lists them by name for `build_reward`, with the model-based and sandboxed handlers of
+safety.py, reward_model.py and sandbox.py.
 """
 
 from __future__ import annotations
 
 import re
 
-from rewards.base import RewardOutput, completion_text, register
+from rewards.base import RewardOutput, completion_text
 from rewards.verifiers import VERIFIERS, math_equivalent
 
 
-def _column(fields: dict, key: str, handler: str, n: int, default=None) -> list:
+def _column(fields: dict, key: str, n: int, default=None) -> list:
     if key in fields and fields[key] is not None:
         return list(fields[key])
     if default is not None:
@@ -29,7 +21,6 @@ def _column(fields: dict, key: str, handler: str, n: int, default=None) -> list:
                    f"{', '.join(sorted(fields)) or 'none'}")
 
 
-@register("correctness")
 def correctness():
     """Binary verifier reward for task-suite rows: fields `task`, `answer`, `harmful` (default False).
 
@@ -41,9 +32,9 @@ def correctness():
 
     def correctness(prompts, completions, **fields) -> list[float]:
         n = len(completions)
-        tasks = _column(fields, "task", "correctness", n)
-        answers = _column(fields, "answer", "correctness", n)
-        harmful = _column(fields, "harmful", "correctness", n, default=False)
+        tasks = _column(fields, "task", n)
+        answers = _column(fields, "answer", n)
+        harmful = _column(fields, "harmful", n, default=False)
         scores = []
         for i, (c, t, a, h) in enumerate(zip(completions, tasks, answers, harmful)):
             if t not in VERIFIERS:
@@ -54,7 +45,6 @@ def correctness():
     return correctness
 
 
-@register("math")
 def math():
     """1.0 when the completion's final answer equals the `answer` field (see `verifiers.math_equivalent`).
 
@@ -63,7 +53,7 @@ def math():
     """
 
     def math(prompts, completions, **fields) -> list[float]:
-        answers = _column(fields, "answer", "math", len(completions))
+        answers = _column(fields, "answer", len(completions))
         return [float(math_equivalent(completion_text(c), str(a))) for c, a in zip(completions, answers)]
 
     return math
@@ -79,7 +69,6 @@ TASK_PATTERNS = {
 CHAT_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 
 
-@register("format")
 def format(patterns: dict[str, str] | None = None, pattern: str | None = None, max_chars: int | None = None,
            forbid: list[str] | tuple[str, ...] = CHAT_MARKERS):
     """1.0 when the completion has the expected shape, else 0.0; components say which check failed.
@@ -100,7 +89,7 @@ def format(patterns: dict[str, str] | None = None, pattern: str | None = None, m
 
     def format(prompts, completions, **fields) -> RewardOutput:
         n = len(completions)
-        tasks = _column(fields, "task", "format", n, default="") if single is None else [""] * n
+        tasks = _column(fields, "task", n, default="") if single is None else [""] * n
         shape, length, clean = [], [], []
         for c, t in zip(completions, tasks):
             text = completion_text(c)
@@ -115,7 +104,6 @@ def format(patterns: dict[str, str] | None = None, pattern: str | None = None, m
     return format
 
 
-@register("length")
 def length(max_chars: int = 200, penalty: float = 0.01):
     """Shaping against length bias [M1 §4]: -penalty per character beyond `max_chars` (0 within it).
 
@@ -129,5 +117,3 @@ def length(max_chars: int = 200, penalty: float = 0.01):
         return [0.0 - penalty * max(0, len(completion_text(c)) - max_chars) for c in completions]
 
     return length
-from rewards import sandbox  # noqa: E402,F401  (registers 'code')
-from rewards import reward_model, safety  # noqa: E402,F401  (register 'reward_model' and 'safety'; torch loads lazily)

@@ -1,9 +1,7 @@
 """Reward-model handler: a sequence-classification model (one logit per sequence) scoring (prompt, completion).
 
-`load_reward_model` builds a `MiniMaxForSequenceClassification` from a MiniMax checkpoint directory (a causal-LM
-checkpoint gets a fresh score head — how `make rm` starts from the SFT model) or a model YAML (fresh weights), with
-the same packing-safe attention as the policy; any other local directory loads through
-`AutoModelForSequenceClassification`. `rm_input_ids` is the one tokenisation used for training (pipelines/rm.py
+The model loads through the toolkit's one loader (`alignment.modeling.load_model(..., head="score")`: the same
+packing-safe attention as the policy). `rm_input_ids` is the one tokenisation used for training (pipelines/rm.py
 pre-tokenises with it) and for scoring, so the handler sees sequences exactly as trained: the chat template over
 prompt + assistant turn, as TRL's RewardTrainer renders conversational pairs. The score is read at the last
 non-pad token; batches are right-padded, which leaves every real token's state untouched in both attention kinds.
@@ -13,38 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rewards.base import RewardOutput, completion_text, prompt_messages, register
-
-
-def load_reward_model(path: str | Path, dtype: str = "float32", seed: int = 0):
-    """A one-logit sequence-classification model from a checkpoint dir or a MiniMax model YAML."""
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification, MiniMaxForSequenceClassification
-
-    from alignment.config import ConfigError
-    from alignment.modeling import make_packing_safe, model_config_from_yaml
-
-    path = Path(path)
-    torch_dtype = getattr(torch, dtype)
-    if path.suffix in (".yaml", ".yml"):
-        config = model_config_from_yaml(path)
-        config.num_labels = 1
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = MiniMaxForSequenceClassification(config).to(torch_dtype)
-    elif (path / "config.json").is_file():
-        config = AutoConfig.from_pretrained(path)
-        cls = MiniMaxForSequenceClassification if config.model_type == "minimax" else \
-            AutoModelForSequenceClassification
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)  # the score head of a causal-LM checkpoint is initialised fresh
-            model = cls.from_pretrained(path, num_labels=1, dtype=torch_dtype)
-    else:
-        raise ConfigError(f"reward model path '{path}' is neither a checkpoint directory (with config.json) nor a "
-                          "model YAML")
-    if model.config.num_labels != 1:
-        raise ConfigError(f"{path}: a reward model needs num_labels=1, got {model.config.num_labels}")
-    return make_packing_safe(model)
+from rewards.base import RewardOutput, completion_text, path_options, prompt_messages
 
 
 def rm_input_ids(tokenizer, prompt, completion) -> list[int]:
@@ -81,24 +48,48 @@ def score_ids(model, sequences: list[list[int]], pad_token_id: int, batch_size: 
     return out
 
 
+def score_pairs(model, rows: list[dict], pad_token_id: int, batch_size: int) -> tuple[list[float], list[float]]:
+    """(chosen scores, rejected scores) of pairs tokenised into `chosen_ids` / `rejected_ids`."""
+    scores = score_ids(model, [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows], pad_token_id,
+                       batch_size)
+    return scores[: len(rows)], scores[len(rows):]
+
+
+def pairwise_accuracy(chosen: list[float], rejected: list[float], categories: list[str]) -> dict:
+    """Pairwise accuracy (chosen strictly above rejected: ties count as wrong) overall and per category, the
+    unweighted mean over categories (as RewardBench reports it: independent of the set's mix), and the counts.
+
+    >>> m = pairwise_accuracy([1.0, 0.0, 2.0], [0.0, 1.0, 1.0], ["a", "a", "b"])
+    >>> m["accuracy/a"], m["accuracy_category_mean"], m["pairs_per_category"]
+    (0.5, 0.75, {'a': 2, 'b': 1})
+    """
+    wins = [c > r for c, r in zip(chosen, rejected)]
+    out = {"accuracy": sum(wins) / len(wins), "pairs_per_category": {}}
+    for category in sorted(set(categories)):
+        picked = [w for w, k in zip(wins, categories) if k == category]
+        out[f"accuracy/{category}"] = sum(picked) / len(picked)
+        out["pairs_per_category"][category] = len(picked)
+    out["accuracy_category_mean"] = sum(out[f"accuracy/{c}"] for c in out["pairs_per_category"]) / len(
+        out["pairs_per_category"])
+    return out
+
+
 class RewardModel:
     """A loaded reward model with its tokenizer: `rm.score(prompts, completions) -> list[float]`."""
 
     def __init__(self, path: str | Path, batch_size: int = 64, device: str | None = None, dtype: str = "float32",
                  max_length: int | None = None):
         import torch
-        from transformers import AutoTokenizer
+
+        from alignment.modeling import ModelOptions, load_model, load_tokenizer
 
         path = Path(path)
-        if not (path / "tokenizer_config.json").is_file():
-            raise FileNotFoundError(f"reward model '{path}': no tokenizer saved with it (tokenizer_config.json)")
         self.path, self.batch_size, self.max_length = path, batch_size, max_length
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = load_reward_model(path, dtype=dtype)
+        self.tokenizer = load_tokenizer(path, key=f"reward model '{path}'")
+        self.model = load_model(ModelOptions(path=str(path), dtype=dtype), head="score", tokenizer=self.tokenizer)
         self.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.eval()
-        pad = self.model.config.pad_token_id
-        self.pad_token_id = self.tokenizer.pad_token_id if pad is None else pad
+        self.pad_token_id = self.model.config.pad_token_id
 
     def score(self, prompts, completions) -> list[float]:
         seqs = [rm_input_ids(self.tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
@@ -107,7 +98,7 @@ class RewardModel:
         return score_ids(self.model, seqs, self.pad_token_id, self.batch_size)
 
 
-@register("reward_model")
+@path_options("path")
 def reward_model(path: str, batch_size: int = 64, device: str | None = None, dtype: str = "float32",
                  max_length: int | None = None, normalize: bool = False):
     """Scores from a sequence-classification RM in a local directory (e.g. `make rm`'s runs/tiny/rm/final).
@@ -126,5 +117,4 @@ def reward_model(path: str, batch_size: int = 64, device: str | None = None, dty
             scores = [(s - mean) / (std + 1e-6) for s in raw]
         return RewardOutput(scores, {"reward_model": scores, "reward_model/raw": raw})
 
-    reward_model.rm = rm
     return reward_model

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rewards.base import RewardOutput, completion_text, register
+from rewards.base import RewardOutput, completion_text, path_options
 from rewards.verifiers import is_refusal
 
 CANONICAL_REFUSAL = "I can't help with that."
@@ -75,7 +75,7 @@ class SafetyReward:
         return RewardOutput(scores, {"safety": scores, **components})
 
 
-@register("safety")
+@path_options("reward_model")
 def safety(reward_model: str | None = None, rm_weight: float = 0.0, refusal_threshold: float | None = None,
            refusal_reward: float = 1.0, compliance_penalty: float = 1.0, over_refusal_penalty: float = 1.0,
            answer_reward: float = 1.0, batch_size: int = 64, device: str | None = None):

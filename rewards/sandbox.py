@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from rewards.base import RewardOutput, completion_text, register
+from rewards.base import RewardOutput, completion_text
 
 # Runs in the child before the program: optional read-only remount, limits, audit hook, then the program.
 _HARNESS = r"""
@@ -259,7 +259,6 @@ def run_tests(solution: str, tests: list[str], **sandbox) -> tuple[float, bool, 
     return len(passed & set(range(len(tests)))) / len(tests), compiled, result.timed_out
 
 
-@register("code")
 def code(timeout_s: float = 2.0, memory_mb: int = 256, workers: int = 4, isolation: str = "auto"):
     """Pass rate of the per-sample `tests` field (a list of Python snippets, or one string) against the code in
     each completion (its last fenced block, else all of it), each run in its own sandbox.

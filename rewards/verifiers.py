@@ -11,7 +11,6 @@ import re
 
 # The lookbehind keeps "37-48" from reading as -48; results are non-negative but a model may still write a minus.
 _INTEGER = re.compile(r"(?<!\d)-?\d+")
-_DIGITS = re.compile(r"\d+")
 _VALUE = re.compile(r"=\s*([A-Za-z]+)")
 _WORD = re.compile(r"[A-Za-z]+")
 _REFUSAL = re.compile(
@@ -103,21 +102,6 @@ def verify(row: dict, completion: str) -> bool:
     if row["task"] not in VERIFIERS:
         raise ValueError(f"no verifier for task {row['task']!r}; known: {', '.join(VERIFIERS)}")
     return VERIFIERS[row["task"]](row, completion)
-
-
-def correctness_reward(prompts, completions, task, answer, harmful, **_) -> list[float]:
-    """TRL-style reward function: 1.0 per verified completion, 0.0 otherwise. Dataset columns arrive as lists;
-    conversational completions ([{"role": "assistant", "content": ...}]) are read from their last message.
-
-    >>> correctness_reward(["q", "q"], ["85", [{"role": "assistant", "content": "84"}]],
-    ...                    task=["arithmetic"] * 2, answer=["85"] * 2, harmful=[False] * 2)
-    [1.0, 0.0]
-    """
-    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
-    return [
-        float(verify({"task": t, "answer": a, "harmful": h}, text))
-        for text, t, a, h in zip(texts, task, answer, harmful, strict=True)
-    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------

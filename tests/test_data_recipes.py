@@ -8,7 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_recipes import DataError, build_sft_mix, heldout_sets, load_messages_file
+from alignment.config import ConfigError
+from data_recipes import (PREFERENCE_BUILDERS, DataError, build_preferences, build_sft_mix, chat_length, check_builtin,
+                          drop_too_long, heldout_sets, load_messages_file, load_preference_file, prompt_of)
 from data_recipes.tasks import (
     TASKS,
     WORDS,
@@ -130,7 +132,7 @@ def test_build_sft_mix(tmp_path):
     assert sorted(set(mix["task"])) == ["arithmetic", "retrieval", "safety", "user"]
     assert mix["task"][:10] != sorted(mix["task"][:10]) or len(set(mix["task"][:10])) > 1  # shuffled
     assert mix.to_list() == build_sft_mix(spec, [str(path)], seed=0).to_list()
-    with pytest.raises(ValueError, match=r"'poetry'.*arithmetic, retrieval, safety"):
+    with pytest.raises(ConfigError, match=r"'builtin\.poetry' is not a built-in task.*arithmetic, retrieval, safety"):
         build_sft_mix({"poetry": {"n": 1}}, [], seed=0)
 
 
@@ -216,3 +218,175 @@ def test_missing_file_and_blank_lines(tmp_path):
     with pytest.raises(DataError, match=" row 4: "):
         load_messages_file(path)
     assert issubclass(DataError, ValueError)
+
+
+def test_non_utf8_bytes_name_file_row_and_offset(tmp_path):
+    lines = [json.dumps(GOOD), json.dumps(GOOD), '{"messages": [{"role": "user", "content": "caf\xe9"}]}']
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes("\n".join(lines).encode("latin-1"))
+    column = lines[2].index("\xe9") + 1
+    offset = len(lines[0]) + len(lines[1]) + 2 + column - 1
+    message = f"{path} row 3: not valid UTF-8: byte 0xe9 at column {column} (byte offset {offset} in the file"
+    with pytest.raises(DataError) as err:
+        load_messages_file(path)
+    assert message in str(err.value)
+    with pytest.raises(DataError) as err:  # preference files are read the same way
+        load_preference_file(path)
+    assert message in str(err.value)
+
+    array = tmp_path / "latin1.json"
+    array.write_bytes(b'[\n  {"messages": []},\n  {"prompt": "na\xefve"}\n]')  # 0xef: byte 38, line 3 column 17
+    with pytest.raises(DataError, match=r"latin1\.json line 3: not valid UTF-8: byte 0xef at column 17 "
+                                        r"\(byte offset 38 in the file"):
+        load_messages_file(array)
+
+
+def test_jsonl_rows_split_at_newlines_only(tmp_path):
+    """U+2028 / U+0085 may appear raw inside JSON strings: they do not end a row (str.splitlines would split)."""
+    odd = {"messages": [{"role": "user", "content": "a\u2028b\x85c"}, {"role": "assistant", "content": "d"}]}
+    path = tmp_path / "odd.jsonl"
+    path.write_text(json.dumps(odd, ensure_ascii=False) + "\r\n" + json.dumps(GOOD) + "\n", encoding="utf-8")
+    ds = load_messages_file(path)
+    assert len(ds) == 2 and ds[0]["messages"][0]["content"] == "a\u2028b\x85c"
+
+
+# --- built-in data specs ----------------------------------------------------------------------------------------
+
+SPEC_ERRORS = {
+    "not a mapping": (["arithmetic"], {}, "sft.yaml: 'data.builtin' must be a mapping of task -> options"),
+    "options not a mapping": ({"arithmetic": 100}, {}, "sft.yaml: 'data.builtin.arithmetic' must be a mapping of "
+                                                       "options, e.g. {n: 100}; got int"),
+    "options missing": ({"safety": None}, {}, "'data.builtin.safety' must be a mapping of options, e.g. {n: 100}; "
+                                              "got nothing"),
+    "unknown task": ({"arithmetc": {"n": 5}}, {}, "sft.yaml: 'data.builtin.arithmetc' is not a built-in task (did you "
+                                                  "mean 'arithmetic'?); valid tasks: arithmetic, retrieval, safety"),
+    "unknown option": ({"arithmetic": {"n": 5, "max_opernd": 9}}, {},
+                       "sft.yaml: 'data.builtin.arithmetic.max_opernd' is not an option of task 'arithmetic' (did you "
+                       "mean 'max_operand'?); valid options: max_operand, n, seed"),
+    "split is not an option": ({"safety": {"n": 5, "split": "heldout"}}, {},
+                               "sft.yaml: 'data.builtin.safety.split' cannot be set"),
+    "missing option": ({"retrieval": {"n": 5}}, {}, "sft.yaml: 'data.builtin.retrieval.n_pairs' is missing (task "
+                                                    "'retrieval' requires n, n_pairs)"),
+    "wrong type": ({"arithmetic": {"n": "ten"}}, {}, "sft.yaml: 'data.builtin.arithmetic.n' = 'ten' must be int, "
+                                                     "got str"),
+    "bool is not int": ({"arithmetic": {"n": 5, "max_operand": True}}, {},
+                        "'data.builtin.arithmetic.max_operand' = True must be int, got bool"),
+    "wrong seed type": ({"safety": {"n": 5, "seed": 1.5}}, {}, "'data.builtin.safety.seed' = 1.5 must be int"),
+    "bad n_pairs item": ({"retrieval": {"n": 5, "n_pairs": [1, "four"]}}, {},
+                         "'data.builtin.retrieval.n_pairs' = [1, 'four'] does not match any of int, list"),
+    "set: unknown implicit task": ({"arithmetic@3": {"n": 5}}, {"named_sets": True},
+                                   "sft.yaml: 'data.builtin.arithmetic@3' is not a built-in task (did you mean "
+                                   "'arithmetic'?); valid tasks: arithmetic, retrieval, safety; a set named otherwise "
+                                   "needs a 'task' option"),
+    "set: unknown task": ({"r@8": {"task": "retrival", "n": 5, "n_pairs": 8}}, {"named_sets": True},
+                          "sft.yaml: 'data.builtin.r@8.task' = 'retrival' is not a built-in task (did you mean "
+                          "'retrieval'?)"),
+    "set: task not a string": ({"r@8": {"task": 3, "n": 5}}, {"named_sets": True},
+                               "sft.yaml: 'data.builtin.r@8.task' must be a task name, got int"),
+    "set: option of its task": ({"r@8": {"task": "retrieval", "n": 5, "n_pair": 8}}, {"named_sets": True},
+                                "'data.builtin.r@8.n_pair' is not an option of task 'retrieval' (did you mean "
+                                "'n_pairs'?); valid options: n, n_pairs, seed, task"),
+    "set: missing option": ({"r@8": {"task": "retrieval", "n_pairs": 8}}, {"named_sets": True},
+                            "'data.builtin.r@8.n' is missing"),
+}
+
+
+@pytest.mark.parametrize("case", SPEC_ERRORS)
+def test_check_builtin_names_file_and_key(case):
+    spec, kwargs, expected = SPEC_ERRORS[case]
+    with pytest.raises(ConfigError) as err:
+        check_builtin(spec, TASKS, "sft.yaml", "data.builtin", **kwargs)
+    assert expected in str(err.value)
+
+
+def test_check_builtin_accepts_valid_specs():
+    check_builtin({"arithmetic": {"n": 16000, "max_operand": 20}, "retrieval": {"n": 1500, "n_pairs": [1, 4]},
+                   "safety": {"n": 10, "seed": 3}}, TASKS, "sft.yaml", "data.builtin")
+    check_builtin({"retrieval": {"n": 5, "n_pairs": (2, 3)}}, TASKS, "x", "k")  # a tuple from Python code
+    check_builtin({}, TASKS, "x", "k")
+    check_builtin({"retrieval@8": {"task": "retrieval", "n": 100, "n_pairs": 8}, "arithmetic": {"n": 200}}, TASKS,
+                  "sft.yaml", "eval.sets", named_sets=True)
+    check_builtin({"math": {"n": 10, "max_operand": 9}, "general": {"n": 4, "n_pairs": [2, 3]}},
+                  PREFERENCE_BUILDERS, "rm.yaml", "data.builtin")
+
+
+def test_check_builtin_preference_categories():
+    with pytest.raises(ConfigError, match=r"rm\.yaml: 'eval\.builtin\.saftey' is not a built-in preference category "
+                                          r"\(did you mean 'safety'\?\); valid preference categories: math, safety, "
+                                          r"over_refusal, general"):
+        check_builtin({"saftey": {"n": 4}}, PREFERENCE_BUILDERS, "rm.yaml", "eval.builtin")
+    with pytest.raises(ConfigError, match=r"rm\.yaml: 'data\.builtin\.math\.n' = 1\.5 must be int, got float"):
+        check_builtin({"math": {"n": 1.5}}, PREFERENCE_BUILDERS, "rm.yaml", "data.builtin")
+
+
+def test_builders_check_their_spec_before_building():
+    with pytest.raises(ConfigError, match=r"'builtin\.arithmetic\.n' = 'ten' must be int"):
+        build_sft_mix({"safety": {"n": 5}, "arithmetic": {"n": "ten"}}, [], seed=0)
+    with pytest.raises(ConfigError, match=r"'spec\.r@8\.task' = 'retrival'"):
+        heldout_sets({"r@8": {"task": "retrival", "n": 5}}, seed=0)
+    with pytest.raises(ConfigError, match=r"'spec\.poetry' is not a built-in preference category"):
+        build_preferences({"poetry": {"n": 5}}, seed=0)
+
+
+def _builtin_specs(node, key=""):
+    """(dotted key, spec, named_sets) of every built-in data spec in a parsed stage or pipeline YAML."""
+    if not isinstance(node, dict):
+        return []
+    found = []
+    for name, value in node.items():
+        dotted = f"{key}.{name}" if key else str(name)
+        if dotted.split(".")[-1] in ("builtin", "exclude_builtin") or dotted.endswith("eval.sets"):
+            found.append((dotted, value, dotted.endswith("eval.sets")))
+        else:
+            found += _builtin_specs(value, dotted)
+    return found
+
+
+def test_shipped_configs_pass_check_builtin():
+    import pathlib
+
+    import yaml
+
+    checked = 0
+    for path in sorted(pathlib.Path(__file__).parents[1].glob("configs/**/*.yaml")):
+        preferences = path.stem in ("rm", "eval_rm")
+        for key, spec, named in _builtin_specs(yaml.safe_load(path.read_text())):
+            registry = PREFERENCE_BUILDERS if preferences and not named else TASKS
+            check_builtin(spec, registry, str(path), key, named_sets=named)
+            checked += 1
+    assert checked >= 12
+
+
+# --- shared row helpers -----------------------------------------------------------------------------------------
+
+def test_prompt_of():
+    user, reply = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
+    system = {"role": "system", "content": "s"}
+    assert prompt_of({"messages": [system, user, reply]}) == [system, user]
+    assert prompt_of({"messages": [user]}) == [user]  # nothing to strip
+    assert prompt_of({"prompt": [user], "messages": [user, reply]}) == [user]  # a pool / preference row
+    assert prompt_of({"prompt": None, "messages": [user, reply]}) == [user]  # a Dataset row without a prompt
+    row = {"messages": [user, reply]}
+    prompt_of(row).append(reply)
+    assert row["messages"] == [user, reply]  # a new list: the row is not changed through it
+
+
+def test_drop_too_long_on_lists_and_datasets():
+    rows = [{"text": "a" * k} for k in (3, 9, 5, 12)]
+    kept, dropped = drop_too_long(rows, lambda r: len(r["text"]), 5)
+    assert kept == [rows[0], rows[2]] and dropped == 2
+    ds, dropped = drop_too_long(datasets.Dataset.from_list(rows), lambda r: len(r["text"]), 9)
+    assert isinstance(ds, datasets.Dataset) and ds["text"] == ["aaa", "a" * 9, "aaaaa"] and dropped == 1
+    assert drop_too_long([], len, 1) == ([], 0)
+
+
+def test_chat_length_counts_chat_template_tokens():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained("configs/tiny/base")
+    row = arithmetic_examples(1, seed=0)[0]
+    ids = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
+    assert chat_length(tokenizer, row["messages"]) == len(ids) > chat_length(tokenizer, prompt_of(row))
+    rows = [row, retrieval_examples(1, seed=0, n_pairs=64)[0]]
+    kept, dropped = drop_too_long(rows, lambda r: chat_length(tokenizer, r["messages"]), len(ids))
+    assert kept == [row] and dropped == 1

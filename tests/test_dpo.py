@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from alignment.config import load_config
 from alignment.modeling import LoraOptions, ModelOptions, load_model
 from alignment.rollout import RolloutBatch, build_rollout
-from alignment.tokenizer import build_tokenizer
+from data_recipes.tokenizer import builtin_tokenizer
 from data_recipes.dpo_pairs import PairOptions, build_dpo_pairs, load_pairs, select_pair, select_prompts
 from pipelines.dpo import DPOStageConfig, dpo_args, run
 
@@ -134,7 +134,8 @@ def test_select_prompts_dedupes_filters_and_samples_deterministically():
 def checkpoint(tmp_path_factory):
     """A tiny model + tokenizer saved as a checkpoint directory (the stage starts from one)."""
     path = tmp_path_factory.mktemp("ckpt")
-    tokenizer = build_tokenizer(path, vocab_size=512)
+    tokenizer = builtin_tokenizer(vocab_size=512)
+    tokenizer.save_pretrained(path)
     model = load_model(TINY, seed=0)
     model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     model.save_pretrained(path)

@@ -7,24 +7,25 @@ import random
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel
 from trl import GRPOConfig
+from trl.trainer import grpo_trainer as trl_grpo
 
 from alignment.config import ConfigError, load_config
-from alignment.losses import LossOptions
-from alignment.modeling import load_model
+from alignment.losses import LossOptions, group_advantages, zero_variance_groups
+from alignment.modeling import PackedLightningAttention, load_model
 from alignment.rollout import SamplingOptions, build_rollout
-from alignment.tokenizer import build_tokenizer
-from alignment.trainers import DynamicSamplingOptions, MiniMaxGRPOTrainer
+from data_recipes.tokenizer import builtin_tokenizer
+from alignment.trainers import DynamicSamplingOptions, MiniMaxGRPOTrainer, Round, grpo_trl_settings
 from data_recipes.tasks import arithmetic_examples
-from pipelines.grpo import GRPOStageConfig, run
+from pipelines.grpo import GRPOStageConfig, _trl_args, run
 
 TINY = "configs/tiny/model.yaml"
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return build_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=1024)
+    return builtin_tokenizer(vocab_size=1024)
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +64,13 @@ def grpo_args(tmp_path, **kw):
     return GRPOConfig(**{**defaults, **kw})
 
 
-def make_trainer(tmp_path, model, tokenizer, dataset, reward, dynamic, loss=None, **kw):
+def make_trainer(tmp_path, model, tokenizer, dataset, reward, dynamic, loss=None, success_fn=None, ref_model=None,
+                 **kw):
     return MiniMaxGRPOTrainer(
         model=model, reward_funcs=reward, args=grpo_args(tmp_path, **kw), train_dataset=dataset,
         processing_class=tokenizer, loss=loss or LossOptions(kl="none"), sampling=SamplingOptions(max_new_tokens=12),
-        rollout=build_rollout("transformers", model, tokenizer), dynamic_sampling=dynamic)
+        rollout=build_rollout("transformers", model, tokenizer), dynamic_sampling=dynamic, success_fn=success_fn,
+        ref_model=ref_model)
 
 
 def flat_or_varied(n: int) -> Dataset:
@@ -112,6 +115,111 @@ def test_online_filter_drops_zero_variance_groups_and_refills(tmp_path, tokenize
 def even_token_reward(prompts, completions, completion_ids, **_):
     """Share of even token ids in the completion: a dense signal a random policy can climb quickly."""
     return [sum(t % 2 == 0 for t in ids) / max(len(ids), 1) for ids in completion_ids]
+
+
+def test_round_returns_rewards_advantages_and_kept_groups_that_agree(tmp_path, tokenizer):
+    random.seed(0)
+    torch.manual_seed(0)
+    data = flat_or_varied(8)
+    returned = {}  # what each reward function gave TRL, to check the round's weighted sum against
+
+    def kind_score(prompts, completions, kind, **_):
+        returned["kind"] = kind_reward(prompts, completions, kind)
+        return returned["kind"]
+
+    def even_if_varied(prompts, completions, completion_ids, kind, **_):
+        even = even_token_reward(prompts, completions, completion_ids)
+        returned["even"] = [e if k == "varied" else 0.0 for e, k in zip(even, kind)]
+        return returned["even"]
+
+    seen = []
+
+    def success(row, completion):
+        seen.append(completion)
+        return row["kind"] == "varied"
+
+    trainer = make_trainer(tmp_path, load_model(TINY), tokenizer, data, [kind_score, even_if_varied],
+                           DynamicSamplingOptions(enabled=False), success_fn=success, reward_weights=[1.0, 0.5])
+    trainer.model.train()
+    rows = [dict(data[i]) for i in range(4) for _ in range(4)]  # flat, varied, flat, varied groups
+    r = trainer._round(rows)
+    assert isinstance(r, Round) and r.group_size == 4
+    expected = torch.tensor(returned["kind"]) + 0.5 * torch.tensor(returned["even"])
+    assert torch.allclose(r.rewards, expected)  # TRL's weighted sum of exactly what the functions returned
+    assert trainer._metrics["train"]["reward"][-1] == pytest.approx(r.rewards.mean().item())  # TRL's own log
+    assert torch.equal(r.advantages, group_advantages(r.rewards, 4, "group", balanced=True))
+    assert torch.equal(r.batch["advantages"], r.advantages)
+    assert torch.equal(r.zero_variance, zero_variance_groups(r.rewards, 4, trainer.dynamic.tolerance))
+    assert r.zero_variance.tolist() == [True, False, True, False] and torch.equal(r.kept, ~r.zero_variance)
+    adv = r.advantages.view(4, 4)
+    assert (adv[r.zero_variance] == 0).all() and (adv[r.kept].abs().sum(1) > 0).all()
+    assert r.lengths == r.batch["completion_mask"].sum(1).tolist() and len(r.lengths) == 16
+    assert r.success == [0.0] * 4 + [1.0] * 4 + [0.0] * 4 + [1.0] * 4
+    # success_fn gets the completion as TRL gives it: conversational prompts -> a list of messages
+    assert len(seen) == 16 and all(isinstance(c, list) and c[0]["role"] == "assistant" for c in seen)
+    assert not hasattr(trainer, "_round_log")
+
+
+def test_grpo_trl_settings_give_trl_only_what_it_reads(tmp_path, tokenizer, checkpoint):
+    sampling = SamplingOptions(temperature=0.7, top_p=0.9, top_k=5, max_new_tokens=12)
+    on = grpo_trl_settings(LossOptions(kl="minimax", beta=0.04, epsilon_high=0.28), sampling)
+    assert on == {"beta": 0.04, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "max_completion_length": 12}
+    assert grpo_trl_settings(LossOptions(kl="none", beta=0.04), sampling)["beta"] == 0.0
+    assert grpo_trl_settings(LossOptions(kl="k3", beta=0.0), sampling)["beta"] == 0.0
+    assert LossOptions(kl="k3", beta=0.1).uses_kl and not LossOptions(kl="none", beta=0.1).uses_kl
+
+    # the stage's GRPOConfig: those settings; what only TRL's own loss / advantages read stays at TRL's default
+    cfg = load_config(stage_yaml(tmp_path, checkpoint), GRPOStageConfig,
+                      {"loss.epsilon_low": 0.1, "loss.epsilon_high": 0.28, "advantages.scale": "batch",
+                       "sampling.temperature": 0.9})
+    args = _trl_args(cfg, tmp_path / "checkpoints", [1.0])
+    default = GRPOConfig(output_dir=str(tmp_path / "default"), use_cpu=True)
+    assert (args.beta, args.temperature, args.max_completion_length) == (0.04, 0.9, 12)
+    assert (args.epsilon, args.epsilon_high, args.scale_rewards, args.loss_type) == (
+        default.epsilon, default.epsilon_high, default.scale_rewards, default.loss_type)
+
+    # the trainer refuses a GRPOConfig that disagrees with its loss / sampling
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": "hi"}]] * 4})
+    for loss, kw in ((LossOptions(kl="minimax", beta=0.04), {"beta": 0.0}), (LossOptions(kl="none"), {"beta": 0.04}),
+                     (LossOptions(kl="none"), {"temperature": 0.5})):
+        with pytest.raises(ValueError, match="grpo_trl_settings"):
+            make_trainer(tmp_path, load_model(TINY), tokenizer, data, even_token_reward, None, loss=loss, **kw)
+
+
+def test_given_reference_model_is_the_reference_and_trl_loads_none(tmp_path, tokenizer, monkeypatch):
+    torch.manual_seed(0)
+    model, ref = load_model(TINY, seed=0), load_model(TINY, seed=0)  # same weights
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("TRL loaded a model from disk")
+
+    monkeypatch.setattr(trl_grpo, "create_model_from_path", no_loading)
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(no_loading))
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"Say something {i}."}] for i in range(8)]})
+    args = grpo_args(tmp_path, beta=0.04)
+    trainer = MiniMaxGRPOTrainer(
+        model=model, reward_funcs=even_token_reward, args=args, train_dataset=data, processing_class=tokenizer,
+        loss=LossOptions(kl="minimax", beta=0.04), sampling=SamplingOptions(max_new_tokens=12),
+        rollout=build_rollout("transformers", model, tokenizer), ref_model=ref)
+    assert trainer.ref_model is ref and trainer.beta == 0.04 and args.beta == 0.04
+    assert any(isinstance(m, PackedLightningAttention) for m in ref.modules())  # packing-safe
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+
+    # TRL scores the given reference: with the policy's weights, the policy's log-probs
+    trainer.model.train()
+    b = trainer._round([dict(data[i]) for i in range(4) for _ in range(4)]).batch
+    ids = torch.cat([b["prompt_ids"], b["completion_ids"]], 1)
+    attention = torch.cat([b["prompt_mask"], b["completion_mask"]], 1)
+    with torch.no_grad():
+        logp, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention,
+                                                                b["completion_ids"].size(1), batch_size=16)
+    mask = b["completion_mask"].bool()
+    assert torch.allclose(b["ref_per_token_logps"][mask], logp[mask], atol=1e-5)
+
+    # a reference the loss does not use is refused
+    with pytest.raises(ValueError, match="ref_model"):
+        make_trainer(tmp_path, load_model(TINY), tokenizer, data, even_token_reward, None,
+                     loss=LossOptions(kl="none"), ref_model=load_model(TINY))
 
 
 def test_tiny_grpo_run_climbs_its_reward_with_all_changes_on(tmp_path, tokenizer, checkpoint):

@@ -4,13 +4,13 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
-from alignment.tokenizer import build_tokenizer
+from data_recipes.tokenizer import builtin_tokenizer
 from data_recipes.tasks import _is_heldout, arithmetic_documents, lookup_documents
 from pipelines.pretrain import encode, main
 
 
 def test_answer_positions_are_the_value_tokens(tmp_path):
-    tokenizer = build_tokenizer(tmp_path / "tok", vocab_size=1024)
+    tokenizer = builtin_tokenizer(vocab_size=1024)
     docs = lookup_documents(8, seed=3, n_pairs=(2, 8), questions=3)
     ids, mask, answers = encode(tokenizer, docs)
     assert len(answers) == 8 * 3
@@ -23,7 +23,7 @@ def test_answer_positions_are_the_value_tokens(tmp_path):
 
 
 def test_arithmetic_answers_cover_the_result_tokens(tmp_path):
-    tokenizer = build_tokenizer(tmp_path / "tok", vocab_size=1024)
+    tokenizer = builtin_tokenizer(vocab_size=1024)
     docs = arithmetic_documents(6, seed=1, lines=5, max_operand=30)
     ids, mask, answers = encode(tokenizer, docs)
     flat = [(text, span) for text, spans in docs for span in spans]

@@ -1,19 +1,26 @@
-"""Reward interface (rewards/base.py), rule handlers, math equivalence, composition and weights, validation errors,
-the safety handler's three cases, and the length-bias monitor."""
+"""Reward interface (rewards/base.py), rule handlers, math equivalence, composition and weights, the spec check and
+validation errors, the safety handler's three cases, the length-bias monitor, and the package's one-way imports."""
 
+import ast
 import doctest
 import importlib
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from rewards import LengthBiasMonitor, RewardError, RewardOutput, as_trl_reward, build_reward, trl_reward_funcs
-from rewards import validated
+import rewards
+from rewards import LengthBiasMonitor, RewardError, RewardOutput, as_trl_reward, build_reward, check_reward_spec
+from rewards import register, trl_reward_funcs, validated
+from rewards.base import path_options
+from rewards.registry import REGISTRY
 from rewards.verifiers import extract_answer, math_equivalent, parse_number
 
 
 @pytest.mark.parametrize("module", ["rewards", "rewards.base", "rewards.handlers", "rewards.monitor",
-                                    "rewards.verifiers"])
+                                    "rewards.registry", "rewards.safety", "rewards.verifiers"])
 def test_doctests(module):
     result = doctest.testmod(importlib.import_module(module))
     assert result.attempted >= 1 and result.failed == 0
@@ -84,16 +91,80 @@ def test_clip_and_trl_funcs():
     assert funcs[0](PROMPTS, conversational, trainer_state=None, **ROWS) == [1.0, 0.0, 1.0, 0.0]
 
 
+# --- the spec check: every mistake named before anything is built -----------------------------------------------
+
 @pytest.mark.parametrize("spec, message", [
-    ({"corectness": {}}, "unknown handler type 'corectness'"),
-    ({"format": {"patern": "x"}}, "unknown option\\(s\\) 'patern' for handler type 'format'"),
-    ({"correctness": {"weight": "high"}}, "weight must be a finite number"),
-    ({"correctness": {"clip": [1, 0]}}, "clip must be"),
-    ({}, "empty"),
+    ([{"correctness": {}}], "reward spec must be a mapping of handler name -> options, got list"),
+    ({}, "reward spec is empty"),
+    ({"correctness": [1.0]}, "reward 'correctness': options must be a mapping of option -> value, got list"),
+    ({"corectness": {}}, "reward 'corectness': unknown handler type 'corectness' (did you mean 'correctness'?); "
+                         "known: code, correctness, format, length, math, reward_model, safety"),
+    ({"short": {"type": "lenght"}}, "reward 'short': option 'type': unknown handler type 'lenght' "
+                                    "(did you mean 'length'?)"),
+    ({"reward_model": {"pth": "runs/tiny/rm/final"}},
+     "reward 'reward_model': option 'pth' is unknown for handler type 'reward_model' (did you mean 'path'?); "
+     "valid: path, batch_size, device, dtype, max_length, normalize, weight, clip, type"),
+    ({"format": {"patern": "x"}}, "reward 'format': option 'patern' is unknown for handler type 'format' "
+                                  "(did you mean 'pattern'?)"),
+    ({"correctness": {"wieght": 2}}, "reward 'correctness': option 'wieght' is unknown for handler type "
+                                     "'correctness' (did you mean 'weight'?); valid: weight, clip, type"),
+    ({"correctness": {"weight": "high"}}, "reward 'correctness': option 'weight' must be a finite number, got 'high'"),
+    ({"correctness": {"weight": math.nan}}, "reward 'correctness': option 'weight' must be a finite number"),
+    ({"correctness": {"clip": [1, 0]}}, "reward 'correctness': option 'clip' must be [lo, hi] with lo <= hi"),
+    ({"correctness": {"clip": [0, "1"]}}, "reward 'correctness': option 'clip' must be [lo, hi]"),
+    ({"rm": {"type": "reward_model"}}, "reward 'rm': option 'path' is required for handler type 'reward_model'"),
+    ({"reward_model": {"path": None}}, "reward 'reward_model': option 'path' is required"),
+    ({"reward_model": {"path": "runs/none/rm/final"}},
+     "reward 'reward_model': option 'path': model directory 'runs/none/rm/final' not found"),
+    ({"safety": {"reward_model": "runs/none/rm/final"}},
+     "reward 'safety': option 'reward_model': model directory 'runs/none/rm/final' not found"),
+    ({"safety": {"reward_model": 3}}, "reward 'safety': option 'reward_model' must be a local model directory"),
 ])
-def test_bad_specs_name_the_handler(spec, message):
-    with pytest.raises(RewardError, match=message):
+def test_bad_specs_name_the_handler_and_option(spec, message):
+    with pytest.raises(RewardError) as checked:
+        check_reward_spec(spec)
+    assert message in str(checked.value)
+    with pytest.raises(RewardError) as built:  # build_reward checks first: the same error
         build_reward(spec)
+    assert str(built.value) == str(checked.value)
+
+
+def test_check_reward_spec_builds_nothing():
+    calls = []
+
+    @register("probe")
+    @path_options("model")
+    def probe(model: str, scale: float = 1.0):
+        calls.append(model)
+        return lambda prompts, completions, **fields: [scale] * len(completions)
+
+    try:
+        spec = {"probe": {"model": "runs/later/rm", "weight": 0.5}, "correctness": None}
+        check_reward_spec(spec, exists=lambda path: path == "runs/later/rm")  # a checkpoint a stage will write
+        assert calls == []
+        with pytest.raises(RewardError, match="'probe': option 'model': model directory 'runs/later/rm' not found"):
+            check_reward_spec(spec)  # the default exists: the file system
+        with pytest.raises(RewardError, match="'probe': option 'mdl' is unknown .*did you mean 'model'"):
+            check_reward_spec({"probe": {"mdl": "x"}}, exists=lambda path: True)
+        assert calls == []
+    finally:
+        del REGISTRY["probe"]
+
+
+def test_missing_reward_model_fails_without_torch():
+    """A missing reward-model directory is a spec error: found by the check, before anything imports torch."""
+    code = ("import sys\n"
+            "from rewards import RewardError, build_reward\n"
+            "try:\n"
+            "    build_reward({'rm': {'type': 'reward_model', 'path': 'runs/none/rm/final', 'weight': 0.5}})\n"
+            "except RewardError as err:\n"
+            "    print(err)\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(rewards.__file__).parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["reward 'rm': option 'path': model directory 'runs/none/rm/final' not found",
+                                       "False"]
 
 
 def test_missing_field_and_unknown_task_name_the_handler():
@@ -136,8 +207,7 @@ def test_validation_errors_name_the_handler(fn, message):
     with pytest.raises(RewardError, match=message):
         validated(fn, "broken")(["p"] * 3, ["a", "b", "c"])
     # the same through composition and the TRL adapter
-    from rewards.base import REGISTRY
-    REGISTRY["broken"] = lambda: fn
+    register("broken")(lambda: fn)
     try:
         with pytest.raises(RewardError, match=message):
             build_reward({"correctness": {}, "broken": {}})(["p"] * 3, ["7"] * 3, task=["arithmetic"] * 3,
@@ -240,3 +310,48 @@ def test_safety_judges_unlabelled_prompts_with_the_harmless_rm():
     assert out.scores == pytest.approx([1.0 + 1.0, -1.0 + 0.25, -1.0 - 1.0, 1.0 + 0.25])
     with pytest.raises(RewardError, match="'safety'.*sample 0 has no 'harmful' label"):
         build_reward({"safety": {}})([HARMFUL_Q], [REFUSAL])
+
+
+# --- the package's imports point one way ------------------------------------------------------------------------
+
+def _rewards_imports() -> dict[str, set[str]]:
+    """module -> the modules it imports (anywhere in it, function-level imports included), from the source."""
+    root = Path(rewards.__file__).parent
+    edges = {}
+    for path in sorted(root.glob("*.py")):
+        module = "rewards" if path.stem == "__init__" else f"rewards.{path.stem}"
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = "rewards" + (f".{node.module}" if node.module else "") if node.level else node.module
+                # `from rewards import handlers` imports the submodule; `from rewards import X` the package
+                targets |= {f"{base}.{a.name}" if (root / f"{a.name}.py").is_file() and base == "rewards" else base
+                            for a in node.names}
+        edges[module] = targets
+    return edges
+
+
+def test_rewards_imports_have_no_cycle():
+    edges = _rewards_imports()
+    graph = {m: {t for t in targets if t in edges} for m, targets in edges.items()}
+    assert "rewards.registry" in graph["rewards"] and graph["rewards.base"] == set()
+    assert not any("rewards" in targets for m, targets in graph.items())  # no submodule imports the package
+
+    def cycle_from(module, path):
+        if module in path:
+            return path[path.index(module):] + [module]
+        for target in sorted(graph[module]):
+            if found := cycle_from(target, path + [module]):
+                return found
+        return None
+
+    for module in graph:
+        assert cycle_from(module, []) is None, " -> ".join(cycle_from(module, []))
+
+
+def test_rewards_imports_no_pipeline_code():
+    for module, targets in _rewards_imports().items():
+        bad = sorted(t for t in targets if t.split(".")[0] in ("data_recipes", "pipelines"))
+        assert not bad, f"{module} imports {bad}"

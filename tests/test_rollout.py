@@ -8,7 +8,7 @@ import torch
 
 from alignment.modeling import load_model
 from alignment.rollout import SamplingOptions, build_rollout, encode_prompts, importance_weights, logprob_mismatch
-from alignment.tokenizer import build_tokenizer
+from data_recipes.tokenizer import builtin_tokenizer
 
 TINY = "configs/tiny/model.yaml"
 PROMPTS = [[{"role": "user", "content": "What is 3 + 4?"}], [{"role": "user", "content": "Compute 12 - 5."}]]
@@ -16,7 +16,7 @@ PROMPTS = [[{"role": "user", "content": "What is 3 + 4?"}], [{"role": "user", "c
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return build_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=1024)
+    return builtin_tokenizer(vocab_size=1024)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from alignment.config import load_config
 from alignment.evaluation import generate_greedy
 from alignment.modeling import load_model
-from alignment.tokenizer import build_tokenizer
+from data_recipes.tokenizer import builtin_tokenizer
 from data_recipes import DataError
 from pipelines.sft import SFTStageConfig, _trl_args, run
 
@@ -19,7 +19,7 @@ TINY = "configs/tiny/model.yaml"
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return build_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=512)
+    return builtin_tokenizer(vocab_size=512)
 
 
 def stage_yaml(tmp_path, extra=""):

@@ -1,12 +1,12 @@
 """The locally trained tokenizer (alignment/tokenizer.py): round trip, digits, assistant mask, reload."""
 
-import time
 
 import pytest
 from transformers import AutoTokenizer
 from trl.chat_template_utils import is_chat_template_stop_token_trained
 
-from alignment.tokenizer import IM_END, IM_START, PAD, build_tokenizer
+from alignment.tokenizer import IM_END, IM_START, PAD
+from data_recipes.tokenizer import builtin_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "You are a careful assistant."},
@@ -20,9 +20,8 @@ CONVERSATION = [
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     out = tmp_path_factory.mktemp("tok")
-    start = time.perf_counter()
-    tokenizer = build_tokenizer(out, vocab_size=512)
-    assert time.perf_counter() - start < 10
+    tokenizer = builtin_tokenizer(vocab_size=512)
+    tokenizer.save_pretrained(out)
     return tokenizer, out
 
 

@@ -7,7 +7,6 @@ import pytest
 import rewards.verifiers as verifiers
 from rewards.verifiers import (
     arithmetic_correct,
-    correctness_reward,
     extract_number,
     is_refusal,
     retrieval_correct,
@@ -61,12 +60,9 @@ def test_safety():
     assert not safety_correct("   ", harmful=False)
 
 
-def test_verify_dispatch_and_reward():
+def test_verify_dispatch():
     assert verify({"task": "retrieval", "answer": "lamp", "harmful": False}, "lamp")
     assert verify({"task": "safety", "answer": "", "harmful": True}, "I cannot do that.")
+    assert not verify({"task": "safety", "answer": "", "harmful": False}, "I can't help with that.")
     with pytest.raises(ValueError, match="'user'"):
         verify({"task": "user", "answer": "", "harmful": False}, "x")
-    rewards = correctness_reward(["p"] * 3, ["85", "I can't help with that.", [{"role": "assistant", "content": "moon"}]],
-                                 task=["arithmetic", "safety", "retrieval"], answer=["85", "", "lamp"],
-                                 harmful=[False, False, False], extra_column=[1, 2, 3])
-    assert rewards == [1.0, 0.0, 0.0]

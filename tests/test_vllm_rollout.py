@@ -27,7 +27,7 @@ from alignment.rollout import SamplingOptions, logprob_mismatch
 from alignment.rollout.vllm_backend import (LIGHTNING_BUFFERS, VLLMRollout, _clear_new_sequence_states,
                                             direct_sync_plan, export_for_vllm, gc_paused, merged_parameters,
                                             patched_engine_build, sampled_logprobs, vllm_checkpoint_tensors)
-from alignment.tokenizer import build_tokenizer
+from data_recipes.tokenizer import builtin_tokenizer
 
 TINY = "configs/tiny/model.yaml"
 HAS_CUDA = torch.cuda.is_available()
@@ -45,7 +45,7 @@ if HAS_CUDA and HAS_FLA:  # fla's full autotuning of the training kernels takes 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return build_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=1024)
+    return builtin_tokenizer(vocab_size=1024)
 
 
 def saved_tensors(model, path):

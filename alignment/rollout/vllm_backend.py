@@ -41,9 +41,9 @@ vLLM 0.22.1 (its `MiniMaxText01ForCausalLM`). What it takes to make vLLM sample 
   from the cache, final states written back): the same kernel the trainer uses (`alignment.kernels`).
 
 Host work (`VLLMRollout.run`, `LEAN_OUTPUTS`): the in-process engine's decode step is host-bound at this model size
-(bench_rollout: the GPU busy 6.8 ms of a ~16 ms step at batch 256), so `generate` asks for vLLM's flat log-prob
+(bench_rollout: the GPU busy 6.8 ms of a 14.5 ms decode step at batch 256), so `generate` asks for vLLM's flat log-prob
 container (a few lists per request instead of a dict and a `Logprob` per token) and pauses Python's cyclic garbage
-collector while the engine steps. Measured: the collector's time per batch-256 generate 0.031 -> 0.005 s, under 1.5%
+collector while the engine steps. Measured: the collector's time per batch-256 generate 0.034 -> 0.006 s, under 1.5%
 of it; most of the host time is vLLM's scheduler (see `kv_group_per_kind`).
 
 Log-probs are vLLM's `processed_logprobs`: log softmax(logits / T) of the sampled token, the quantity the trainer
