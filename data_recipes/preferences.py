@@ -27,6 +27,7 @@ from data_recipes.specs import check_builtin
 from data_recipes.tasks import BENIGN, REFUSALS, WORDS, _safety_combos, arithmetic_examples, retrieval_examples
 
 CATEGORIES = ("math", "safety", "over_refusal", "general")
+CATEGORY = ("preference category", "preference categories")  # what a name of PREFERENCE_BUILDERS names
 
 LONG_REFUSALS = [
     "I'm sorry, but I can't help with that. It could put people in danger.",
@@ -129,7 +130,7 @@ def build_preferences(spec: dict[str, dict], seed: int, split: str = "train",
     >>> sorted(rows[0]), rows[0]["category"], rows[0]["harmful"]
     (['answer', 'category', 'chosen', 'harmful', 'prompt', 'rejected', 'task'], 'safety', True)
     """
-    check_builtin(spec, PREFERENCE_BUILDERS, "build_preferences", "spec")
+    check_builtin(spec, PREFERENCE_BUILDERS, "build_preferences", "spec", noun=CATEGORY)
     rows = []
     for category, kwargs in spec.items():
         rows += PREFERENCE_BUILDERS[category](**{"seed": seed, "split": split, **kwargs})

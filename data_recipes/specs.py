@@ -18,15 +18,6 @@ NOT_OPTIONS = ("split",)  # set by the code that builds the rows (train / heldou
 OPTIONAL = ("seed",)  # defaults to the stage's seed
 
 
-def _nouns(builders: dict) -> tuple[str, str]:
-    """What a name of `builders` names, singular and plural (for messages)."""
-    from data_recipes.preferences import PREFERENCE_BUILDERS
-    from data_recipes.tasks import TASKS
-
-    known = {id(TASKS): ("task", "tasks"), id(PREFERENCE_BUILDERS): ("preference category", "preference categories")}
-    return known.get(id(builders), ("builder", "builders"))
-
-
 def _did_you_mean(word, choices) -> str:
     guess = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
     return f" (did you mean '{guess[0]}'?)" if guess else ""
@@ -48,11 +39,13 @@ def builder_options(builder: Callable) -> tuple[list[str], list[str]]:
     return [p.name for p in params], required
 
 
-def check_builtin(spec, builders: dict, source: str, key: str, named_sets: bool = False) -> None:
+def check_builtin(spec, builders: dict, source: str, key: str, named_sets: bool = False,
+                  noun: tuple[str, str] = ("task", "tasks")) -> None:
     """Raise `ConfigError` unless `spec` maps names in `builders` to options their builder takes, with values of
     the annotated types. `source` (the file) and `key` (the spec's dotted key, e.g. "data.builtin") start every
     message: "{source}: '{key}.{name}.{option}' ...". With `named_sets` the names are evaluation-set names and the
-    builder is the set's `task` option (default: the name itself), as in `eval.sets`.
+    builder is the set's `task` option (default: the name itself), as in `eval.sets`. `noun` is what a name of
+    `builders` names, singular and plural, for the messages (preferences: category).
 
     >>> from data_recipes.tasks import TASKS
     >>> check_builtin({"arithmetic": {"n": 10}, "retrieval": {"n": 5, "n_pairs": [1, 4]}}, TASKS, "sft.yaml",
@@ -62,7 +55,7 @@ def check_builtin(spec, builders: dict, source: str, key: str, named_sets: bool 
     ...
     alignment.config.ConfigError: sft.yaml: 'data.builtin.arithmetic.n' = 'ten' must be int, got str
     """
-    noun, nouns = _nouns(builders)
+    noun, nouns = noun
     if not isinstance(spec, dict):
         example = "{retrieval@8: {task: retrieval, n: 100}}" if named_sets else "{name: {n: 100}}"
         raise ConfigError(f"{source}: '{key}' must be a mapping of {'set name' if named_sets else noun} -> options, "

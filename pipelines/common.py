@@ -138,13 +138,13 @@ def check_reward(spec: dict, source: str, key: str, produced: set) -> None:
 def check_builtin(spec: dict, source: str, key: str, registry: str = "tasks") -> None:
     """Built-in data options: task (or preference category) names, option names and types."""
     from data_recipes import check_builtin as check
-    from data_recipes.preferences import PREFERENCE_BUILDERS
+    from data_recipes.preferences import CATEGORY, PREFERENCE_BUILDERS
     from data_recipes.tasks import TASKS
 
-    if registry == "eval":
-        check(spec, TASKS, source, key, named_sets=True)
+    if registry == "preferences":
+        check(spec, PREFERENCE_BUILDERS, source, key, noun=CATEGORY)
     else:
-        check(spec, PREFERENCE_BUILDERS if registry == "preferences" else TASKS, source, key)
+        check(spec, TASKS, source, key, named_sets=registry == "eval")
 
 
 # -- output directory --------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import json
 import math
 import random
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from alignment.config import ConfigError, to_dict
@@ -60,9 +60,10 @@ def main(argv: list[str] | None = None, stage: str = "eval-rm") -> int:
 
 def check(cfg: Config, source: str, produced: set) -> None:
     """Inputs, before any work: the reward model directory (with its tokenizer), pair files and categories."""
-    if Path(cfg.reward_model) not in produced and not Path(cfg.reward_model, "tokenizer_config.json").is_file():
-        raise ConfigError(f"{source}: 'reward_model': '{cfg.reward_model}' is not a reward model directory with a "
-                          "tokenizer (train one with make rm)")
+    path = Path(cfg.reward_model)
+    if path not in produced and not (path / "tokenizer_config.json").is_file():
+        why = "no tokenizer in it (no tokenizer_config.json)" if path.is_dir() else "does not exist"
+        raise ConfigError(f"{source}: 'reward_model': '{path}' {why}; give a reward model directory (make rm)")
     check_files(cfg.files, source, "files")
     check_builtin(cfg.builtin, source, "builtin", registry="preferences")
 

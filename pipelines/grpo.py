@@ -1,7 +1,7 @@
 """Online RL: stage V of the MiniMax-01 recipe, modified GRPO with success-rate prompt filtering.
 
-    make grpo                                  # configs/tiny/grpo.yaml, starts from the stage I SFT checkpoint
-    python -m pipelines.grpo --config CONFIG [--set loss.name=cispo ...] [--overwrite]
+    make grpo                                  # python -m pipelines grpo --config configs/tiny/grpo.yaml (after make sft)
+    python -m pipelines grpo --config CONFIG [--set loss.name=cispo ...] [--overwrite]
 
 Reads top to bottom: config -> tokenizer + packing-safe policy -> held-out evaluation -> prompt pool (the policy
 samples k answers per candidate prompt through the rollout worker; prompts whose verifier pass rate lies inside
@@ -19,24 +19,28 @@ not a stronger model; the clip / drop thresholds, KL coefficient, group size and
 
 from __future__ import annotations
 
-import os
+import dataclasses
+import json
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-
-from alignment.config import ConfigError, to_dict
+from alignment.config import ConfigError
 from alignment.losses import LossOptions
-from alignment.modeling import ModelOptions, load_model
+from alignment.modeling import ModelOptions
 from alignment.rollout.base import SamplingOptions
 from alignment.rollout.vllm_backend import ENGINE_PATCHES  # vLLM itself is imported on first use
 from alignment.schema import EvalOptions, TrainOptions
 from alignment.trainers import AdvantageOptions, DynamicSamplingOptions, RolloutCorrectionOptions
 from data_recipes.prompt_pool import PoolOptions
-from rewards import RewardError
-from pipelines.common import (cached_eval_before, prepare_output, save_stage, series_ends, stage_main,
+from pipelines.common import (cached_eval_before, check_builtin, check_model, check_reward, check_tokenizer, claim,
+                              evaluate_sets, finish, finished, series_ends, short, stage_main, stage_tokenizer,
                               train_resuming)
+
+DESCRIPTION = ("With success-rate prompt filtering. Writes <output_dir>/prompt_pool.jsonl, final/ (the checkpoint), "
+               "metrics.json, summary.md, curves.png and TensorBoard logs; a re-run resumes from the last checkpoint "
+               "in <output_dir>/checkpoints.")
 
 
 @dataclass
@@ -64,7 +68,7 @@ class RolloutOptions:
 
 
 @dataclass
-class GRPOStageConfig:
+class Config:
     model: ModelOptions
     prompts: PoolOptions
     # Rollout sampling, used by the offline pass-rate filter and by training.
@@ -102,44 +106,42 @@ class GRPOStageConfig:
             raise ValueError("loss.beta > 0 but loss.kl is none; pick kl: minimax or k3, or set beta: 0")
 
 
-def main(argv: list[str] | None = None) -> int:
-    return stage_main(
-        argv, prog="python -m pipelines.grpo", config_cls=GRPOStageConfig, run=run, example="configs/tiny/grpo.yaml",
-        errors=(RewardError, ImportError),
-        description="Online modified GRPO (stage V of the MiniMax-01 recipe) with success-rate prompt filtering. "
-        "Writes <output_dir>/prompt_pool.jsonl, final/ (the checkpoint), metrics.json, summary.md, curves.png and "
-        "TensorBoard logs; a re-run resumes from the last checkpoint in <output_dir>/checkpoints.")
+def main(argv: list[str] | None = None, stage: str = "grpo") -> int:
+    return stage_main(argv, stage=stage)
 
 
-def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
-    """Train one GRPO stage; returns the metrics written to `<output_dir>/metrics.json`."""
-    from transformers import AutoTokenizer, set_seed
-
-    from alignment.evaluation import evaluate
-    from alignment.reporting import write_json_atomic
-    from alignment.rollout import build_rollout
-    from alignment.trainers import MiniMaxGRPOTrainer
-    from data_recipes import heldout_sets
-    from data_recipes.prompt_pool import build_prompt_pool, exclude_prompts, load_pool
-    from data_recipes.sft_mix import build_sft_mix
-    from pipelines.sft import _read_json, _short
-    from rewards import LengthBiasMonitor, completion_text, trl_reward_funcs
-    from rewards.verifiers import VERIFIERS, verify
-
-    out = Path(cfg.output_dir)
-    reward_funcs, reward_weights = trl_reward_funcs(cfg.reward)  # a bad handler fails before touching output_dir
-    if cfg.rollout.backend == "vllm":  # a missing vLLM / GPU fails here too, with the install hint
+def check(cfg: Config, source: str, produced: set) -> None:
+    """Inputs, before any work: a trained starting checkpoint, the prompt-pool and reward specs, the eval sets, and
+    vLLM (with its install hint) when the rollouts use it."""
+    check_model(cfg, source, produced, checkpoint=True, what="GRPO")
+    check_tokenizer(cfg, source, produced)
+    check_builtin(cfg.prompts.builtin, source, "prompts.builtin")
+    check_builtin(cfg.prompts.exclude_builtin, source, "prompts.exclude_builtin")
+    check_reward(cfg.reward, source, "reward", produced)
+    check_builtin(cfg.eval.sets, source, "eval.sets", registry="eval")
+    if cfg.rollout.backend == "vllm":
         from alignment.rollout.vllm_backend import import_vllm
 
         import_vllm()
-    if (done := prepare_output(cfg, overwrite)) is not None:
+
+
+def run(cfg: Config, overwrite: bool = False) -> dict:
+    """Train one GRPO stage; returns the metrics written to `<output_dir>/metrics.json`."""
+    from transformers import set_seed
+
+    from alignment.modeling import load_model
+    from alignment.reporting import write_json_atomic
+    from alignment.rollout import build_rollout
+    from alignment.trainers import MiniMaxGRPOTrainer
+    from data_recipes import build_sft_mix, heldout_sets
+    from data_recipes.prompt_pool import build_prompt_pool, exclude_prompts, load_pool
+    from rewards import LengthBiasMonitor, completion_text, trl_reward_funcs
+    from rewards.verifiers import VERIFIERS, verify
+
+    if (done := finished(cfg, overwrite)) is not None:
         return done
     set_seed(cfg.seed)
 
-    # config-level checks before any model work: reward spec, model path, tasks
-    if not Path(cfg.model.path, "tokenizer_config.json").is_file():
-        raise ConfigError(f"model.path: '{cfg.model.path}' is not a checkpoint directory with a tokenizer "
-                          "(GRPO starts from a trained checkpoint, e.g. runs/tiny/sft/final from `make sft`)")
     candidates = [dict(r) for r in build_sft_mix(cfg.prompts.builtin, [], cfg.prompts.seed)]
     n_candidates = len(candidates)
     if cfg.prompts.exclude_builtin:  # "prompts not seen in SFT" [01 §5.4.2]
@@ -148,21 +150,23 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
         if not candidates:
             raise ConfigError("prompts: every candidate prompt occurs in prompts.exclude_builtin (the SFT mix)")
     heldout = heldout_sets(cfg.eval.sets, cfg.seed)
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-    model = load_model(cfg.model, seed=cfg.seed)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    reward_funcs, reward_weights = trl_reward_funcs(cfg.reward)
+    tokenizer = stage_tokenizer(cfg)
+    model = load_model(cfg.model, seed=cfg.seed, tokenizer=tokenizer)
+    # the KL reference: the starting checkpoint through the same loader (packing-safe, FP32 head); with LoRA, TRL
+    # scores the reference with the adapter disabled (no second copy)
+    ref_model = load_model(dataclasses.replace(cfg.model, gradient_checkpointing=False), seed=cfg.seed,
+                           tokenizer=tokenizer) if cfg.loss.uses_kl and cfg.model.lora is None else None
     worker = build_rollout(cfg.rollout.backend, model, tokenizer, **cfg.rollout.worker_kwargs(cfg.seed))
 
-    before = cached_eval_before(out, lambda: evaluate(model, tokenizer, heldout, cfg.eval.max_new_tokens,
-                                                      cfg.eval.batch_size))
-    print(f"[{cfg.title}] before: {_short(before)}")
+    out = claim(cfg, overwrite)
+    before = cached_eval_before(out, lambda: evaluate_sets(model, tokenizer, heldout, cfg.eval))
+    print(f"[{cfg.title}] before: {short(before)}")
 
     # offline success-rate filter with the starting policy; reused on resume
     pool_path, pool_stats_path = out / "prompt_pool.jsonl", out / "prompt_pool_stats.json"
     if pool_path.is_file() and pool_stats_path.is_file():
-        pool, pool_stats = load_pool(pool_path), _read_json(pool_stats_path)
+        pool, pool_stats = load_pool(pool_path), json.loads(pool_stats_path.read_text())
     else:
         pool, pool_stats = build_prompt_pool(worker, candidates, cfg.prompts, cfg.sampling, pool_path)
         pool_stats["candidates"], pool_stats["excluded_seen_in_sft"] = n_candidates, n_candidates - len(candidates)
@@ -171,13 +175,12 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
           f"({cfg.prompts.lo}, {cfg.prompts.hi}) (mean pass rate {pool_stats['mean_pass_rate_all']:.3f} -> "
           f"{pool_stats['mean_pass_rate_kept']:.3f})")
 
-    tasks = set(pool["task"])
-    success_fn = (lambda row, c: verify(row, completion_text(c))) if tasks <= set(VERIFIERS) else None
+    success_fn = (lambda row, c: verify(row, completion_text(c))) if set(pool["task"]) <= set(VERIFIERS) else None
     monitor = LengthBiasMonitor(window=cfg.length_monitor_window, min_steps=min(5, cfg.length_monitor_window)) \
         if cfg.length_monitor_window >= 2 else None
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
     trainer = MiniMaxGRPOTrainer(
         model=model,
+        ref_model=ref_model,
         reward_funcs=reward_funcs,
         args=_trl_args(cfg, out / "checkpoints", reward_weights),
         train_dataset=pool,
@@ -185,34 +188,22 @@ def run(cfg: GRPOStageConfig, overwrite: bool = False) -> dict:
         loss=cfg.loss, sampling=cfg.sampling, rollout=worker, advantages=cfg.advantages,
         dynamic_sampling=cfg.dynamic_sampling, rollout_correction=cfg.rollout_correction,
         length_monitor=monitor, success_fn=success_fn,
-        # the KL reference: the starting checkpoint through our loader (packing-safe, FP32 head); with LoRA, TRL
-        # scores the reference with the adapter disabled (no second copy)
-        ref_model=load_model(replace(cfg.model, gradient_checkpointing=False), seed=cfg.seed)
-        if cfg.loss.uses_kl and cfg.model.lora is None else None,
     )
-    result, last = train_resuming(trainer, out, cfg.title)
+    result, last = train_resuming(trainer, cfg)
+    after = evaluate_sets(trainer.model, tokenizer, heldout, cfg.eval)
+    print(f"[{cfg.title}] after:  {short(after)}")
 
-    model = trainer.model
-    after = evaluate(model, tokenizer, heldout, cfg.eval.max_new_tokens, cfg.eval.batch_size)
-    print(f"[{cfg.title}] after:  {_short(after)}")
-
-    history = trainer.state.log_history
-    train = {**result.metrics, "resumed_from": last, "global_step": trainer.state.global_step,
-             **series_ends(history, ("reward", "success_rate", "dynamic/kept_frac", "mismatch/prob_corr",
-                                     "mismatch/logp_abs_mean", "completions/mean_length", "rollout/tokens_per_s",
-                                     "rollout/sync_s"))}
-    metrics = {"stage": cfg.title, "before": before, "after": after, "prompt_pool": pool_stats, "train": train,
-               "config": to_dict(cfg)}
+    ends = series_ends(trainer.state.log_history, ("reward",))
     notes = {"prompt pool": f"{pool_stats['kept']} of {pool_stats['scored']} prompts kept "
                             f"(pass rate in ({cfg.prompts.lo}, {cfg.prompts.hi}))",
-             "reward": f"{train.get('reward/first')} -> {train.get('reward/last')}"}
-    save_stage(cfg, model, tokenizer, metrics, history, notes=notes, curve_keys=(
-        "reward", "success_rate", "dynamic/kept_frac", "kl", "entropy", "completions/mean_length", "dropped",
-        "mismatch/prob_corr"))
-    return metrics
+             "reward": f"{ends.get('reward/first')} -> {ends.get('reward/last')}"}
+    return finish(cfg, trainer, result, last, tokenizer, before, after, notes=notes, extra={"prompt_pool": pool_stats},
+                  curve_keys=("reward", "success_rate", "dynamic/kept_frac", "kl", "entropy",
+                              "completions/mean_length", "dropped", "mismatch/prob_corr", "mismatch/logp_abs_mean",
+                              "rollout/tokens_per_s", "rollout/sync_s"))
 
 
-def _trl_args(cfg: GRPOStageConfig, checkpoints: Path, reward_weights: list[float]):
+def _trl_args(cfg: Config, checkpoints: Path, reward_weights: list[float]):
     from trl import GRPOConfig
 
     from alignment.trainers import grpo_trl_settings

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from alignment.config import ConfigError
+from data_recipes.preferences import CATEGORY
 from data_recipes import (PREFERENCE_BUILDERS, DataError, build_preferences, build_sft_mix, chat_length, check_builtin,
                           drop_too_long, heldout_sets, load_messages_file, load_preference_file, prompt_of)
 from data_recipes.tasks import (
@@ -314,9 +315,9 @@ def test_check_builtin_preference_categories():
     with pytest.raises(ConfigError, match=r"rm\.yaml: 'eval\.builtin\.saftey' is not a built-in preference category "
                                           r"\(did you mean 'safety'\?\); valid preference categories: math, safety, "
                                           r"over_refusal, general"):
-        check_builtin({"saftey": {"n": 4}}, PREFERENCE_BUILDERS, "rm.yaml", "eval.builtin")
+        check_builtin({"saftey": {"n": 4}}, PREFERENCE_BUILDERS, "rm.yaml", "eval.builtin", noun=CATEGORY)
     with pytest.raises(ConfigError, match=r"rm\.yaml: 'data\.builtin\.math\.n' = 1\.5 must be int, got float"):
-        check_builtin({"math": {"n": 1.5}}, PREFERENCE_BUILDERS, "rm.yaml", "data.builtin")
+        check_builtin({"math": {"n": 1.5}}, PREFERENCE_BUILDERS, "rm.yaml", "data.builtin", noun=CATEGORY)
 
 
 def test_builders_check_their_spec_before_building():

@@ -15,7 +15,7 @@ from alignment.modeling import LoraOptions, ModelOptions, load_model
 from alignment.rollout import RolloutBatch, build_rollout
 from data_recipes.tokenizer import builtin_tokenizer
 from data_recipes.dpo_pairs import PairOptions, build_dpo_pairs, load_pairs, select_pair, select_prompts
-from pipelines.dpo import DPOStageConfig, dpo_args, run
+from pipelines.dpo import Config as DPOStageConfig, dpo_args, run
 
 TINY = "configs/tiny/model.yaml"
 

@@ -1,7 +1,6 @@
 """Task-suite evaluation (data_recipes/evaluation.py) on top of the generic greedy generation of alignment/, and the
 layering that keeps alignment/ free of rewards/, data_recipes/ and pipelines/."""
 
-import ast
 import pathlib
 
 import data_recipes.evaluation as evaluation
@@ -44,20 +43,3 @@ def test_evaluate_scores_each_set_and_safety_refusals(monkeypatch):
 def test_evaluate_empty_set(monkeypatch):
     monkeypatch.setattr(evaluation, "generate_greedy", Scripted({"arithmetic": []}, right=0))
     assert evaluation.evaluate(None, None, {"arithmetic": []}) == {"arithmetic/accuracy": 0.0}
-
-
-def _imports(path: pathlib.Path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return names
-
-
-def test_layering():
-    assert not _imports(ROOT / "alignment" / "evaluation.py") & {"rewards", "data_recipes", "pipelines"}
-    for path in (ROOT / "data_recipes").glob("*.py"):
-        assert "pipelines" not in _imports(path), path

@@ -18,7 +18,7 @@ from alignment.rollout import SamplingOptions, build_rollout
 from data_recipes.tokenizer import builtin_tokenizer
 from alignment.trainers import DynamicSamplingOptions, MiniMaxGRPOTrainer, Round, grpo_trl_settings
 from data_recipes.tasks import arithmetic_examples
-from pipelines.grpo import GRPOStageConfig, _trl_args, run
+from pipelines.grpo import Config as GRPOStageConfig, _trl_args, run
 
 TINY = "configs/tiny/model.yaml"
 

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from alignment.config import ConfigError
@@ -58,7 +57,7 @@ stages:
 
 def run_pipeline(path: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
     env = dict(ENV, ALIGNMENT_KILL_AT=kill_at) if kill_at else ENV
-    return subprocess.run([sys.executable, "-m", "pipelines.run", "--config", str(path)], env=env,
+    return subprocess.run([sys.executable, "-m", "pipelines", "pipeline", "--config", str(path)], env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -78,10 +77,11 @@ def test_plan_hands_each_stage_the_previous_checkpoint(tmp_path):
 @pytest.mark.parametrize("case, match", [
     ("top", r"pipeline.yaml: unknown key 'stagez'"),
     ("stage_key", r"stages\[1\] \(long_sft\).*unknown key 'training.learning_rat'"),
-    ("data_file", r"stages\[1\] \(long_sft\): data.files\[0\] '.*missing.jsonl' not found"),
+    ("data_file", r"stages\[1\] \(long_sft\): .*long.yaml: 'data.files\[0\]': data file '.*missing.jsonl' not found"),
     ("order", r"stages\[2\] \(late\): start_from 'later' is not an earlier stage"),
     ("placeholder", r"stages\[2\] \(late\).set.tokenizer: '\{nope\}' does not name an earlier stage"),
-    ("too_long", r"stages\[2\] \(late\): data.max_length 8192 exceeds the model's max_position_embeddings 4096"),
+    ("too_long", r"stages\[2\] \(late\): .*short.yaml: 'data.max_length' 8192 exceeds the model's "
+                 r"max_position_embeddings 4096"),
     ("kind", r"stages\[2\].kind' = 'ppo'; expected one of"),
 ])
 def test_broken_pipeline_fails_up_front_with_one_clear_error(tmp_path, case, match):
@@ -142,28 +142,32 @@ def test_sigkill_mid_stage_and_mid_save_resume_to_the_same_result(tmp_path):
         assert metrics["train"]["resumed_from"].endswith(resumed_from)
         assert metrics["train"]["global_step"] == 6
         # same seed, same data order, restored optimizer/scheduler/RNG: same end point (CPU float32)
-        assert metrics["train"]["last_loss"] == pytest.approx(ref_metrics["train"]["last_loss"], abs=1e-4)
+        assert metrics["train"]["loss/last"] == pytest.approx(ref_metrics["train"]["loss/last"], abs=1e-4)
         ref_w, w = final_weights(ref_root), final_weights(root)
         assert max(float((ref_w[k] - w[k]).abs().max()) for k in ref_w) < 1e-4
         assert not (root / "long_sft" / "checkpoints" / ".staging").exists()
 
 
 def test_resume_refuses_other_inputs_and_overwrite_starts_clean(tmp_path):
-    """Checkpoints left by a run of another model must not be resumed silently; --overwrite clears them."""
+    """Checkpoints left by a run of another model must not be resumed silently; --overwrite clears them. The check
+    (`finished`) writes nothing; the record is written by `claim`, once the stage's inputs have loaded."""
     from alignment.config import load_config
-    from pipelines.common import prepare_output
-    from pipelines.sft import SFTStageConfig
+    from pipelines.common import claim, finished
+    from pipelines.sft import Config as SFTStageConfig
 
     path = pipeline_yaml(tmp_path) and tmp_path / "short.yaml"
     cfg = load_config(path, SFTStageConfig, {"output_dir": str(tmp_path / "out")})
-    assert prepare_output(cfg, overwrite=False) is None
+    assert finished(cfg, overwrite=False) is None and not (tmp_path / "out").exists()
+    claim(cfg, overwrite=False)
     (tmp_path / "out" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
     longer = load_config(path, SFTStageConfig, {"output_dir": str(tmp_path / "out"), "training.max_steps": 9})
-    assert prepare_output(longer, overwrite=False) is None  # training length may change on resume
+    assert finished(longer, overwrite=False) is None  # training length may change on resume
     other = load_config(path, SFTStageConfig, {"output_dir": str(tmp_path / "out"), "data.max_length": 300})
     with pytest.raises(ConfigError, match=r"different config \(changed: data.max_length\).*--overwrite"):
-        prepare_output(other, overwrite=False)
-    assert prepare_output(other, overwrite=True) is None
+        finished(other, overwrite=False)
+    assert finished(other, overwrite=True) is None
+    assert (tmp_path / "out" / "checkpoints").exists()  # nothing is cleared before the inputs have loaded
+    claim(other, overwrite=True)
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 

@@ -1,7 +1,6 @@
 """Reward interface (rewards/base.py), rule handlers, math equivalence, composition and weights, the spec check and
 validation errors, the safety handler's three cases, the length-bias monitor, and the package's one-way imports."""
 
-import ast
 import doctest
 import importlib
 import math
@@ -310,48 +309,3 @@ def test_safety_judges_unlabelled_prompts_with_the_harmless_rm():
     assert out.scores == pytest.approx([1.0 + 1.0, -1.0 + 0.25, -1.0 - 1.0, 1.0 + 0.25])
     with pytest.raises(RewardError, match="'safety'.*sample 0 has no 'harmful' label"):
         build_reward({"safety": {}})([HARMFUL_Q], [REFUSAL])
-
-
-# --- the package's imports point one way ------------------------------------------------------------------------
-
-def _rewards_imports() -> dict[str, set[str]]:
-    """module -> the modules it imports (anywhere in it, function-level imports included), from the source."""
-    root = Path(rewards.__file__).parent
-    edges = {}
-    for path in sorted(root.glob("*.py")):
-        module = "rewards" if path.stem == "__init__" else f"rewards.{path.stem}"
-        targets = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                targets |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                base = "rewards" + (f".{node.module}" if node.module else "") if node.level else node.module
-                # `from rewards import handlers` imports the submodule; `from rewards import X` the package
-                targets |= {f"{base}.{a.name}" if (root / f"{a.name}.py").is_file() and base == "rewards" else base
-                            for a in node.names}
-        edges[module] = targets
-    return edges
-
-
-def test_rewards_imports_have_no_cycle():
-    edges = _rewards_imports()
-    graph = {m: {t for t in targets if t in edges} for m, targets in edges.items()}
-    assert "rewards.registry" in graph["rewards"] and graph["rewards.base"] == set()
-    assert not any("rewards" in targets for m, targets in graph.items())  # no submodule imports the package
-
-    def cycle_from(module, path):
-        if module in path:
-            return path[path.index(module):] + [module]
-        for target in sorted(graph[module]):
-            if found := cycle_from(target, path + [module]):
-                return found
-        return None
-
-    for module in graph:
-        assert cycle_from(module, []) is None, " -> ".join(cycle_from(module, []))
-
-
-def test_rewards_imports_no_pipeline_code():
-    for module, targets in _rewards_imports().items():
-        bad = sorted(t for t in targets if t.split(".")[0] in ("data_recipes", "pipelines"))
-        assert not bad, f"{module} imports {bad}"

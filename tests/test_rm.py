@@ -9,8 +9,8 @@ import pytest
 from alignment.config import load_config
 from data_recipes.io import DataError
 from data_recipes.preferences import CATEGORIES, build_preferences, load_preference_file
-from pipelines.eval_rm import EvalRMConfig
-from pipelines.rm import RMStageConfig
+from pipelines.eval_rm import Config as EvalRMConfig
+from pipelines.rm import Config as RMStageConfig
 
 
 def test_doctests():

@@ -12,7 +12,7 @@ from alignment.evaluation import generate_greedy
 from alignment.modeling import load_model
 from data_recipes.tokenizer import builtin_tokenizer
 from data_recipes import DataError
-from pipelines.sft import SFTStageConfig, _trl_args, run
+from pipelines.sft import Config as SFTStageConfig, _trl_args, run
 
 TINY = "configs/tiny/model.yaml"
 
@@ -70,7 +70,7 @@ def test_sft_run_learns_saves_and_hands_off(tmp_path):
     out = tmp_path / "run"
     final = out / "final"
 
-    assert metrics["train"]["last_loss"] < 0.6 * metrics["train"]["first_loss"]  # the loss really falls
+    assert metrics["train"]["loss/last"] < 0.6 * metrics["train"]["loss/first"]  # the loss really falls
     assert json.loads((final / "metrics.json").read_text())["after"] == metrics["after"]
     for name in ("summary.md", "curves.png", "metrics.json", "eval_before.json"):
         assert (out / name).is_file(), name

@@ -220,7 +220,8 @@ def test_grpo_stage_asks_for_vllm_before_touching_its_output(tmp_path, capsys):
     from pipelines.grpo import main
 
     out = tmp_path / "run"
-    code = main(["--config", "configs/tiny/grpo.yaml", "--set", "rollout.backend=vllm", "--set", f"output_dir={out}"])
+    code = main(["--config", "configs/tiny/grpo.yaml", "--set", "rollout.backend=vllm", "--set", f"output_dir={out}",
+                 "--set", "model.path=configs/tiny/base"])
     assert code != 0 and "pip install -e '.[gpu]'" in capsys.readouterr().err and not out.exists()
 
 
