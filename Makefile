@@ -1,6 +1,7 @@
 # Set-up and entry points. Everything runs inside .venv, created on first use.
 #   make demo      set up, then run the staged pipeline on the built-in tiny model (CPU; ~13-15 min on 2 cores)
 #   make test      set up, then run the test suite (doctests included)
+#   make readme-report  after make demo: the demo's report table into README.md
 #   make pipeline  the pipeline alone (PIPELINE_CONFIG=...); make sft / long-sft / dpo / long-dpo / grpo / rm / eval-rm
 #                  run one stage (SFT_CONFIG=... etc.): each is `python -m pipelines STAGE --config FILE`
 #   make base      rebuild the tiny base checkpoint (GPU recommended, ~12 min on one H200; docs/tiny_base.md)
@@ -29,10 +30,10 @@ GRPO_CONFIG ?= configs/$(SIZE)/grpo.yaml
 RM_CONFIG ?= configs/$(SIZE)/rm.yaml
 EVAL_RM_CONFIG ?= configs/$(SIZE)/eval_rm.yaml
 
-.PHONY: setup base demo pipeline sft long-sft dpo long-dpo grpo rm eval-rm test bench bench-rollout clean help
+.PHONY: setup base demo readme-report pipeline sft long-sft dpo long-dpo grpo rm eval-rm test bench bench-rollout clean help
 
 help:
-	@sed -n '1,8p' Makefile
+	@sed -n '1,9p' Makefile
 
 setup: $(VENV)/.installed
 
@@ -74,6 +75,10 @@ eval-rm: setup
 
 demo: setup pipeline
 	@echo "demo finished: see $(RUN)/report.md"
+
+# the demo's report table into README.md (between its report markers), so the README quotes a run: after make demo
+readme-report: setup
+	$(PY) -c "from alignment.reporting import embed_report; embed_report('$(RUN)/report.md', 'README.md')"
 
 test: setup
 	$(PY) -m pytest -q -x -rs

@@ -175,3 +175,36 @@ def _plot_stage_curves(curves: list[tuple[str, list[dict]]], path: Path) -> None
             ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path, dpi=90)
+
+
+REPORT_BEGIN, REPORT_END = "<!-- pipeline report: begin -->", "<!-- pipeline report: end -->"
+
+
+def embed_report(report: str | Path, target: str | Path) -> None:
+    """Replace what stands between the report markers in the markdown file `target` with the table of the
+    pipeline report `report` (its lines from the table header on), so a README quotes a run instead of retyping it.
+
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> _ = (root / "report.md").write_text("# Pipeline report\\n\\n| stage | metric |\\n|---|---|\\n| sft | x |\\n")
+    >>> _ = (root / "README.md").write_text(f"intro\\n{REPORT_BEGIN}\\nold\\n{REPORT_END}\\nrest\\n")
+    >>> embed_report(root / "report.md", root / "README.md")
+    >>> print((root / "README.md").read_text())
+    intro
+    <!-- pipeline report: begin -->
+    | stage | metric |
+    |---|---|
+    | sft | x |
+    <!-- pipeline report: end -->
+    rest
+    <BLANKLINE>
+    """
+    lines = Path(report).read_text().splitlines()
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("|")):]
+    table = table[: next((i for i, line in enumerate(table) if not line.startswith("|")), len(table))]
+    text = Path(target).read_text()
+    if REPORT_BEGIN not in text or REPORT_END not in text:
+        raise ValueError(f"{target}: no '{REPORT_BEGIN}' ... '{REPORT_END}' markers to put the report between")
+    head, rest = text.split(REPORT_BEGIN, 1)
+    write_text_atomic(target, "\n".join([head + REPORT_BEGIN, *table, REPORT_END + rest.split(REPORT_END, 1)[1]]))
+
