@@ -182,3 +182,19 @@ def test_finished_stage_reruns_when_its_input_was_rebuilt(tmp_path):
     assert "long_sft (sft): finished earlier but its input" in again.stdout and "running it again" in again.stdout
     long_final = tmp_path / "run" / "long_sft" / "final" / "metrics.json"
     assert long_final.stat().st_mtime > sft_metrics.stat().st_mtime
+
+
+def test_readme_stage_table_is_a_pipeline_report():
+    """README's results table is the demo's report pasted by `make readme-report`: pipeline_report's header, the tiny
+    pipeline's stages in order, and every change equal to after - before (a typed table drifts; a pasted one not)."""
+    from alignment.reporting import REPORT_BEGIN, REPORT_END
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    rows = text.split(REPORT_BEGIN, 1)[1].split(REPORT_END, 1)[0].strip().splitlines()
+    assert rows[:2] == ["| stage | metric | before | after | change |", "|---|---|---:|---:|---:|"]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows[2:]]
+    stages = [s.spec.name for s in plan(root / "configs" / "tiny" / "pipeline.yaml")]
+    assert list(dict.fromkeys(c[0] for c in cells)) == stages
+    for stage, metric, before, after, change in cells:
+        assert float(change) == pytest.approx(float(after) - float(before), abs=1.5e-3), (stage, metric)
