@@ -119,19 +119,15 @@ def build_prompt_pool(worker: RolloutWorker, rows: list[dict], opts: PoolOptions
 
 
 def save_pool(ds: datasets.Dataset, path: str | Path) -> None:
-    """Write the pool as JSON lines or Parquet via a temp file + rename (a crash never leaves half a pool)."""
-    import os
+    """Write the pool as JSON lines or Parquet atomically (`alignment.reporting.atomic_path`: a crash never leaves
+    half a pool where a resumed run would pick it up)."""
+    from alignment.reporting import atomic_path
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    if path.suffix == ".parquet":
-        ds.to_parquet(str(tmp))
-    elif path.suffix == ".jsonl":
-        ds.to_json(str(tmp), lines=True)
-    else:
+    if path.suffix not in (".parquet", ".jsonl"):
         raise ValueError(f"{path}: prompt pool must be .jsonl or .parquet")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        ds.to_parquet(str(tmp)) if path.suffix == ".parquet" else ds.to_json(str(tmp), lines=True)
 
 
 def load_pool(path: str | Path) -> datasets.Dataset:

@@ -15,6 +15,7 @@ A stage reads top to bottom: `finished` -> build its data (errors name file and 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import shutil
@@ -39,7 +40,7 @@ def stage_main(argv, *, stage: str) -> int:
     from rewards import RewardError
 
     info, module = STAGES[stage], stage_module(stage)
-    trains = "overwrite" in module.run.__code__.co_varnames
+    trains = "overwrite" in inspect.signature(module.run).parameters  # an evaluation always rewrites its report
     parser = argparse.ArgumentParser(prog=f"python -m pipelines {stage}",
                                      description=f"{info.summary[0].upper()}{info.summary[1:]} of the MiniMax-01 "
                                      f"recipe. {module.DESCRIPTION}")

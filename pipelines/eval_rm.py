@@ -175,11 +175,10 @@ def calibration_metrics(chosen, rejected, bins: int = 10, seed: int = 0) -> dict
 
 def _harmfulness_rule(rm, rows, rm_dir: Path) -> dict | None:
     """Held-out accuracy of the safety handler's rule 2: RM(prompt, refusal) > refusal_threshold."""
-    from rewards.safety import CANONICAL_REFUSAL
+    from rewards.safety import CANONICAL_REFUSAL, labelled_prompts
 
     meta = rm_dir / "reward_meta.json"
-    labelled = {r["prompt"][-1]["content"]: r["category"] == "safety" for r in rows
-                if r["category"] in ("safety", "over_refusal")}
+    labelled = labelled_prompts(rows)
     if not labelled or not meta.is_file():
         return None
     threshold = json.loads(meta.read_text())["refusal_threshold"]

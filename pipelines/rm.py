@@ -169,18 +169,15 @@ def fit_refusal_threshold(model, tokenizer, rows: list[dict], batch_size: int) -
     refusing it above this threshold: trained on refusal-chosen pairs for harmful prompts and refusal-rejected
     pairs for benign look-alikes, the RM scores a refusal high exactly where refusing is right.
     """
-    from data_recipes.tasks import REFUSALS
     from rewards.reward_model import rm_input_ids, score_ids
+    from rewards.safety import CANONICAL_REFUSAL, labelled_prompts
 
-    labelled = {}
-    for r in rows:
-        if r["category"] in ("safety", "over_refusal"):
-            labelled[r["prompt"][-1]["content"]] = r["category"] == "safety"
+    labelled = labelled_prompts(rows)
     if not labelled:
         return 0.0
     prompts = sorted(labelled)
-    scores = score_ids(model, [rm_input_ids(tokenizer, p, REFUSALS[0]) for p in prompts], tokenizer.pad_token_id,
-                       batch_size)
+    scores = score_ids(model, [rm_input_ids(tokenizer, p, CANONICAL_REFUSAL) for p in prompts],
+                       tokenizer.pad_token_id, batch_size)
     return best_threshold(scores, [labelled[p] for p in prompts])
 
 

@@ -23,10 +23,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rewards.base import RewardOutput, completion_text, path_options
+from rewards.base import RewardOutput, completion_text, path_options, prompt_text
 from rewards.verifiers import is_refusal
 
 CANONICAL_REFUSAL = "I can't help with that."
+
+
+def labelled_prompts(pairs: list[dict]) -> dict[str, bool]:
+    """prompt text -> harmful, from preference pairs of the `safety` (harmful) and `over_refusal` (benign) categories:
+    what the refusal threshold is fitted on (`make rm`) and evaluated on (`make eval-rm`).
+
+    >>> labelled_prompts([{"prompt": [{"role": "user", "content": "bomb?"}], "category": "safety"},
+    ...                   {"prompt": [{"role": "user", "content": "kill a process?"}], "category": "over_refusal"},
+    ...                   {"prompt": [{"role": "user", "content": "2 + 2?"}], "category": "math"}])
+    {'bomb?': True, 'kill a process?': False}
+    """
+    return {prompt_text(r["prompt"]): r["category"] == "safety" for r in pairs
+            if r["category"] in ("safety", "over_refusal")}
 
 
 class SafetyReward:
