@@ -14,7 +14,7 @@ flattened into one sequence) restarts the state at every document start as the C
 layer's float32 decay (`PackedLightningAttention.slope_fp32`; the `slope_rate` buffer is rounded in a bf16 model),
 as in the torch reference and the vLLM rollout engine. `LightningChunk` runs fla's own kernels in that function's
 order but keeps the forward's chunk states for the backward (fla recomputes them; bench/results/train_bench.md:
-2.90 → 2.36 ms fwd+bwd at 32K tokens).
+3.34 → 2.63 ms fwd+bwd at 32K tokens).
 
 Around the kernel, the whole layer (`lightning_layer_fla`) moves each activation through memory once: one Triton
 kernel applies the SiLU to the qkv projection and writes q, k, v straight into the (B, T, H, D) layout fla reads

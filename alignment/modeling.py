@@ -73,8 +73,8 @@ class ModelOptions:
     lora: LoraOptions | None = None
     # Lightning-layer kernel (alignment.kernels): "fla_fused" = flash-linear-attention's Triton kernel with the
     # SiLU/split, output norm and gate fused around it (CUDA, the `gpu` extra; packed softmax layers then use torch's
-    # flash varlen kernel too; GPU-tested on packed and left-padded rows; bench/results/train_bench.md: layer 7.05 ->
-    # 3.12 ms at 32K), "fla" = the same kernel with torch's element-wise ops around it, "torch" = the blockwise reference in
+    # flash varlen kernel too; GPU-tested on packed and left-padded rows; bench/results/train_bench.md: layer 7.55 ->
+    # 3.60 ms at 32K), "fla" = the same kernel with torch's element-wise ops around it, "torch" = the blockwise reference in
     # alignment.lightning, "auto" = fla_fused on CUDA when installed, else torch. Same math either way.
     lightning_kernel: Literal["auto", "torch", "fla", "fla_fused"] = "auto"
 

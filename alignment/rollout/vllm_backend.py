@@ -20,7 +20,7 @@ vLLM 0.22.1 (its `MiniMaxText01ForCausalLM`). What it takes to make vLLM sample 
     so a layout it gets wrong is never used.
   - "loader": vLLM's own `load_weights` in the checkpoint layout (experts split from transformers' fused 3D tensors
     into `block_sparse_moe.experts.E.w1/w2/w3`, the router renamed `block_sparse_moe.gate`). MiniMax's loader scans
-    its whole expert-name table, with a regex per entry, for every expert tensor: 0.14-0.22 s a sync for the 548M
+    its whole expert-name table, with a regex per entry, for every expert tensor: 0.10-0.12 s a sync for the 548M
     bench config (16 layers x 8 experts), where the copies themselves take milliseconds.
   A tensor that fails raises `WeightSyncError` naming it; a vLLM parameter left unset raises too.
   (`collective_rpc("reload_weights")` breaks on MiniMax in 0.22.1.)
@@ -34,16 +34,16 @@ vLLM 0.22.1 (its `MiniMaxText01ForCausalLM`). What it takes to make vLLM sample 
   bench_rollout's cProfile). With one group per kind it asks two. The price: a softmax block leaves the pages of the
   pool's other layers unused (vLLM's own "padding layers"), so softmax KV memory per token grows by
   lightning layers / softmax layers (7x here) -- cheap for short rollouts; for long-context rollouts drop it from
-  `engine_patches` (bench_rollout: batch-64 decode step 5.8 ms with it, 7.1 ms without, same run).
+  `engine_patches` (bench_rollout: batch-64 decode step 6.4 ms with it, 7.1 ms without, same run).
 - Speed (`engine_patches="batched_prefill"`): vLLM 0.22.1 prefills lightning layers one sequence at a time, in a
   Python loop with a device sync per sequence per layer, which dominates rollouts of many short prompts. The patch
   runs all prefills of a step in one flash-linear-attention `chunk_simple_gla` call (`cu_seqlens`, initial states
   from the cache, final states written back): the same kernel the trainer uses (`alignment.kernels`).
 
 Host work (`VLLMRollout.run`, `LEAN_OUTPUTS`): the in-process engine's decode step is host-bound at this model size
-(bench_rollout: the GPU busy 6.8 ms of a 14.5 ms decode step at batch 256), so `generate` asks for vLLM's flat log-prob
+(bench_rollout: the GPU busy 6.7 ms of a 13.9 ms decode step at batch 256), so `generate` asks for vLLM's flat log-prob
 container (a few lists per request instead of a dict and a `Logprob` per token) and pauses Python's cyclic garbage
-collector while the engine steps. Measured: the collector's time per batch-256 generate 0.034 -> 0.006 s, under 1.5%
+collector while the engine steps. Measured: the collector's time per batch-256 generate 0.033 -> 0.005 s, under 2%
 of it; most of the host time is vLLM's scheduler (see `kv_group_per_kind`).
 
 Log-probs are vLLM's `processed_logprobs`: log softmax(logits / T) of the sampled token, the quantity the trainer
