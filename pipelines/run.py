@@ -147,6 +147,8 @@ def plan(path: str | Path) -> list[Stage]:
             module.check(cfg, spec.config, produced={s.final for s in stages})
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
+        except ImportError as err:  # a stage's extra (vLLM) missing: still say which stage needs it
+            raise ImportError(f"{where}: {err}") from None
         stages.append(Stage(spec, cfg, root / spec.name))
     return stages
 
