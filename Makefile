@@ -1,5 +1,5 @@
 # Set-up and entry points. Everything runs inside .venv, created on first use.
-#   make demo      set up, then run the staged pipeline on the built-in tiny model (CPU; ~13-15 min on 2 cores)
+#   make demo      set up, then run the staged pipeline on the built-in tiny model (CPU; 13-19 min on 2 cores)
 #   make test      set up, then run the test suite (doctests included)
 #   make readme-report  after make demo: the demo's report table into README.md
 #   make pipeline  the pipeline alone (PIPELINE_CONFIG=...); make sft / long-sft / dpo / long-dpo / grpo / rm / eval-rm
