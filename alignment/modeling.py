@@ -118,9 +118,48 @@ class PackedLightningAttention(mm.MiniMaxLightningAttention):
         return cached
 
 
+def rotary_dim(config) -> int:
+    """How many leading dims of each head RoPE rotates: `config.rotary_dim` (the released MiniMax-Text-01 / M1: 64 of
+    128), else the whole head (transformers' MiniMax)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return getattr(config, "rotary_dim", None) or head_dim
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """RoPE on (B, H, T, D) queries and keys, over the first `cos.shape[-1]` dims of each head (NeoX halves within
+    them), the rest passed through unchanged: the released models' partial rotary (vLLM's `get_rope` with
+    `rotary_dim < head_size`). With cos/sin as wide as the head it is transformers' `apply_rotary_pos_emb` exactly.
+
+    >>> q = torch.arange(8.0).view(1, 1, 1, 8)
+    >>> cos, sin = torch.zeros(1, 1, 4), torch.ones(1, 1, 4)    # a quarter turn of the 4 rotated dims
+    >>> apply_rotary(q, q, cos, sin)[0].flatten().tolist()        # (x0, x1, x2, x3) -> (-x2, -x3, x0, x1); 4..7 kept
+    [-2.0, -3.0, 0.0, 1.0, 4.0, 5.0, 6.0, 7.0]
+    """
+    dim = cos.shape[-1]
+    if dim == q.shape[-1]:
+        return mm.apply_rotary_pos_emb(q, k, cos, sin)
+    q_rot, k_rot = mm.apply_rotary_pos_emb(q[..., :dim], k[..., :dim], cos, sin)
+    return torch.cat([q_rot, q[..., dim:]], dim=-1), torch.cat([k_rot, k[..., dim:]], dim=-1)
+
+
+class PartialRotaryEmbedding(mm.MiniMaxRotaryEmbedding):
+    """transformers' MiniMax rotary embedding with its frequency ladder over `rotary_dim` instead of the whole head
+    (transformers' MiniMax reads no partial-rotary field): cos/sin are `rotary_dim` wide, for `apply_rotary`."""
+
+    @staticmethod
+    def compute_default_rope_parameters(config, device=None, seq_len=None, **kwargs):
+        base = config.rope_parameters["rope_theta"]
+        dim = rotary_dim(config)
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float)
+                                   / dim))
+        return inv_freq, 1.0
+
+
 class PackedSoftmaxAttention(mm.MiniMaxAttention):
-    """transformers' softmax layer; for a packed, unpadded prefill it attends document by document (causal SDPA on
-    each slice: Σ len² work instead of a T × T same-document mask, which dominates CPU steps on packed rows)."""
+    """transformers' softmax layer with partial RoPE (`apply_rotary`); for a packed, unpadded prefill it attends
+    document by document (causal SDPA on each slice: Σ len² work instead of a T × T same-document mask, which
+    dominates CPU steps on packed rows). Every other case goes through transformers' attention interface, as the
+    stock layer does."""
 
     lightning_kernel = "auto"  # the fast path (CUDA, half precision) uses one flash varlen call for all documents
 
@@ -128,16 +167,23 @@ class PackedSoftmaxAttention(mm.MiniMaxAttention):
         B, T, _ = hidden_states.shape
         docs = _layer_document_ids(kwargs, B)
         fresh = past_key_values is None or past_key_values.get_seq_length(self.layer_idx) == 0
-        if docs is None or attention_mask is not None or not fresh or self.config._attn_implementation not in (
-                "sdpa", "eager"):
-            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
         shape = (B, T, -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H_kv, T, D)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        q, k = mm.apply_rotary_pos_emb(q, k, *position_embeddings)
+        q, k = apply_rotary(q, k, *position_embeddings)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
+        per_document = docs is not None and attention_mask is None and fresh and \
+            self.config._attn_implementation in ("sdpa", "eager")
+        if not per_document:
+            kwargs.pop("document_ids", None)
+            attend = mm.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                              mm.eager_attention_forward)
+            out, weights = attend(self, q, k, v, attention_mask, dropout=0.0 if not self.training else
+                                  self.attention_dropout, scaling=self.scaling,
+                                  sliding_window=getattr(self.config, "sliding_window", None), **kwargs)
+            return self.o_proj(out.reshape(B, T, -1).contiguous()), weights
         if varlen_softmax_available(self.lightning_kernel, q):
             out = varlen_softmax_attention(q, k, v, docs, self.scaling).transpose(1, 2).reshape(B, T, -1)
             return self.o_proj(out), None
@@ -250,12 +296,85 @@ def make_packing_safe(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+# The released checkpoints' config.json (remote code, model_type minimax_text_01 / minimax_m1) -> MiniMaxConfig fields.
+RELEASED_MODEL_TYPES = ("minimax_text_01", "minimax_m1")
+RELEASED_RENAMES = {
+    "layernorm_linear_attention_alpha": "linear_attn_alpha_factor", "layernorm_linear_attention_beta": "linear_attn_beta_factor",
+    "layernorm_full_attention_alpha": "full_attn_alpha_factor", "layernorm_full_attention_beta": "full_attn_beta_factor",
+    "layernorm_mlp_alpha": "mlp_alpha_factor", "layernorm_mlp_beta": "mlp_beta_factor",
+}
+# released keys that describe the code, not the network (read here or by nothing that changes the result)
+RELEASED_IGNORED = {"architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version",
+                    "_name_or_path", "postnorm", "attn_type_list", "rope_theta", "rotary_dim", "shared_intermediate_size",
+                    "shared_moe_mode", "attention_dropout", "initializer_range"}
+RELEASED_BLOCK_SIZE = 256  # the released code's lightning block (no config key)
+
+
+def released_config(data: dict, source: str) -> MiniMaxConfig:
+    """A `MiniMaxConfig` for the network a released MiniMax-Text-01 / MiniMax-M1 checkpoint was trained as: layer
+    kinds from `attn_type_list` (0 lightning, 1 softmax), the DeepNorm-style residual factors from
+    `layernorm_*_{alpha,beta}`, `rotary_dim` (RoPE on the first `rotary_dim` dims of each head: `apply_rotary`),
+    block size 256. The released decoder is post-norm (`postnorm: true`), the only form transformers' MiniMax
+    computes; a field this does not know, a pre-norm checkpoint, a shared expert or `layer_types` contradicting
+    `attn_type_list` fails naming the field. (The weights keep transformers' names: the released
+    `block_sparse_moe.experts.E.w1/w2/w3` layout is the one transformers' MiniMax converts on load.)"""
+    valid = {f.name for f in dataclasses.fields(MiniMaxConfig)}
+    unknown = sorted(k for k in data if k not in valid and k not in RELEASED_RENAMES and k not in RELEASED_IGNORED)
+    if unknown:
+        raise ConfigError(f"{source}: field(s) {', '.join(unknown)} of the released config are not understood here "
+                          "(a MiniMax-Text-01 / M1 variant this loader does not know)")
+    if data.get("postnorm") is not True:
+        raise ConfigError(f"{source}: 'postnorm' is {data.get('postnorm')!r}: only the released post-norm decoder "
+                          "(postnorm: true) is supported")
+    if data.get("shared_intermediate_size", 0) not in (0, None, [0] * len(data.get("attn_type_list", []))):
+        raise ConfigError(f"{source}: 'shared_intermediate_size' = {data['shared_intermediate_size']!r}: shared experts "
+                          "are not supported")
+    kinds = data.get("attn_type_list")
+    if not isinstance(kinds, list) or any(k not in (0, 1) for k in kinds):
+        raise ConfigError(f"{source}: 'attn_type_list' must be a list of 0 (lightning) / 1 (softmax), got {kinds!r}")
+    n_layers = data.get("num_hidden_layers", len(kinds))
+    if len(kinds) != n_layers:
+        raise ConfigError(f"{source}: 'attn_type_list' has {len(kinds)} entries for num_hidden_layers {n_layers}")
+    layer_types = ["full_attention" if k else "linear_attention" for k in kinds]
+    if data.get("layer_types") not in (None, layer_types):
+        raise ConfigError(f"{source}: 'layer_types' contradicts 'attn_type_list'")
+    fields = {k: v for k, v in data.items() if k in valid and k != "layer_types"}
+    fields.update({RELEASED_RENAMES[k]: v for k, v in data.items() if k in RELEASED_RENAMES})
+    fields.update(layer_types=layer_types, num_hidden_layers=n_layers, block_size=RELEASED_BLOCK_SIZE,
+                  rope_parameters={"rope_type": "default", "rope_theta": float(data.get("rope_theta", 10000.0))})
+    config = MiniMaxConfig(**fields)
+    head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+    dim = data.get("rotary_dim", head_dim)
+    if not (isinstance(dim, int) and 0 < dim <= head_dim and dim % 2 == 0):
+        raise ConfigError(f"{source}: 'rotary_dim' = {dim!r} must be an even number of dims within head_dim {head_dim}")
+    config.rotary_dim = dim
+    return config
+
+
+def checkpoint_config(path: Path) -> MiniMaxConfig:
+    """The `MiniMaxConfig` of a checkpoint directory in either layout: transformers' (`model_type: minimax`) or the
+    released one (`released_config`)."""
+    import json
+
+    try:
+        data = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path / 'config.json'}: invalid JSON: {err}") from None
+    if data.get("model_type") in RELEASED_MODEL_TYPES:
+        return released_config(data, str(path / "config.json"))
+    if data.get("model_type") != "minimax":
+        raise ConfigError(f"{path / 'config.json'}: model_type {data.get('model_type')!r} is not a MiniMax model "
+                          f"(expected minimax, {', '.join(RELEASED_MODEL_TYPES)})")
+    return MiniMaxConfig.from_pretrained(path)
+
+
 def model_config_from_yaml(path: str | Path) -> MiniMaxConfig:
     """A `MiniMaxConfig` from a model YAML. Keys are `MiniMaxConfig` fields, plus two shorthands:
     `rope_theta` (-> `rope_parameters`) and `full_attention_every: N` (layer i is softmax when (i+1) % N == 0, as in
-    MiniMax-Text-01 with N = 8)."""
+    MiniMax-Text-01 with N = 8); `rotary_dim` (RoPE on that many leading dims of each head, as released: 64 of
+    128) is kept on the config."""
     data = read_yaml(path)
-    valid = {f.name for f in dataclasses.fields(MiniMaxConfig)} | {"rope_theta", "full_attention_every"}
+    valid = {f.name for f in dataclasses.fields(MiniMaxConfig)} | {"rope_theta", "full_attention_every", "rotary_dim"}
     for key in data:
         if key not in valid:
             raise ConfigError(f"{path}: unknown model key '{key}' (not a MiniMaxConfig field)")
@@ -267,10 +386,14 @@ def model_config_from_yaml(path: str | Path) -> MiniMaxConfig:
         data["layer_types"] = ["full_attention" if (i + 1) % every == 0 else "linear_attention" for i in range(n)]
     if "rope_theta" in data:
         data["rope_parameters"] = {"rope_type": "default", "rope_theta": float(data.pop("rope_theta"))}
+    dim = data.pop("rotary_dim", None)
     try:
-        return MiniMaxConfig(**data)
+        config = MiniMaxConfig(**data)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{path}: invalid model config: {err}") from None
+    if dim is not None:
+        config.rotary_dim = dim
+    return config
 
 
 def load_model(spec: str | Path | ModelOptions, seed: int = 0, *, head: Literal["lm", "score"] = "lm",
@@ -307,7 +430,7 @@ def load_model(spec: str | Path | ModelOptions, seed: int = 0, *, head: Literal[
 
 
 def _load_causal_lm(path: Path, opts: ModelOptions, dtype, seed: int) -> torch.nn.Module:
-    config = MiniMaxConfig.from_pretrained(path) if path.is_dir() else model_config_from_yaml(path)
+    config = checkpoint_config(path) if path.is_dir() else model_config_from_yaml(path)
     if opts.rope_theta is not None:
         config.rope_parameters = {**(config.rope_parameters or {}), "rope_type": "default",
                                   "rope_theta": float(opts.rope_theta)}
@@ -323,9 +446,14 @@ def _load_causal_lm(path: Path, opts: ModelOptions, dtype, seed: int) -> torch.n
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = MiniMaxForCausalLM(config).to(dtype)
-        # .to(dtype) also rounded RoPE's inverse frequencies (in bf16, ~0.3 rad of phase off by position 256);
-        # from_pretrained and vLLM keep them in fp32: rebuild the (parameter-free) rotary module in fp32
-        model.model.rotary_emb = mm.MiniMaxRotaryEmbedding(config)
+    # the rotary module is parameter-free: rebuilt here over `rotary_dim` (transformers' covers the whole head), and
+    # in fp32 (.to(dtype) of a fresh model would round its inverse frequencies: ~0.3 rad of phase off by position
+    # 256 in bf16; from_pretrained and vLLM keep them in fp32)
+    rotary = PartialRotaryEmbedding if rotary_dim(config) < (config.head_dim or config.hidden_size //
+                                                            config.num_attention_heads) else mm.MiniMaxRotaryEmbedding
+    if rotary is PartialRotaryEmbedding or not path.is_dir():
+        model.model.rotary_emb = rotary(config).to(model.device)
+    model.config.postnorm = True  # saved with every checkpoint: vLLM reads it (its default is a pre-norm network)
     make_packing_safe(model)
     for module in model.modules():
         if isinstance(module, (PackedLightningAttention, PackedSoftmaxAttention)):

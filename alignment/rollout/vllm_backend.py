@@ -9,8 +9,9 @@ vLLM 0.22.1 (its `MiniMaxText01ForCausalLM`). What it takes to make vLLM sample 
 
 - Export (`export_for_vllm`): vLLM reads `config.postnorm` (default False: a pre-norm network) while transformers'
   MiniMax is always post-norm, so the exported config says `postnorm: true`, or vLLM runs a different network
-  silently. `head_dim` and `rotary_dim = head_dim` are written out (transformers rotates the whole head; vLLM would
-  read a checkpoint's `rotary_dim`), and `eos_token_id` is the tokenizer's, so both engines stop alike. Weights go in
+  silently. `head_dim` and the trainer's `rotary_dim` are written out (`alignment.modeling.rotary_dim`: the whole
+  head for transformers' layout, 64 of 128 for the released models; vLLM rotates `rotary_dim` dims, default the
+  whole head), and `eos_token_id` is the tokenizer's, so both engines stop alike. Weights go in
   the checkpoint layout (`vllm_checkpoint_tensors`), without the lightning buffers vLLM has no parameter for.
 - Weight sync (`sync_weights`), LoRA deltas added out of place (peft's merge/unmerge would round the base weights
   of a bf16 model a little more on every step). Two ways, same result:
@@ -66,6 +67,7 @@ from pathlib import Path
 import torch
 
 from alignment.lightning import lightning_slopes
+from alignment.modeling import rotary_dim
 from alignment.rollout.base import RolloutBatch, SamplingOptions, encode_prompts, eos_ids, stop_metrics
 
 VLLM_HINT = "the vLLM rollout backend needs vLLM and a CUDA GPU: pip install -e '.[gpu]'"
@@ -199,7 +201,7 @@ def export_for_vllm(model, tokenizer, path: str | Path, dtype: torch.dtype = tor
     config = _base_config(model)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     data = config.to_dict()
-    data.update(architectures=["MiniMaxForCausalLM"], postnorm=True, head_dim=head_dim, rotary_dim=head_dim,
+    data.update(architectures=["MiniMaxForCausalLM"], postnorm=True, head_dim=head_dim, rotary_dim=rotary_dim(config),
                 dtype=str(dtype).removeprefix("torch."))
     data.pop("torch_dtype", None)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
