@@ -20,6 +20,16 @@ class ConfigError(ValueError):
     """A bad config: the message names the file and the key."""
 
 
+def did_you_mean(word, choices, prefix: str = "") -> str:
+    """" (did you mean 'X'?)" for the closest of `choices` to a misspelt `word` (`prefix` + X), or "".
+
+    >>> did_you_mean("learnin_rate", ["learning_rate", "epochs"], "training.")
+    " (did you mean 'training.learning_rate'?)"
+    """
+    guess = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f" (did you mean '{prefix}{guess[0]}'?)" if guess else ""
+
+
 def read_yaml(path: str | Path) -> dict:
     """Load a YAML mapping, with errors that name the file."""
     path = Path(path)
@@ -57,8 +67,7 @@ def from_dict(cls: type, data: Any, source: str, prefix: str = ""):
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
-            guess = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean '{prefix}{guess[0]}'?)" if guess else ""
+            hint = did_you_mean(key, fields, prefix)
             raise ConfigError(
                 f"{source}: unknown key '{prefix}{key}'{hint}; valid keys here: {', '.join(sorted(fields))}"
             )

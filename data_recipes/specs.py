@@ -8,19 +8,13 @@ first problem as a `ConfigError` naming the file and the dotted key, with a did-
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Any, Callable, get_type_hints
 
-from alignment.config import ConfigError, check_value
+from alignment.config import ConfigError, check_value, did_you_mean
 
 NOT_OPTIONS = ("split",)  # set by the code that builds the rows (train / heldout), never by a config
 OPTIONAL = ("seed",)  # defaults to the stage's seed
-
-
-def _did_you_mean(word, choices) -> str:
-    guess = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
-    return f" (did you mean '{guess[0]}'?)" if guess else ""
 
 
 def _type_name(value) -> str:
@@ -72,7 +66,7 @@ def check_builtin(spec, builders: dict, source: str, key: str, named_sets: bool 
             if not isinstance(task, str):
                 raise ConfigError(f"{source}: '{task_key}' must be a {noun} name, got {_type_name(task)}")
         if task not in builders:
-            valid = f"{_did_you_mean(task, builders)}; valid {nouns}: {', '.join(builders)}"
+            valid = f"{did_you_mean(task, builders)}; valid {nouns}: {', '.join(builders)}"
             if task_key != where:
                 raise ConfigError(f"{source}: '{task_key}' = {task!r} is not a built-in {noun}{valid}")
             hint = "; a set named otherwise needs a 'task' option" if named_sets else ""
@@ -86,7 +80,7 @@ def check_builtin(spec, builders: dict, source: str, key: str, named_sets: bool 
                                   f"(train or heldout); valid options: {valid}")
             if option not in allowed:
                 raise ConfigError(f"{source}: '{where}.{option}' is not an option of {noun} '{task}'"
-                                  f"{_did_you_mean(option, allowed)}; valid options: {valid}")
+                                  f"{did_you_mean(option, allowed)}; valid options: {valid}")
         for option in required:
             if option not in options:
                 raise ConfigError(f"{source}: '{where}.{option}' is missing ({noun} '{task}' requires "

@@ -19,12 +19,12 @@ import torch lazily, so `build_reward({"correctness": {}})` costs no torch impor
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 import os
 from collections.abc import Callable, Mapping
 
+from alignment.config import did_you_mean
 from rewards import handlers, reward_model, safety, sandbox
 from rewards.base import Handler, RewardError, WeightedSum, as_trl_reward
 
@@ -55,11 +55,6 @@ def register(name: str):
     return wrap
 
 
-def _did_you_mean(word, choices) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def _factory_options(name, options: dict, exists: Callable[[str], bool], keys=("type",)) -> tuple[Callable, dict]:
     """The factory of one handler and its keyword arguments, checked against its signature; `keys` are the other
     keys valid where `options` came from (listed in the message for an unknown option)."""
@@ -67,7 +62,7 @@ def _factory_options(name, options: dict, exists: Callable[[str], bool], keys=("
     where = f"reward '{name}': option 'type'" if "type" in options else f"reward '{name}'"
     kind = options.pop("type", name)
     if not isinstance(kind, str) or kind not in REGISTRY:
-        raise RewardError(f"{where}: unknown handler type '{kind}'{_did_you_mean(kind, REGISTRY)}; "
+        raise RewardError(f"{where}: unknown handler type '{kind}'{did_you_mean(kind, REGISTRY)}; "
                           f"known: {', '.join(sorted(REGISTRY))}")
     factory = REGISTRY[kind]
     params = inspect.signature(factory).parameters.values()
@@ -77,7 +72,7 @@ def _factory_options(name, options: dict, exists: Callable[[str], bool], keys=("
         for key in options:
             if key not in valid:
                 raise RewardError(f"reward '{name}': option '{key}' is unknown for handler type '{kind}'"
-                                  f"{_did_you_mean(key, valid)}; valid: {', '.join(valid)}")
+                                  f"{did_you_mean(key, valid)}; valid: {', '.join(valid)}")
     for p in named:  # a blank YAML value (None) does not give a required option
         if p.default is p.empty and options.get(p.name) is None:
             raise RewardError(f"reward '{name}': option '{p.name}' is required for handler type '{kind}'")
