@@ -118,11 +118,15 @@ class PackedLightningAttention(mm.MiniMaxLightningAttention):
         return cached
 
 
+def head_dim(config) -> int:
+    """Dims per attention head: `config.head_dim`, else hidden_size / heads (as transformers' MiniMax reads it)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def rotary_dim(config) -> int:
     """How many leading dims of each head RoPE rotates: `config.rotary_dim` (the released MiniMax-Text-01 / M1: 64 of
     128), else the whole head (transformers' MiniMax)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return getattr(config, "rotary_dim", None) or head_dim
+    return getattr(config, "rotary_dim", None) or head_dim(config)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -284,8 +288,13 @@ def _layer_document_ids(layer_kwargs: dict, batch_size: int) -> torch.Tensor | N
 
 
 def make_packing_safe(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap in the packing-safe lightning layers and hook the mask builder (in place; parameters untouched)."""
+    """Swap in the packing-safe attention layers, hook the mask builder, and give a `rotary_dim` config its partial
+    RoPE (`PartialRotaryEmbedding`), for any MiniMax model: policy, reward model, a reference TRL rebuilt (in place;
+    parameters untouched)."""
     for module in model.modules():
+        if isinstance(module, mm.MiniMaxModel) and rotary_dim(module.config) < head_dim(module.config) and \
+                not isinstance(module.rotary_emb, PartialRotaryEmbedding):
+            module.rotary_emb = PartialRotaryEmbedding(module.config).to(module.embed_tokens.weight.device)
         if type(module) is mm.MiniMaxLightningAttention:
             module.__class__ = PackedLightningAttention
         elif type(module) is mm.MiniMaxAttention:
@@ -343,17 +352,17 @@ def released_config(data: dict, source: str) -> MiniMaxConfig:
     fields.update(layer_types=layer_types, num_hidden_layers=n_layers, block_size=RELEASED_BLOCK_SIZE,
                   rope_parameters={"rope_type": "default", "rope_theta": float(data.get("rope_theta", 10000.0))})
     config = MiniMaxConfig(**fields)
-    head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
-    dim = data.get("rotary_dim", head_dim)
-    if not (isinstance(dim, int) and 0 < dim <= head_dim and dim % 2 == 0):
-        raise ConfigError(f"{source}: 'rotary_dim' = {dim!r} must be an even number of dims within head_dim {head_dim}")
+    width = head_dim(config)
+    dim = data.get("rotary_dim", width)
+    if not (isinstance(dim, int) and 0 < dim <= width and dim % 2 == 0):
+        raise ConfigError(f"{source}: 'rotary_dim' = {dim!r} must be an even number of dims within head_dim {width}")
     config.rotary_dim = dim
     return config
 
 
-def checkpoint_config(path: Path) -> MiniMaxConfig:
+def checkpoint_config(path: Path) -> MiniMaxConfig | None:
     """The `MiniMaxConfig` of a checkpoint directory in either layout: transformers' (`model_type: minimax`) or the
-    released one (`released_config`)."""
+    released one (`released_config`); None for another architecture."""
     import json
 
     try:
@@ -362,10 +371,7 @@ def checkpoint_config(path: Path) -> MiniMaxConfig:
         raise ConfigError(f"{path / 'config.json'}: invalid JSON: {err}") from None
     if data.get("model_type") in RELEASED_MODEL_TYPES:
         return released_config(data, str(path / "config.json"))
-    if data.get("model_type") != "minimax":
-        raise ConfigError(f"{path / 'config.json'}: model_type {data.get('model_type')!r} is not a MiniMax model "
-                          f"(expected minimax, {', '.join(RELEASED_MODEL_TYPES)})")
-    return MiniMaxConfig.from_pretrained(path)
+    return MiniMaxConfig.from_pretrained(path) if data.get("model_type") == "minimax" else None
 
 
 def model_config_from_yaml(path: str | Path) -> MiniMaxConfig:
@@ -431,6 +437,9 @@ def load_model(spec: str | Path | ModelOptions, seed: int = 0, *, head: Literal[
 
 def _load_causal_lm(path: Path, opts: ModelOptions, dtype, seed: int) -> torch.nn.Module:
     config = checkpoint_config(path) if path.is_dir() else model_config_from_yaml(path)
+    if config is None:
+        raise ConfigError(f"{path / 'config.json'}: model_type is not a MiniMax model (expected minimax, "
+                          f"{', '.join(RELEASED_MODEL_TYPES)})")
     if opts.rope_theta is not None:
         config.rope_parameters = {**(config.rope_parameters or {}), "rope_type": "default",
                                   "rope_theta": float(opts.rope_theta)}
@@ -446,13 +455,9 @@ def _load_causal_lm(path: Path, opts: ModelOptions, dtype, seed: int) -> torch.n
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = MiniMaxForCausalLM(config).to(dtype)
-    # the rotary module is parameter-free: rebuilt here over `rotary_dim` (transformers' covers the whole head), and
-    # in fp32 (.to(dtype) of a fresh model would round its inverse frequencies: ~0.3 rad of phase off by position
-    # 256 in bf16; from_pretrained and vLLM keep them in fp32)
-    rotary = PartialRotaryEmbedding if rotary_dim(config) < (config.head_dim or config.hidden_size //
-                                                            config.num_attention_heads) else mm.MiniMaxRotaryEmbedding
-    if rotary is PartialRotaryEmbedding or not path.is_dir():
-        model.model.rotary_emb = rotary(config).to(model.device)
+        # .to(dtype) also rounded RoPE's inverse frequencies (in bf16, ~0.3 rad of phase off by position 256);
+        # from_pretrained and vLLM keep them in fp32: rebuild the (parameter-free) rotary module in fp32
+        model.model.rotary_emb = mm.MiniMaxRotaryEmbedding(config)
     model.config.postnorm = True  # saved with every checkpoint: vLLM reads it (its default is a pre-norm network)
     make_packing_safe(model)
     for module in model.modules():
@@ -472,15 +477,16 @@ def _load_causal_lm(path: Path, opts: ModelOptions, dtype, seed: int) -> torch.n
 
 
 def _load_score_model(path: Path, dtype, seed: int) -> torch.nn.Module:
-    from transformers import AutoConfig, AutoModelForSequenceClassification, MiniMaxForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, MiniMaxForSequenceClassification
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the score head of a causal-LM checkpoint (or a fresh model) is initialised here
-        if path.is_dir():
-            config = AutoConfig.from_pretrained(path)
-            cls = MiniMaxForSequenceClassification if config.model_type == "minimax" else \
-                AutoModelForSequenceClassification
-            model = cls.from_pretrained(path, num_labels=1, dtype=dtype)
+        config = checkpoint_config(path) if path.is_dir() else None
+        if config is not None:  # a MiniMax checkpoint, either layout
+            config.num_labels = 1
+            model = MiniMaxForSequenceClassification.from_pretrained(path, config=config, dtype=dtype)
+        elif path.is_dir():
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
         else:
             config = model_config_from_yaml(path)
             config.num_labels = 1

@@ -174,3 +174,14 @@ def test_rotary_frequencies_span_rotary_dim():
     inv_freq, _ = PartialRotaryEmbedding.compute_default_rope_parameters(config)
     assert inv_freq.tolist() == pytest.approx([10000.0 ** (-2 * i / 8) for i in range(4)])
     assert not math.isclose(inv_freq[1], 10000.0 ** (-2 / 16))  # not the whole-head ladder
+
+
+def test_reward_model_from_the_released_layout_is_the_same_network(checkpoints):
+    """head="score" reads the released config too (layer kinds, partial RoPE): its body computes the causal LM's."""
+    path = checkpoints[1]["released_half"]
+    lm = load_model(path, tokenizer=None).eval()
+    rm = load_model(path, head="score", tokenizer=None).eval()
+    assert rm.config.layer_types == lm.config.layer_types and isinstance(rm.model.rotary_emb, PartialRotaryEmbedding)
+    ids = torch.randint(0, 96, (1, 25))
+    with torch.no_grad():
+        assert torch.equal(rm.model(input_ids=ids).last_hidden_state, lm.model(input_ids=ids).last_hidden_state)

@@ -67,7 +67,7 @@ from pathlib import Path
 import torch
 
 from alignment.lightning import lightning_slopes
-from alignment.modeling import rotary_dim
+from alignment.modeling import head_dim, rotary_dim
 from alignment.rollout.base import RolloutBatch, SamplingOptions, encode_prompts, eos_ids, stop_metrics
 
 VLLM_HINT = "the vLLM rollout backend needs vLLM and a CUDA GPU: pip install -e '.[gpu]'"
@@ -199,9 +199,9 @@ def export_for_vllm(model, tokenizer, path: str | Path, dtype: torch.dtype = tor
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = _base_config(model)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     data = config.to_dict()
-    data.update(architectures=["MiniMaxForCausalLM"], postnorm=True, head_dim=head_dim, rotary_dim=rotary_dim(config),
+    data.update(architectures=["MiniMaxForCausalLM"], postnorm=True, head_dim=head_dim(config),
+                rotary_dim=rotary_dim(config),
                 dtype=str(dtype).removeprefix("torch."))
     data.pop("torch_dtype", None)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
