@@ -100,17 +100,14 @@ def check_model(cfg, source: str, produced: set, *, checkpoint: bool, what: str 
         raise ConfigError(f"{source}: 'model.path': '{path}' is not a checkpoint directory (no config.json)")
     if not path.is_dir() and path.suffix not in (".yaml", ".yml"):
         raise ConfigError(f"{source}: 'model.path': '{path}' is neither a checkpoint directory nor a model YAML")
-    positions = _max_positions(path)
+    # the loader's own config readers: a bad model YAML key or released-config field fails here, before any work
+    from alignment.modeling import checkpoint_config, model_config_from_yaml
+
+    config = checkpoint_config(path) if path.is_dir() else model_config_from_yaml(path)
+    positions = getattr(config, "max_position_embeddings", None)
     if max_length and positions and max_length > positions:
         raise ConfigError(f"{source}: 'data.max_length' {max_length} exceeds the model's max_position_embeddings "
                           f"{positions} (raise it in the model config or shorten the rows)")
-
-
-def _max_positions(path: Path) -> int | None:
-    if path.suffix in (".yaml", ".yml"):
-        return (yaml.safe_load(path.read_text()) or {}).get("max_position_embeddings")
-    config = path / "config.json"
-    return json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None
 
 
 def check_tokenizer(cfg, source: str, produced: set) -> None:
@@ -170,8 +167,9 @@ def finished(cfg, overwrite: bool) -> dict | None:
         print(f"{done.parent} is complete; nothing to do (pass --overwrite to train again)")
         return json.loads(done.read_text())
     record = out / "stage_config.json"
-    if not overwrite and record.is_file() and json.loads(record.read_text()) != _record(cfg):
-        changed = sorted(_diff_keys(json.loads(record.read_text()), _record(cfg)))
+    recorded, current = (json.loads(record.read_text()) if record.is_file() else None), _record(cfg)
+    if not overwrite and recorded is not None and recorded != current:
+        changed = sorted(_diff_keys(recorded, current))
         raise ConfigError(f"{out} holds an unfinished run with a different config (changed: {', '.join(changed)}); "
                           "pass --overwrite to start again, or use another output_dir")
     return None
