@@ -32,6 +32,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
+from alignment.modeling import make_packing_safe
+
 STAGING = ".staging"
 KILL_ENV = "ALIGNMENT_KILL_AT"
 
@@ -122,4 +124,4 @@ class SafeCheckpoints:
         if not plain:  # adapters, DeepSpeed and FSDP checkpoints keep their own loaders and layouts
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         saved = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
-        model.load_state_dict(saved.state_dict(), strict=True)
+        model.load_state_dict(make_packing_safe(saved).state_dict(), strict=True)  # same saved tensors both sides

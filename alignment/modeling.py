@@ -39,6 +39,7 @@ from alignment.kernels import (check_lightning_kernel, lightning_attention_fla, 
                                resolve_lightning_kernel,
                                varlen_softmax_attention, varlen_softmax_available)
 from alignment.lightning import document_ids, lightning_attention, lightning_slopes
+from alignment.released import DECAY_BUFFERS, MODEL_TYPES as RELEASED_MODEL_TYPES, head_dim, released_config, rotary_dim
 
 # LoRA targets. Lightning layers: fused qkv, output gate, output projection; softmax layers: q/k/v/o; experts: the
 # fused 3D expert weights (peft `target_parameters`). The router (`mlp.gate`) is left out on purpose: adapting it
@@ -116,17 +117,6 @@ class PackedLightningAttention(mm.MiniMaxLightningAttention):
             cached = lightning_slopes(self.num_attention_heads, self.layer_idx, self.num_hidden_layers, device)
             self._slope_fp32 = cached
         return cached
-
-
-def head_dim(config) -> int:
-    """Dims per attention head: `config.head_dim`, else hidden_size / heads (as transformers' MiniMax reads it)."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def rotary_dim(config) -> int:
-    """How many leading dims of each head RoPE rotates: `config.rotary_dim` (the released MiniMax-Text-01 / M1: 64 of
-    128), else the whole head (transformers' MiniMax)."""
-    return getattr(config, "rotary_dim", None) or head_dim(config)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -290,74 +280,22 @@ def _layer_document_ids(layer_kwargs: dict, batch_size: int) -> torch.Tensor | N
 def make_packing_safe(model: torch.nn.Module) -> torch.nn.Module:
     """Swap in the packing-safe attention layers, hook the mask builder, and give a `rotary_dim` config its partial
     RoPE (`PartialRotaryEmbedding`), for any MiniMax model: policy, reward model, a reference TRL rebuilt (in place;
-    parameters untouched)."""
+    parameters untouched; the lightning decay buffers stop being saved, so checkpoints hold only weights)."""
     for module in model.modules():
         if isinstance(module, mm.MiniMaxModel) and rotary_dim(module.config) < head_dim(module.config) and \
                 not isinstance(module.rotary_emb, PartialRotaryEmbedding):
             module.rotary_emb = PartialRotaryEmbedding(module.config).to(module.embed_tokens.weight.device)
         if type(module) is mm.MiniMaxLightningAttention:
             module.__class__ = PackedLightningAttention
+            # the decay buffers are functions of the config, not weights: not saved (the released files and vLLM's
+            # loader have none; transformers recomputes them when a checkpoint lacks them)
+            module._non_persistent_buffers_set.update(DECAY_BUFFERS)
         elif type(module) is mm.MiniMaxAttention:
             module.__class__ = PackedSoftmaxAttention
         elif isinstance(module, mm.MiniMaxModel) and not getattr(module, "_same_document_masks", False):
             module.register_forward_pre_hook(same_document_masks, with_kwargs=True)
             module._same_document_masks = True
     return model
-
-
-# The released checkpoints' config.json (remote code, model_type minimax_text_01 / minimax_m1) -> MiniMaxConfig fields.
-RELEASED_MODEL_TYPES = ("minimax_text_01", "minimax_m1")
-RELEASED_RENAMES = {
-    "layernorm_linear_attention_alpha": "linear_attn_alpha_factor", "layernorm_linear_attention_beta": "linear_attn_beta_factor",
-    "layernorm_full_attention_alpha": "full_attn_alpha_factor", "layernorm_full_attention_beta": "full_attn_beta_factor",
-    "layernorm_mlp_alpha": "mlp_alpha_factor", "layernorm_mlp_beta": "mlp_beta_factor",
-}
-# released keys that describe the code, not the network (read here or by nothing that changes the result)
-RELEASED_IGNORED = {"architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version",
-                    "_name_or_path", "postnorm", "attn_type_list", "rope_theta", "rotary_dim", "shared_intermediate_size",
-                    "shared_moe_mode", "attention_dropout", "initializer_range"}
-RELEASED_BLOCK_SIZE = 256  # the released code's lightning block (no config key)
-
-
-def released_config(data: dict, source: str) -> MiniMaxConfig:
-    """A `MiniMaxConfig` for the network a released MiniMax-Text-01 / MiniMax-M1 checkpoint was trained as: layer
-    kinds from `attn_type_list` (0 lightning, 1 softmax), the DeepNorm-style residual factors from
-    `layernorm_*_{alpha,beta}`, `rotary_dim` (RoPE on the first `rotary_dim` dims of each head: `apply_rotary`),
-    block size 256. The released decoder is post-norm (`postnorm: true`), the only form transformers' MiniMax
-    computes; a field this does not know, a pre-norm checkpoint, a shared expert or `layer_types` contradicting
-    `attn_type_list` fails naming the field. (The weights keep transformers' names: the released
-    `block_sparse_moe.experts.E.w1/w2/w3` layout is the one transformers' MiniMax converts on load.)"""
-    valid = {f.name for f in dataclasses.fields(MiniMaxConfig)}
-    unknown = sorted(k for k in data if k not in valid and k not in RELEASED_RENAMES and k not in RELEASED_IGNORED)
-    if unknown:
-        raise ConfigError(f"{source}: field(s) {', '.join(unknown)} of the released config are not understood here "
-                          "(a MiniMax-Text-01 / M1 variant this loader does not know)")
-    if data.get("postnorm") is not True:
-        raise ConfigError(f"{source}: 'postnorm' is {data.get('postnorm')!r}: only the released post-norm decoder "
-                          "(postnorm: true) is supported")
-    if data.get("shared_intermediate_size", 0) not in (0, None, [0] * len(data.get("attn_type_list", []))):
-        raise ConfigError(f"{source}: 'shared_intermediate_size' = {data['shared_intermediate_size']!r}: shared experts "
-                          "are not supported")
-    kinds = data.get("attn_type_list")
-    if not isinstance(kinds, list) or any(k not in (0, 1) for k in kinds):
-        raise ConfigError(f"{source}: 'attn_type_list' must be a list of 0 (lightning) / 1 (softmax), got {kinds!r}")
-    n_layers = data.get("num_hidden_layers", len(kinds))
-    if len(kinds) != n_layers:
-        raise ConfigError(f"{source}: 'attn_type_list' has {len(kinds)} entries for num_hidden_layers {n_layers}")
-    layer_types = ["full_attention" if k else "linear_attention" for k in kinds]
-    if data.get("layer_types") not in (None, layer_types):
-        raise ConfigError(f"{source}: 'layer_types' contradicts 'attn_type_list'")
-    fields = {k: v for k, v in data.items() if k in valid and k != "layer_types"}
-    fields.update({RELEASED_RENAMES[k]: v for k, v in data.items() if k in RELEASED_RENAMES})
-    fields.update(layer_types=layer_types, num_hidden_layers=n_layers, block_size=RELEASED_BLOCK_SIZE,
-                  rope_parameters={"rope_type": "default", "rope_theta": float(data.get("rope_theta", 10000.0))})
-    config = MiniMaxConfig(**fields)
-    width = head_dim(config)
-    dim = data.get("rotary_dim", width)
-    if not (isinstance(dim, int) and 0 < dim <= width and dim % 2 == 0):
-        raise ConfigError(f"{source}: 'rotary_dim' = {dim!r} must be an even number of dims within head_dim {width}")
-    config.rotary_dim = dim
-    return config
 
 
 def checkpoint_config(path: Path) -> MiniMaxConfig | None:
@@ -533,5 +471,7 @@ def apply_lora(model: torch.nn.Module, lora: LoraOptions):
 def stock_model_copy(model: MiniMaxForCausalLM) -> MiniMaxForCausalLM:
     """The same weights in an unmodified transformers model (for equivalence tests and benchmarks)."""
     stock = MiniMaxForCausalLM(model.config).to(next(model.parameters()).dtype)
-    stock.load_state_dict(model.state_dict())
+    missing, unexpected = stock.load_state_dict(model.state_dict(), strict=False)
+    # the stock layers keep their own (identical) decay buffers, which `model` no longer saves
+    assert not unexpected and all(name.rsplit(".", 1)[-1] in DECAY_BUFFERS for name in missing), (missing, unexpected)
     return stock.eval()

@@ -32,22 +32,29 @@ STAGES = {
     "rm": Stage("rm", "reward-model training", "configs/tiny/rm.yaml", kind="rm"),
     "eval-rm": Stage("eval_rm", "reward-model evaluation report", "configs/tiny/eval_rm.yaml"),
 }
+# commands that are not recipe stages (their own arguments, no stage YAML)
+TOOLS = {
+    "export": Stage("export", "a checkpoint in the released MiniMax-Text-01 layout", "runs/tiny/grpo/final OUT"),
+}
 # pipeline YAML `kind` -> stage module
 KINDS = {stage.kind: stage.module for stage in STAGES.values() if stage.kind}
 
 
 def stage_module(name: str):
     """The module of a stage, by CLI name or pipeline kind."""
-    stage = STAGES.get(name)
+    stage = STAGES.get(name) or TOOLS.get(name)
     return importlib.import_module(f"pipelines.{stage.module if stage else KINDS[name]}")
 
 
 def usage() -> str:
-    rows = "\n".join(f"  {name:<10} {stage.summary:<46} (e.g. {stage.example})" for name, stage in STAGES.items())
+    def rows(table):
+        return "\n".join(f"  {name:<10} {stage.summary:<46} (e.g. {stage.example})" for name, stage in table.items())
+
     return ("usage: python -m pipelines STAGE --config FILE [--set KEY=VALUE ...] [--overwrite]\n"
             "       (or: minimax-align STAGE ...; make <stage>)\n\n"
-            f"Stages of the MiniMax-01 post-training recipe:\n{rows}\n\n"
-            "`python -m pipelines STAGE --help` lists the stage's options.")
+            f"Stages of the MiniMax-01 post-training recipe:\n{rows(STAGES)}\n\n"
+            f"Tools:\n{rows(TOOLS)}\n\n"
+            "`python -m pipelines STAGE --help` lists the stage's (or tool's) options.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2
-    if argv[0] not in STAGES:
-        print(f"error: unknown stage {argv[0]!r}; stages: {', '.join(STAGES)}\n\n{usage()}", file=sys.stderr)
+    if argv[0] not in STAGES and argv[0] not in TOOLS:
+        print(f"error: unknown stage {argv[0]!r}; stages: {', '.join(STAGES)}; tools: {', '.join(TOOLS)}\n\n"
+              f"{usage()}", file=sys.stderr)
         return 2
     return stage_module(argv[0]).main(argv[1:], stage=argv[0])

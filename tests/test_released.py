@@ -4,6 +4,7 @@ released names, and partial RoPE keeps packing, cached decoding and the save rou
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,9 @@ from transformers import MiniMaxConfig, MiniMaxForCausalLM
 
 from alignment.config import ConfigError
 from alignment.modeling import PartialRotaryEmbedding, apply_rotary, load_model
+from alignment.released import DECAY_BUFFERS
+
+DECAY_SUFFIXES = tuple(f".{name}" for name in DECAY_BUFFERS)  # recomputed from the config, not saved
 
 LAYER_KINDS = [0, 0, 1, 0]  # not the alternating default: layer 2 is the only softmax layer
 ALPHA, BETA = 3.5566, 1.0  # the releases' residual factors
@@ -76,7 +80,7 @@ def test_released_layout_loads_as_the_network_it_describes(checkpoints):
     model = load_model(dirs["released_full"], tokenizer=None).eval()
     assert model.config.layer_types == stock.config.layer_types
     assert [model.config.linear_attn_alpha_factor, model.config.mlp_beta_factor] == [ALPHA, BETA]
-    theirs = stock.state_dict()
+    theirs = {name: value for name, value in stock.state_dict().items() if not name.endswith(DECAY_SUFFIXES)}
     assert all(torch.equal(value, theirs[name]) for name, value in model.state_dict().items() if name in theirs)
     assert set(theirs) <= set(model.state_dict())
     ids = torch.randint(0, 96, (2, 40))
@@ -185,3 +189,137 @@ def test_reward_model_from_the_released_layout_is_the_same_network(checkpoints):
     ids = torch.randint(0, 96, (1, 25))
     with torch.no_grad():
         assert torch.equal(rm.model(input_ids=ids).last_hidden_state, lm.model(input_ids=ids).last_hidden_state)
+
+
+# -- the committed released-layout fixture (tests/fixtures/make_released_tiny.py): check, round trip, export --------
+
+FIXTURE = Path(__file__).parent / "fixtures" / "released_tiny"
+
+
+def file_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {name: t for file in sorted(directory.glob("*.safetensors")) for name, t in load_file(file).items()}
+
+
+def test_the_fixture_is_a_sharded_released_checkpoint_the_loader_reads():
+    index = json.loads((FIXTURE / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 2 and set(index["weight_map"]) == set(file_tensors(FIXTURE))
+    model = load_model(FIXTURE, tokenizer=None)
+    assert model.config.layer_types == ["linear_attention", "linear_attention", "full_attention", "linear_attention"]
+    assert model.config.rotary_dim == 8 and model.config.mlp_alpha_factor == 3.5566
+    ours = {n: p for n, p in model.state_dict().items()}
+    assert ours["model.layers.2.self_attn.q_proj.weight"].dtype == torch.float32  # upcast from the bf16 files
+    assert torch.equal(ours["model.layers.2.self_attn.q_proj.weight"].bfloat16(),
+                       file_tensors(FIXTURE)["model.layers.2.self_attn.q_proj.weight"])
+
+
+def test_released_load_save_export_round_trips_bit_exactly(tmp_path):
+    """released -> load (bf16, as released) -> save (a stage's final/) -> export -> the released files' tensors and
+    network fields, bit for bit; the final/ has no decay buffers and reloads to the same logits."""
+    from alignment.modeling import ModelOptions
+    from alignment.released import export_released
+
+    model = load_model(ModelOptions(path=str(FIXTURE), dtype="bfloat16"), tokenizer=None).eval()
+    final = tmp_path / "final"
+    model.save_pretrained(final)
+    saved = file_tensors(final)
+    assert not any(name.endswith(DECAY_SUFFIXES) for name in saved)  # weights only (vLLM's loader has no buffers)
+    out = export_released(final, tmp_path / "released")
+    original, exported = file_tensors(FIXTURE), file_tensors(out)
+    assert set(exported) == set(original)
+    assert all(torch.equal(exported[n], original[n]) and exported[n].dtype == original[n].dtype for n in original)
+    theirs, ours = (json.loads((d / "config.json").read_text()) for d in (FIXTURE, out))
+    skip = {"auto_map", "transformers_version", "shared_moe_mode"}  # code, not network
+    assert {k: v for k, v in ours.items() if k not in skip} == {k: v for k, v in theirs.items() if k not in skip}
+    assert ours["auto_map"] == {"AutoConfig": "configuration_minimax_text_01.MiniMaxText01Config"}
+    ids = torch.randint(0, 514, (1, 50))
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        for path in (final, out):
+            again = load_model(ModelOptions(path=str(path), dtype="bfloat16"), tokenizer=None).eval()
+            assert torch.equal(again(input_ids=ids).logits, reference), path
+            fresh = again.model.layers[0].self_attn
+            assert torch.equal(fresh.slope_rate, model.model.layers[0].self_attn.slope_rate)  # recomputed on load
+
+
+def test_the_export_config_class_reads_back_through_autoconfig(tmp_path):
+    """Without MiniMax's remote code the export ships a config class, so AutoConfig (and vLLM) can read it."""
+    from transformers import AutoConfig
+
+    from alignment.released import export_released
+
+    out = export_released(FIXTURE, tmp_path / "out", dtype="float32")
+    config = AutoConfig.from_pretrained(out, trust_remote_code=True)
+    assert config.model_type == "minimax_text_01" and config.attn_type_list == [0, 0, 1, 0]
+    assert config.rotary_dim == 8 and config.layernorm_full_attention_alpha == 3.5566
+    assert all(t.dtype == torch.float32 for t in file_tensors(out).values())
+    assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").is_file()
+
+
+def test_export_cli_and_its_errors(tmp_path, capsys):
+    from pipelines.stages import main
+
+    assert main(["export", str(FIXTURE), str(tmp_path / "a"), "--shard-gb", "0.0002"]) == 0  # ~210 KB shards
+    assert len(list((tmp_path / "a").glob("model-*.safetensors"))) >= 3
+    assert main(["export", str(tmp_path / "nothing"), str(tmp_path / "b")]) == 2
+    assert "is not a checkpoint directory (no config.json)" in capsys.readouterr().err
+    assert main(["export", str(FIXTURE), str(tmp_path / "c"), "--code-from", str(FIXTURE)]) == 2
+    assert "not a released MiniMax checkpoint directory with its remote code" in capsys.readouterr().err
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "config.json").write_text((FIXTURE / "config.json").read_text())
+    from safetensors.torch import save_file
+    save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 2)}, str(adapter / "model.safetensors"))
+    assert main(["export", str(adapter), str(tmp_path / "d")]) == 2
+    assert "tensor 'base_model.model.lm_head.lora_A.weight' has no place in the released layout" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "d").exists()  # nothing half-written
+
+
+def test_export_ships_the_released_remote_code_when_given(tmp_path):
+    from alignment.released import export_released
+
+    code = tmp_path / "released_code"
+    code.mkdir()
+    (code / "config.json").write_text((FIXTURE / "config.json").read_text())
+    (code / "modeling_minimax_text_01.py").write_text("# MiniMax's modeling code\n")
+    (code / "configuration_minimax_text_01.py").write_text("# MiniMax's config code\n")
+    out = export_released(FIXTURE, tmp_path / "out", code_from=code)
+    assert json.loads((out / "config.json").read_text())["auto_map"] == \
+        json.loads((FIXTURE / "config.json").read_text())["auto_map"]
+    assert (out / "modeling_minimax_text_01.py").read_text() == "# MiniMax's modeling code\n"
+
+
+def released_workdir(root: Path, checkpoint: Path) -> Path:
+    """The layout configs/minimax_text_01 expects, in `root`: the released checkpoint at checkpoints/MiniMax-Text-01
+    (and as the reward model), the user's chat files under data/."""
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "data").mkdir()
+    (root / "configs").symlink_to(Path(__file__).parents[1] / "configs")
+    for name in ("MiniMax-Text-01", "reward_model"):
+        (root / "checkpoints" / name).symlink_to(checkpoint)
+    row = {"messages": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]}
+    for name in ("sft_short.jsonl", "sft_long.jsonl"):
+        (root / "data" / name).write_text(json.dumps(row) + "\n")
+    return root
+
+
+def test_the_minimax_text_01_pipeline_checks_against_a_released_checkpoint(tmp_path, monkeypatch, capsys):
+    from pipelines.run import main
+
+    monkeypatch.chdir(released_workdir(tmp_path / "ok", FIXTURE))
+    assert main(["--config", "configs/minimax_text_01/pipeline.yaml", "--check"]) == 0
+    assert "OK (sft, long_sft, dpo, long_dpo, grpo)" in capsys.readouterr().out
+
+    broken = tmp_path / "broken_checkpoint"
+    broken.mkdir()
+    for f in FIXTURE.iterdir():
+        (broken / f.name).symlink_to(f.resolve())
+    (broken / "config.json").unlink()
+    (broken / "config.json").write_text(json.dumps({**json.loads((FIXTURE / "config.json").read_text()),
+                                                    "postnorm": False}))
+    monkeypatch.chdir(released_workdir(tmp_path / "bad", broken))
+    assert main(["--config", "configs/minimax_text_01/pipeline.yaml", "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "stages[0] (sft)" in err and "'postnorm' is False: only the released post-norm decoder" in err
