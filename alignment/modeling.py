@@ -80,6 +80,12 @@ class ModelOptions:
     lightning_kernel: Literal["auto", "torch", "fla", "fla_fused"] = "auto"
 
 
+# Checkpoints of this toolkit and the released ones hold no lightning decay buffers (`make_packing_safe`): transformers
+# recomputes them (`_init_weights`); its load report would otherwise list every lightning layer's as "newly
+# initialized" on every load. A class attribute transformers reads for exactly this (its submodels inherit it).
+mm.MiniMaxPreTrainedModel._keys_to_ignore_on_load_missing = [rf"self_attn\.({'|'.join(DECAY_BUFFERS)})$"]
+
+
 class PackedLightningAttention(mm.MiniMaxLightningAttention):
     """transformers' lightning layer with document-isolated state (see `alignment.lightning`)."""
 
