@@ -6,6 +6,51 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from alignment.config import ConfigError
+
+
+@dataclass
+class TokenizerOptions:
+    """A stage's `tokenizer:` as a mapping; the plain string form `tokenizer: X` is `{path: X}`."""
+
+    # None: the tokenizer saved with the model checkpoint; "builtin": the built-in byte-level BPE trained on the task
+    # suite's corpus (for a model YAML with fresh weights); otherwise a local tokenizer directory.
+    path: str | None = None
+    # Replaces the tokenizer's chat template (and is saved with the stage's final/ tokenizer): a template file (e.g.
+    # .jinja, UTF-8), or the template text itself (it contains "{%" or "{{"). Needs no {% generation %} markers.
+    chat_template: str | None = None
+
+    @classmethod
+    def of(cls, choice: str | TokenizerOptions | None) -> TokenizerOptions:
+        """A stage's `tokenizer` field in the mapping form.
+
+        >>> TokenizerOptions.of("builtin")
+        TokenizerOptions(path='builtin', chat_template=None)
+        """
+        return choice if isinstance(choice, TokenizerOptions) else cls(path=choice)
+
+    def template(self) -> str | None:
+        """The chat template text to apply, None to keep the tokenizer's own; a `chat_template` that is neither
+        template text nor a readable UTF-8 file is a `ConfigError` naming `tokenizer.chat_template`.
+
+        >>> TokenizerOptions(chat_template="{{ messages[0]['content'] }}").template()
+        "{{ messages[0]['content'] }}"
+        >>> TokenizerOptions(chat_template="missing.jinja").template()
+        Traceback (most recent call last):
+        ...
+        alignment.config.ConfigError: 'tokenizer.chat_template': template file 'missing.jinja' not found (template text itself contains '{%' or '{{')
+        """
+        text = self.chat_template
+        if text is None or "{%" in text or "{{" in text:
+            return text
+        if not Path(text).is_file():
+            raise ConfigError(f"'tokenizer.chat_template': template file '{text}' not found (template text itself "
+                              "contains '{%' or '{{')")
+        try:
+            return Path(text).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"'tokenizer.chat_template': template file '{text}' is not UTF-8 text") from None
+
 
 @dataclass
 class DataSource:

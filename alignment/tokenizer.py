@@ -1,4 +1,5 @@
-"""A small byte-level BPE tokenizer with a ChatML template, trained locally so tiny runs need no hub access.
+"""A small byte-level BPE tokenizer with a ChatML template, trained locally so tiny runs need no hub access; and
+`assistant_tokens`, the assistant-only SFT loss mask for any chat template (generation markers or not).
 
 MiniMax-Text-01 has a 200,064-token vocabulary; the tiny model gets a few hundred tokens trained on the built-in
 tasks' text (`data_recipes.tokenizer.builtin_tokenizer` passes that corpus in). Digits are split one per token before BPE, so "85" is always "8" "5": numbers then share their digit
@@ -12,9 +13,10 @@ from transformers import PreTrainedTokenizerFast
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
-# ChatML. The assistant's content and its closing <|im_end|> sit inside {% generation %} so that
-# return_assistant_tokens_mask (TRL's assistant_only_loss) trains the model to answer and to stop; the newline
-# after <|im_end|> is outside, as is every header, so the loss covers only what the model must generate.
+# ChatML. The assistant's content and its closing <|im_end|> sit inside {% generation %} so that transformers'
+# return_assistant_tokens_mask marks what the model must generate, to answer and to stop; the newline after
+# <|im_end|> is outside, as is every header. (The SFT trainer's mask, `assistant_tokens`, needs no markers and
+# marks the same tokens.)
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
@@ -53,3 +55,60 @@ def train_tokenizer(texts, vocab_size: int = 512) -> PreTrainedTokenizerFast:
         chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
     )
+
+
+class ChatTemplateError(ValueError):
+    """A conversation whose assistant turns the chat template cannot mark; the message names the row."""
+
+
+def assistant_tokens(tokenizer, messages: list[dict], where: str = "") -> tuple[list[int], list[int]]:
+    """(input_ids, mask) of `messages` rendered by `tokenizer`'s chat template, mask 1 on the tokens the model must
+    generate: each assistant turn's content and end-of-turn token, not headers, other roles or trailing whitespace.
+
+    Works for any template, `{% generation %}` markers or not, by rendering prefixes of the conversation: for the
+    assistant message i, P = render(messages[:i], add_generation_prompt=True) and Q = render(messages[:i + 1]); its
+    span is the characters [len(P), len(Q)) of the full rendering, less the whitespace after the turn's last
+    non-space character (the model stops at its end-of-turn token and never generates what follows). On the
+    built-in template this is exactly transformers' `return_assistant_tokens_mask`. A token straddling a span
+    boundary is marked when any of its characters is in the span (as `return_assistant_tokens_mask` does).
+
+    The full rendering is tokenized once (`add_special_tokens=False`, as `apply_chat_template` does), so the ids
+    are the template's own. Errors (`ChatTemplateError`, naming `where`, e.g. "data/x.jsonl row 17"): a template
+    that re-renders earlier turns (P, Q and the full rendering are not successive prefixes, e.g. one that strips
+    earlier turns' reasoning), or an assistant turn that renders to nothing. A slow tokenizer, which has no character offsets, is a
+    ValueError.
+
+    >>> tok = train_tokenizer(["2 + 3 = 5"], vocab_size=300)
+    >>> ids, mask = assistant_tokens(tok, [{"role": "user", "content": "2 + 3?"}, {"role": "assistant", "content": "5"}])
+    >>> tok.decode([i for i, m in zip(ids, mask) if m])
+    '5<|im_end|>'
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"assistant_tokens needs a fast tokenizer (character offsets); got {type(tokenizer).__name__}")
+    at = f"{where}: " if where else ""
+
+    def render(msgs, prompt=False):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
+
+    full = render(messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, through = render(messages[:i], prompt=True), render(messages[: i + 1])
+        if not (through.startswith(before) and full.startswith(through)):
+            raise ChatTemplateError(
+                f"{at}the chat template re-renders earlier turns: messages[:{i}] with the generation prompt, "
+                f"messages[:{i + 1}] and the whole conversation do not render to successive prefixes (e.g. it drops "
+                "earlier assistant turns' reasoning), so assistant turns cannot be marked by prefixes; use a "
+                "template that renders each turn the same whatever follows it"
+            )
+        end = len(through.rstrip())
+        if end <= len(before):
+            raise ChatTemplateError(f"{at}assistant message {i} renders to no text: nothing to train on")
+        spans.append((len(before), end))
+    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    # a token is in a span when any of its characters are (zero-width tokens never are)
+    mask = [int(any(s < span_end and e > span_start for span_start, span_end in spans))
+            for s, e in encoding["offset_mapping"]]
+    return encoding["input_ids"], mask

@@ -8,14 +8,17 @@ from typing import Literal
 
 import torch
 from accelerate.utils import gather_object
+from datasets import Dataset
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
+from trl.data_utils import get_dataset_column_names
 from trl.models import prepare_deepspeed, prepare_fsdp
-from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
+from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, global_then_local_main_first
 
 from alignment.checkpointing import SafeCheckpoints
 from alignment.losses import LossOptions, group_advantages, policy_loss, zero_variance_groups
 from alignment.modeling import FP32LMHead, make_packing_safe
 from alignment.rollout.base import SamplingOptions, importance_weights, logprob_mismatch
+from alignment.tokenizer import assistant_tokens
 
 
 def _base(model):
@@ -45,16 +48,57 @@ def fp32_fused_lm_head(model, outputs: tuple[str, ...]) -> None:
 
 
 class MiniMaxSFTTrainer(SafeCheckpoints, SFTTrainer):
-    """`SFTTrainer` whose chunked LM-head loss honours the FP32 LM head (MiniMax-M1 §3).
+    """`SFTTrainer` with an assistant-only loss for any chat template, and a chunked LM-head loss that honours the
+    FP32 LM head (MiniMax-M1 §3).
 
-    TRL computes the SFT loss with its own fused, chunked LM head that reads `lm_head.weight` directly, so our
-    `FP32LMHead.forward` never runs there. When the model has an FP32 head, re-install TRL's fused head with
-    `cast_lm_head_to_fp32=True` (TRL's own switch for exactly this) instead of the default.
+    - `assistant_only_loss=True`: a conversational dataset (`messages`, not yet tokenized), train or eval, is
+      tokenized here by `alignment.tokenizer.assistant_tokens` into `input_ids` + `assistant_masks`; TRL then
+      builds the labels from the mask, truncates or packs, as for any pre-tokenized dataset. TRL's own path needs
+      `{% generation %}` markers in the template and otherwise swaps in one of the few templates it knows, which a
+      released tokenizer's (MiniMax-Text-01's has no markers) is not. Errors name the row (its dataset index).
+    - TRL computes the SFT loss with its own fused, chunked LM head that reads `lm_head.weight` directly, so our
+      `FP32LMHead.forward` never runs there. When the model has an FP32 head, re-install TRL's fused head with
+      `cast_lm_head_to_fp32=True` (TRL's own switch for exactly this) instead of the default.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model, args=None, **kwargs):
+        self.assistant_only_loss = args is not None and args.assistant_only_loss
+        if self.assistant_only_loss:
+            # TRL sees the flag off so that its template swap, marker checks and tokenization never run: the
+            # datasets reach it already tokenized with `assistant_masks` (`_prepare_dataset` below)
+            args = copy.copy(args)
+            args.assistant_only_loss = False
+        super().__init__(model, args, **kwargs)
         fp32_fused_lm_head(self.model, outputs=("log_probs", "entropy", "is_top1"))
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        if self.assistant_only_loss:
+            dataset = _mark_assistant_tokens(dataset, processing_class, dataset_name, args.dataset_num_proc)
+        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+
+
+def _mark_assistant_tokens(dataset, tokenizer, name: str, num_proc: int | None):
+    """A conversational dataset (`messages` rows) as `input_ids` + `assistant_masks` columns
+    (`alignment.tokenizer.assistant_tokens`); a row without any assistant token is an error naming it (its index
+    in `dataset`). A dataset already tokenized with its mask (`assistant_masks` or `labels`) is returned as is."""
+    columns = get_dataset_column_names(dataset)
+    if "input_ids" in columns and {"assistant_masks", "labels"} & set(columns):
+        return dataset
+    if "messages" not in columns or "input_ids" in columns:  # else TRL would train on every token
+        raise ValueError(f"assistant_only_loss needs a conversational {name} dataset (a 'messages' column) or a "
+                         f"tokenized one with its mask (input_ids + assistant_masks or labels); got columns {columns}")
+
+    def tokenize(row, index):
+        where = f"{name} dataset row {index}"
+        ids, mask = assistant_tokens(tokenizer, row["messages"], where)
+        if 1 not in mask:
+            raise ValueError(f"{where}: no assistant message, so nothing to train on")
+        return {"input_ids": ids, "assistant_masks": mask}
+
+    map_kwargs = {"num_proc": num_proc, "desc": f"Marking assistant tokens in the {name} dataset"} \
+        if isinstance(dataset, Dataset) else {}  # IterableDataset.map takes neither
+    with global_then_local_main_first():  # one process writes the datasets cache, the others read it
+        return dataset.map(tokenize, with_indices=True, remove_columns=columns, **map_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import yaml
 
 from alignment.config import ConfigError, load_config, to_dict
 from alignment.reporting import write_json_atomic
+from alignment.schema import TokenizerOptions
 
 MAY_CHANGE = ("training", "eval", "title", "output_dir")  # config sections a resumed run may change
 
@@ -111,11 +112,16 @@ def check_model(cfg, source: str, produced: set, *, checkpoint: bool, what: str 
 
 
 def check_tokenizer(cfg, source: str, produced: set) -> None:
-    """The tokenizer a stage will load exists: `tokenizer` (a directory, or `builtin`) or the checkpoint's own."""
-    choice = getattr(cfg, "tokenizer", None)
-    if choice == "builtin":
+    """The tokenizer a stage will load exists: `tokenizer` (a directory, or `builtin`) or the checkpoint's own; and
+    its `tokenizer.chat_template`, if any, is template text or a readable file."""
+    opts = TokenizerOptions.of(getattr(cfg, "tokenizer", None))
+    try:
+        opts.template()
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    if opts.path == "builtin":
         return
-    path, key = (choice, "tokenizer") if choice else (cfg.model.path, "model.path")
+    path, key = (opts.path, _path_key(cfg)) if opts.path else (cfg.model.path, "model.path")
     if Path(path) in produced:
         return
     if not Path(path, "tokenizer_config.json").is_file():
@@ -199,19 +205,30 @@ def _diff_keys(a, b, prefix: str = "") -> list[str]:
 
 
 def stage_tokenizer(cfg):
-    """The stage's tokenizer: `tokenizer: null` -> the one saved with `model.path`; `builtin` -> the built-in BPE
-    sized to the model YAML's vocabulary (deterministic under the seed, so a resume rebuilds the same one);
-    otherwise a local tokenizer directory."""
+    """The stage's tokenizer: `tokenizer.path` (or plain `tokenizer`) null -> the one saved with `model.path`;
+    `builtin` -> the built-in BPE sized to the model YAML's vocabulary (deterministic under the seed, so a resume
+    rebuilds the same one); otherwise a local tokenizer directory. `tokenizer.chat_template`, if given, replaces
+    its chat template (and so is saved with it in `final/`)."""
     from alignment.modeling import load_tokenizer, model_config_from_yaml
 
-    choice = getattr(cfg, "tokenizer", None)
-    if choice == "builtin":
+    opts = TokenizerOptions.of(getattr(cfg, "tokenizer", None))
+    template = opts.template()  # a bad template fails before a tokenizer is trained or loaded
+    if opts.path == "builtin":
         from data_recipes.tokenizer import builtin_tokenizer
 
         path = cfg.model.path
         vocab = model_config_from_yaml(path).vocab_size if path.endswith((".yaml", ".yml")) else 512
-        return builtin_tokenizer(vocab_size=vocab, seed=cfg.seed)
-    return load_tokenizer(choice, key="tokenizer") if choice else load_tokenizer(cfg.model.path)
+        tokenizer = builtin_tokenizer(vocab_size=vocab, seed=cfg.seed)
+    else:
+        tokenizer = load_tokenizer(opts.path, key=_path_key(cfg)) if opts.path else load_tokenizer(cfg.model.path)
+    if template is not None:
+        tokenizer.chat_template = template
+    return tokenizer
+
+
+def _path_key(cfg) -> str:
+    """The config key that names the tokenizer directory, for errors: `tokenizer` or `tokenizer.path`."""
+    return "tokenizer.path" if isinstance(cfg.tokenizer, TokenizerOptions) else "tokenizer"
 
 
 def evaluate_sets(model, tokenizer, sets: dict, opts) -> dict:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from alignment.modeling import ModelOptions
-from alignment.schema import DataSource, EvalOptions, TrainOptions
+from alignment.schema import DataSource, EvalOptions, TokenizerOptions, TrainOptions
 from data_recipes.dpo_pairs import PairOptions
 from pipelines.common import (cached_eval_before, check_builtin, check_files, check_model, check_reward,
                               check_tokenizer, claim, evaluate_sets, finish, finished, series_ends, short,
@@ -93,8 +93,9 @@ class Config:
     training: TrainOptions = field(default_factory=TrainOptions)
     eval: EvalOptions = field(default_factory=EvalOptions)
     output_dir: str = "runs/dpo"
-    # None: the tokenizer saved with the checkpoint; otherwise a local tokenizer directory.
-    tokenizer: str | None = None
+    # null (the checkpoint's own), "builtin" (for a model YAML) or a tokenizer directory; or {path: <one of those>,
+    # chat_template: <.jinja file or template text>}: both documented at alignment.schema.TokenizerOptions.
+    tokenizer: str | TokenizerOptions | None = None
     seed: int = 0
     title: str = "DPO"
 

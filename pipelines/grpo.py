@@ -31,7 +31,7 @@ from alignment.losses import LossOptions
 from alignment.modeling import ModelOptions
 from alignment.rollout.base import SamplingOptions
 from alignment.rollout.vllm_backend import ENGINE_PATCHES  # vLLM itself is imported on first use
-from alignment.schema import EvalOptions, TrainOptions
+from alignment.schema import EvalOptions, TokenizerOptions, TrainOptions
 from alignment.trainers import AdvantageOptions, DynamicSamplingOptions, RolloutCorrectionOptions
 from data_recipes.prompt_pool import PoolOptions
 from pipelines.common import (cached_eval_before, check_builtin, check_model, check_reward, check_tokenizer, claim,
@@ -90,6 +90,9 @@ class Config:
     # Length-bias monitor (rewards.LengthBiasMonitor) window in steps; 0 turns it off.
     length_monitor_window: int = 20
     output_dir: str = "runs/grpo"
+    # null (the checkpoint's own), "builtin" (for a model YAML) or a tokenizer directory; or {path: <one of those>,
+    # chat_template: <.jinja file or template text>}: both documented at alignment.schema.TokenizerOptions.
+    tokenizer: str | TokenizerOptions | None = None
     seed: int = 0
     title: str = "GRPO"
 

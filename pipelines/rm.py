@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignment.modeling import ModelOptions
-from alignment.schema import DataSource, TrainOptions
+from alignment.schema import DataSource, TokenizerOptions, TrainOptions
 from pipelines.common import (cached_eval_before, check_builtin, check_files, check_model, check_tokenizer, claim,
                               finish, finished, short, stage_main, stage_tokenizer, train_resuming)
 
@@ -64,8 +64,9 @@ class Config:
     # same thing across runs (Eisenstein et al. 2023); None turns it off.
     center_rewards_coefficient: float | None = 0.01
     output_dir: str = "runs/rm"
-    # None: the tokenizer saved with the checkpoint; "builtin": the task-suite BPE (for a model YAML).
-    tokenizer: str | None = None
+    # null (the checkpoint's own), "builtin" (for a model YAML) or a tokenizer directory; or {path: <one of those>,
+    # chat_template: <.jinja file or template text>}: both documented at alignment.schema.TokenizerOptions.
+    tokenizer: str | TokenizerOptions | None = None
     seed: int = 0
     title: str = "Reward model"
 

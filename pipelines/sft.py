@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignment.modeling import ModelOptions
-from alignment.schema import DataOptions, EvalOptions, TrainOptions
+from alignment.schema import DataOptions, EvalOptions, TokenizerOptions, TrainOptions
 from pipelines.common import (cached_eval_before, check_builtin, check_files, check_model, check_tokenizer, claim,
                               evaluate_sets, finish, finished, short, stage_main, stage_tokenizer, train_resuming)
 
@@ -38,9 +38,9 @@ class Config:
     training: TrainOptions = field(default_factory=TrainOptions)
     eval: EvalOptions = field(default_factory=EvalOptions)
     output_dir: str = "runs/sft"
-    # None: the tokenizer saved with the model checkpoint; "builtin": train the built-in byte-level BPE on the task
-    # suite's corpus (for a model YAML with fresh weights); otherwise a local tokenizer directory.
-    tokenizer: str | None = None
+    # null (the checkpoint's own), "builtin" (for a model YAML) or a tokenizer directory; or {path: <one of those>,
+    # chat_template: <.jinja file or template text>}: both documented at alignment.schema.TokenizerOptions.
+    tokenizer: str | TokenizerOptions | None = None
     seed: int = 0
     title: str = "SFT"
 
@@ -107,7 +107,7 @@ def _trl_args(cfg: Config, checkpoints: Path):
         max_length=cfg.data.max_length,
         packing=cfg.data.packing,
         packing_strategy="bfd",  # padding-free rows with position_ids restarting per document
-        assistant_only_loss=True,
+        assistant_only_loss=True,  # MiniMaxSFTTrainer marks the assistant tokens itself, for any chat template
         dataset_num_proc=None,
     )
 
