@@ -16,6 +16,8 @@ the same function and can replace it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -33,18 +35,29 @@ def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def lightning_slopes(num_heads: int, layer_idx: int, num_layers: int, device=None) -> torch.Tensor:
-    """(H,) float32 decay rates of one lightning layer: transformers' `MiniMaxLightningAttention.get_slope_rate`,
-    always in float32. The model's `slope_rate` buffer is rounded to the model dtype (in a bf16 model the decay per
-    step is then up to 2⁻⁹ off, compounding over the sequence), while vLLM keeps its slopes in float32; the
-    packing-safe layers and the vLLM rollout engine both read this function, so trainer and rollout decay alike.
+    """(H,) float32 decay rates of one lightning layer, as the released MiniMax-Text-01 code (and vLLM) computes
+    them: ALiBi's head slopes times `1 - i / (L - 1) + 1e-5` for layer i of L. ALiBi's slopes are 2^(-8(h+1)/H) for
+    H a power of two; for other H, the nearest lower power of two's set followed by every other slope of the next
+    one's. transformers' `MiniMaxLightningAttention.get_slope_rate` differs: 2^(-8(h+1)/H) for every H (1.29 nats
+    of log-prob apart at 6 heads, tests/test_released_reference.py) and a layer factor `1 - i / (L - 1 + 1e-5) + 1e-5`
+    (the last lightning layer of a model decays L / (L - 1) times as fast). Always float32: a bf16 model's
+    `slope_rate` buffer is rounded (the decay per step up to 2⁻⁹ off, compounding over the sequence). The
+    packing-safe layers, their decode buffers and the vLLM rollout engine all read this function.
 
     >>> [round(x, 6) for x in lightning_slopes(4, 0, 2).tolist()]
     [0.250003, 0.062501, 0.015625, 0.003906]
+    >>> [round(x, 4) for x in lightning_slopes(6, 0, 2).tolist()]   # 4 heads' slopes, then 8 heads' odd ones
+    [0.25, 0.0625, 0.0156, 0.0039, 0.5, 0.125]
     """
-    base = 1 / (2 ** (8 / num_heads))
-    exponent = torch.arange(num_heads, device=device, dtype=torch.float32) + 1
-    factor = 1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5
-    return base**exponent * factor
+
+    def alibi(n: int) -> list[float]:
+        if math.log2(n).is_integer():
+            return [2 ** (-8 * (h + 1) / n) for h in range(n)]
+        below = 2 ** math.floor(math.log2(n))
+        return alibi(below) + alibi(2 * below)[0::2][: n - below]
+
+    factor = 1 - layer_idx / max(num_layers - 1, 1) + 1e-5
+    return torch.tensor(alibi(num_heads), dtype=torch.float64, device=device).mul(factor).float()
 
 
 def lightning_attention(

@@ -39,7 +39,7 @@ from alignment.kernels import (check_lightning_kernel, lightning_attention_fla, 
                                resolve_lightning_kernel,
                                varlen_softmax_attention, varlen_softmax_available)
 from alignment.lightning import document_ids, lightning_attention, lightning_slopes
-from alignment.released import DECAY_BUFFERS, MODEL_TYPES as RELEASED_MODEL_TYPES, head_dim, released_config, rotary_dim
+from alignment.released import DECAY_BUFFERS, MODEL_TYPES as RELEASED_MODEL_TYPES, checkpoint_config, head_dim, rotary_dim
 
 # LoRA targets. Lightning layers: fused qkv, output gate, output projection; softmax layers: q/k/v/o; experts: the
 # fused 3D expert weights (peft `target_parameters`). The router (`mlp.gate`) is left out on purpose: adapting it
@@ -114,6 +114,17 @@ class PackedLightningAttention(mm.MiniMaxLightningAttention):
         if past_key_values is not None:
             past_key_values.set_linear_cache(self.layer_idx, state)
         return out, state
+
+    def get_slope_rate(self, device=None) -> torch.Tensor:
+        """(H, 1, 1) decay rates for transformers' buffers and decode step: the released formula
+        (`alignment.lightning.lightning_slopes`), not transformers' (which differs for non-power-of-two heads)."""
+        return lightning_slopes(self.num_attention_heads, self.layer_idx, self.num_hidden_layers, device)[:, None, None]
+
+    def reset_decay_buffers(self) -> None:
+        """Recompute the decay buffers (built by the stock class's formula) from `get_slope_rate`, in their dtype."""
+        slope = self.get_slope_rate(self.slope_rate.device)
+        for name, value in zip(DECAY_BUFFERS, (slope, *self.decay_factors(slope))):
+            getattr(self, name).copy_(value)
 
     def slope_fp32(self, device) -> torch.Tensor:
         """This layer's decay rates in float32 (`alignment.lightning.lightning_slopes`), not the `slope_rate` buffer,
@@ -293,6 +304,7 @@ def make_packing_safe(model: torch.nn.Module) -> torch.nn.Module:
             module.rotary_emb = PartialRotaryEmbedding(module.config).to(module.embed_tokens.weight.device)
         if type(module) is mm.MiniMaxLightningAttention:
             module.__class__ = PackedLightningAttention
+            module.reset_decay_buffers()
             # the decay buffers are functions of the config, not weights: not saved (the released files and vLLM's
             # loader have none; transformers recomputes them when a checkpoint lacks them)
             module._non_persistent_buffers_set.update(DECAY_BUFFERS)
@@ -302,20 +314,6 @@ def make_packing_safe(model: torch.nn.Module) -> torch.nn.Module:
             module.register_forward_pre_hook(same_document_masks, with_kwargs=True)
             module._same_document_masks = True
     return model
-
-
-def checkpoint_config(path: Path) -> MiniMaxConfig | None:
-    """The `MiniMaxConfig` of a checkpoint directory in either layout: transformers' (`model_type: minimax`) or the
-    released one (`released_config`); None for another architecture."""
-    import json
-
-    try:
-        data = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path / 'config.json'}: invalid JSON: {err}") from None
-    if data.get("model_type") in RELEASED_MODEL_TYPES:
-        return released_config(data, str(path / "config.json"))
-    return MiniMaxConfig.from_pretrained(path) if data.get("model_type") == "minimax" else None
 
 
 def model_config_from_yaml(path: str | Path) -> MiniMaxConfig:
@@ -459,7 +457,10 @@ def load_tokenizer(path: str | Path, key: str = "model.path"):
     if not Path(path, "tokenizer_config.json").is_file():
         raise ConfigError(f"{key}: no tokenizer in '{path}' (no tokenizer_config.json; for a model YAML with fresh "
                           "weights set tokenizer: builtin)")
-    return AutoTokenizer.from_pretrained(path)
+    # A released checkpoint's config.json names MiniMax's remote code (auto_map): AutoTokenizer would read it through
+    # AutoConfig and stop to ask whether to run that code. The tokenizer needs no model code; hand it the config.
+    config = checkpoint_config(Path(path)) if Path(path, "config.json").is_file() else None
+    return AutoTokenizer.from_pretrained(path, **({"config": config} if config is not None else {}))
 
 
 def apply_lora(model: torch.nn.Module, lora: LoraOptions):

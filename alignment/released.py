@@ -108,6 +108,18 @@ def released_config(data: dict, source: str) -> MiniMaxConfig:
     return config
 
 
+def checkpoint_config(path: Path) -> MiniMaxConfig | None:
+    """The `MiniMaxConfig` of a checkpoint directory in either layout: transformers' (`model_type: minimax`) or the
+    released one (`released_config`); None for another architecture."""
+    try:
+        data = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path / 'config.json'}: invalid JSON: {err}") from None
+    if data.get("model_type") in MODEL_TYPES:
+        return released_config(data, str(path / "config.json"))
+    return MiniMaxConfig.from_pretrained(path) if data.get("model_type") == "minimax" else None
+
+
 def released_json(config: MiniMaxConfig, model_type: str = "minimax_text_01") -> dict:
     """The released config.json for `config` (the inverse of `released_config`; `auto_map` is added by the export).
 
@@ -165,7 +177,6 @@ def export_released(src: str | Path, out: str | Path, *, model_type: str | None 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from alignment.modeling import checkpoint_config
     from alignment.reporting import atomic_path
 
     src, out = Path(src), Path(out)

@@ -102,7 +102,8 @@ def check_model(cfg, source: str, produced: set, *, checkpoint: bool, what: str 
     if not path.is_dir() and path.suffix not in (".yaml", ".yml"):
         raise ConfigError(f"{source}: 'model.path': '{path}' is neither a checkpoint directory nor a model YAML")
     # the loader's own config readers: a bad model YAML key or released-config field fails here, before any work
-    from alignment.modeling import checkpoint_config, model_config_from_yaml
+    from alignment.modeling import model_config_from_yaml
+    from alignment.released import checkpoint_config
 
     config = checkpoint_config(path) if path.is_dir() else model_config_from_yaml(path)
     positions = getattr(config, "max_position_embeddings", None)

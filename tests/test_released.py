@@ -2,6 +2,7 @@
 residual factors and partial RoPE become the network transformers' MiniMax computes, weights load under their
 released names, and partial RoPE keeps packing, cached decoding and the save round trip exact."""
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from transformers import MiniMaxConfig, MiniMaxForCausalLM
 
 from alignment.config import ConfigError
+from alignment.lightning import lightning_slopes
 from alignment.modeling import PartialRotaryEmbedding, apply_rotary, load_model
 from alignment.released import DECAY_BUFFERS
 
@@ -73,11 +75,24 @@ def test_saved_weights_use_the_released_names(checkpoints):
     assert {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.2.self_attn.q_proj.weight"} <= names
 
 
+def released_decay(stock):
+    """Stock transformers' model with the released decay rates (its own per-layer factor makes the last lightning
+    layer decay L / (L - 1) times as fast: `alignment.lightning.lightning_slopes`)."""
+    for layer in stock.model.layers:
+        attn = layer.self_attn
+        if hasattr(attn, "slope_rate"):
+            slope = lightning_slopes(attn.num_attention_heads, attn.layer_idx, attn.num_hidden_layers)[:, None, None]
+            for name, value in zip(DECAY_BUFFERS, (slope, *attn.decay_factors(slope))):
+                getattr(attn, name).copy_(value)
+    return stock
+
+
 def test_released_layout_loads_as_the_network_it_describes(checkpoints):
     """attn_type_list, the residual factors and every weight are taken; with rotary_dim = head_dim the logits are
-    stock transformers' on the same weights."""
+    stock transformers' on the same weights (given the released decay rates)."""
     stock, dirs = checkpoints
     model = load_model(dirs["released_full"], tokenizer=None).eval()
+    stock = released_decay(copy.deepcopy(stock))
     assert model.config.layer_types == stock.config.layer_types
     assert [model.config.linear_attn_alpha_factor, model.config.mlp_beta_factor] == [ALPHA, BETA]
     theirs = {name: value for name, value in stock.state_dict().items() if not name.endswith(DECAY_SUFFIXES)}
@@ -323,3 +338,51 @@ def test_the_minimax_text_01_pipeline_checks_against_a_released_checkpoint(tmp_p
     assert main(["--config", "configs/minimax_text_01/pipeline.yaml", "--check"]) == 2
     err = capsys.readouterr().err
     assert "stages[0] (sft)" in err and "'postnorm' is False: only the released post-norm decoder" in err
+
+
+def test_sft_on_the_released_checkpoint_masks_its_marker_less_template_and_hands_off(tmp_path):
+    """Stage I on the released fixture with its own tokenizer (a chat template without generation markers): the
+    loss covers exactly each reply and its end-of-turn token, the stage trains, and its final/ loads in plain
+    transformers and back through the loader as the trained network."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from alignment.config import load_config
+    from alignment.modeling import load_tokenizer
+    from alignment.trainers import MiniMaxSFTTrainer
+    from pipelines.sft import Config, _trl_args, run
+
+    tokenizer = load_tokenizer(FIXTURE)
+    assert "generation -%}" not in tokenizer.chat_template and "generation %}" not in tokenizer.chat_template
+    yaml = tmp_path / "sft.yaml"
+    yaml.write_text(f"""
+output_dir: {tmp_path / "run"}
+model: {{path: {FIXTURE}}}
+data:
+  builtin: {{arithmetic: {{n: 200}}}}
+  max_length: 256
+training: {{max_steps: 12, learning_rate: 3.0e-3, batch_size: 2, logging_steps: 2, save_steps: 12}}
+eval:
+  sets: {{arithmetic: {{n: 4}}}}
+  max_new_tokens: 4
+""")
+    cfg = load_config(yaml, Config)
+    convs = [[{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5"},
+              {"role": "user", "content": "And 4 - 1?"}, {"role": "assistant", "content": "4 - 1 = 3"}]]
+    trainer = MiniMaxSFTTrainer(model=load_model(FIXTURE, tokenizer=tokenizer), args=_trl_args(cfg, tmp_path / "c"),
+                                train_dataset=Dataset.from_dict({"messages": convs}), processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    assert tokenizer.decode(ids[labels != -100]) == "2 + 3 = 5<end_of_sentence>4 - 1 = 3<end_of_sentence>"
+
+    metrics = run(cfg)
+    assert metrics["train"]["loss/last"] < metrics["train"]["loss/first"]
+    final = tmp_path / "run" / "final"
+    saved = json.loads((final / "config.json").read_text())
+    assert saved["rotary_dim"] == 8 and saved["postnorm"] is True and saved["mlp_alpha_factor"] == 3.5566
+    plain = AutoModelForCausalLM.from_pretrained(final)  # loads; computes full-head RoPE (transformers has no other)
+    assert plain.config.layer_types == load_model(FIXTURE, tokenizer=None).config.layer_types
+    again = load_model(final, tokenizer=None).eval()
+    weights = {n: p for n, p in plain.named_parameters()}
+    assert all(torch.equal(p, weights[n]) for n, p in again.named_parameters())
+    assert load_tokenizer(final).chat_template == tokenizer.chat_template

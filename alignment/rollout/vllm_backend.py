@@ -9,7 +9,7 @@ vLLM 0.22.1 (its `MiniMaxText01ForCausalLM`). What it takes to make vLLM sample 
 
 - Export (`export_for_vllm`): vLLM reads `config.postnorm` (default False: a pre-norm network) while transformers'
   MiniMax is always post-norm, so the exported config says `postnorm: true`, or vLLM runs a different network
-  silently. `head_dim` and the trainer's `rotary_dim` are written out (`alignment.modeling.rotary_dim`: the whole
+  silently. `head_dim` and the trainer's `rotary_dim` are written out (`alignment.released.rotary_dim`: the whole
   head for transformers' layout, 64 of 128 for the released models; vLLM rotates `rotary_dim` dims, default the
   whole head), and `eos_token_id` is the tokenizer's, so both engines stop alike. Weights go in
   the checkpoint layout (`vllm_checkpoint_tensors`), without the lightning buffers vLLM has no parameter for.
@@ -28,7 +28,8 @@ vLLM 0.22.1 (its `MiniMaxText01ForCausalLM`). What it takes to make vLLM sample 
 - Numerics (`engine_patches="numerics"`), so the train/rollout log-prob gap is kernels only: the linear-attention
   state cache in float32 (vLLM defaults to the model dtype: a bf16 state rounded at every decode step), the output
   RMSNorm epsilon of the trainer (vLLM hard-codes 1e-5, transformers' layer uses 1e-6) and the trainer's float32
-  slopes (`alignment.lightning.lightning_slopes`; vLLM's own formula differs in the last digits).
+  slopes (`alignment.lightning.lightning_slopes`: the released formula, as vLLM's, evaluated in float64 and rounded
+  once; vLLM multiplies float32 powers, which differs in the last digits).
 - Fewer KV-cache groups (`"kv_group_per_kind"`): vLLM makes every KV-cache group as large as the smallest
   layer kind, so 2 softmax + 14 lightning layers become 8 groups, and its scheduler asks every group's manager, for
   every request and decode step, which blocks to free and to allocate (the biggest host cost of a decode step in
@@ -67,13 +68,13 @@ from pathlib import Path
 import torch
 
 from alignment.lightning import lightning_slopes
-from alignment.modeling import head_dim, rotary_dim
+from alignment.released import DECAY_BUFFERS, head_dim, rotary_dim
 from alignment.rollout.base import RolloutBatch, SamplingOptions, encode_prompts, eos_ids, stop_metrics
 
 VLLM_HINT = "the vLLM rollout backend needs vLLM and a CUDA GPU: pip install -e '.[gpu]'"
 ENGINE_PATCHES = ("numerics", "batched_prefill", "kv_group_per_kind")  # the default: all of them
-# transformers saves these lightning-layer buffers; vLLM's loader has no parameter for them (they are recomputed)
-LIGHTNING_BUFFERS = (".slope_rate", ".query_decay", ".key_decay", ".diagonal_decay")
+# lightning-layer buffers older checkpoints carry; vLLM's loader has no parameter for them (they are recomputed)
+LIGHTNING_BUFFERS = tuple(f".{name}" for name in DECAY_BUFFERS)
 
 
 class WeightSyncError(RuntimeError):
