@@ -11,8 +11,8 @@ config with trust_remote_code), loaded by vLLM and by `alignment.modeling.load_m
    prompt log-probs against our teacher-forced log-probs, ours in bf16 (the CUDA fast path) and in fp32 (torch
    kernels). The yardstick for "bf16 noise" is ours-bf16 against ours-fp32, measured in the same run. A negative
    control: ours with RoPE over the whole head (what transformers' in-tree MiniMax computes from these files).
-2. greedy generations (8 prompts, 32 new tokens): vLLM against our `generate` (fp32), tokens that agree and the
-   agreeing prefix.
+2. greedy generations (8 prompts, 32 new tokens): vLLM against our `generate` (fp32 and bf16), and ours bf16
+   against ours fp32 as the yardstick: tokens that agree and the agreeing prefix.
 3. the stage checkpoint: `save_pretrained` of our loaded model (a stage's `final/`, transformers' layout) served by
    vLLM gives the released directory's log-probs (the saved config carries every field vLLM reads).
 """
@@ -113,6 +113,14 @@ def compare(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict:
             "prob_correlation": round(corr, 6), "tokens": len(x)}
 
 
+def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
+    """Greedy continuations compared: tokens equal at the same position, and the agreeing prefix per prompt (after
+    the first difference the two continue from different text)."""
+    prefix = [next((i for i, (x, y) in enumerate(zip(g, h)) if x != y), NEW_TOKENS) for g, h in zip(a, b)]
+    return {"tokens_equal": sum(x == y for g, h in zip(a, b) for x, y in zip(g, h)), "of": len(a) * NEW_TOKENS,
+            "agreeing_prefix": prefix}
+
+
 def load(path: Path, dtype: str, kernel: str, full_rope: bool = False):
     model = load_model(ModelOptions(path=str(path), dtype=dtype, lightning_kernel=kernel), tokenizer=None)
     if full_rope:  # transformers' in-tree MiniMax: RoPE over the whole head, whatever rotary_dim says
@@ -138,8 +146,8 @@ def run_config(name: str, shape: Shape, work: Path, seed: int) -> dict:
     for label, dtype, kernel in (("bf16", "bfloat16", "auto"), ("fp32", "float32", "torch")):
         model = load(released, dtype, kernel)
         ours[label] = our_logprobs(model, token_rows)
+        ours[f"greedy_{label}"] = our_greedy(model, prompts)
         if label == "fp32":
-            ours["greedy"] = our_greedy(model, prompts)
             model.save_pretrained(work / "final")  # a stage's final/: transformers' layout
         del model
     model = load(released, "float32", "torch", full_rope=True)
@@ -159,17 +167,15 @@ def run_config(name: str, shape: Shape, work: Path, seed: int) -> dict:
     del llm
     _free_vllm()
 
-    same = sum(a == b for g, h in zip(greedy, ours["greedy"]) for a, b in zip(g, h))
-    prefix = [next((i for i, (a, b) in enumerate(zip(g, h)) if a != b), NEW_TOKENS)
-              for g, h in zip(greedy, ours["greedy"])]
     res.update({
         "vllm_vs_ours_bf16": compare(theirs, ours["bf16"]),
         "vllm_vs_ours_fp32": compare(theirs, ours["fp32"]),
         "ours_bf16_vs_ours_fp32 (bf16 noise)": compare(ours["bf16"], ours["fp32"]),
         "vllm_vs_ours_full_head_rope (negative control)": compare(theirs, ours["full_rope"]),
         "vllm_final_dir_vs_vllm_released_dir": compare(from_final, theirs),
-        "greedy": {"prompts": len(prompts), "new_tokens": NEW_TOKENS, "tokens_equal": same,
-                   "of": len(prompts) * NEW_TOKENS, "agreeing_prefix": prefix},
+        "greedy vllm_vs_ours_fp32": agreement(greedy, ours["greedy_fp32"]),
+        "greedy vllm_vs_ours_bf16": agreement(greedy, ours["greedy_bf16"]),
+        "greedy ours_bf16_vs_ours_fp32 (bf16 noise)": agreement(ours["greedy_bf16"], ours["greedy_fp32"]),
     })
     print(name, json.dumps(res, indent=1), flush=True)
     return res
@@ -194,10 +200,14 @@ def markdown(res: dict) -> str:
             if isinstance(v, dict) and "mean_abs_dlogp" in v:
                 lines.append(f"| {name.split(':')[0]} | {key} | {v['mean_abs_dlogp']} | {v['max_abs_dlogp']} | "
                              f"{v['prob_correlation']} |")
-    lines += ["", "| config | greedy tokens equal (vLLM vs ours fp32) | agreeing prefix per prompt |", "|---|---:|---|"]
+    lines += ["", f"Greedy, 8 prompts of 48 tokens x {NEW_TOKENS} new tokens:", "",
+              "| config | comparison | tokens equal | agreeing prefix per prompt |", "|---|---|---:|---|"]
     for name, r in res["configs"].items():
-        g = r["greedy"]
-        lines.append(f"| {name} | {g['tokens_equal']} / {g['of']} | {g['agreeing_prefix']} |")
+        for key, g in r.items():
+            if key.startswith("greedy"):
+                lines.append(f"| {name.split(':')[0]} | {key.removeprefix('greedy ')} | {g['tokens_equal']} / "
+                             f"{g['of']} | {g['agreeing_prefix']} |")
+    lines += ["", "Configs: " + "; ".join(res["configs"]) + "."]
     return "\n".join(lines) + "\n"
 
 
