@@ -7,6 +7,7 @@
 #   make base      rebuild the tiny base checkpoint (GPU recommended, ~12 min on one H200; docs/tiny_base.md)
 #   make bench     GPU machine only: fast path vs stock transformers (bench/README.md); BENCH_PY=python3 there
 #   make bench-rollout  GPU machine only (+ vLLM): rollout speed, weight sync and train/rollout mismatch, vLLM vs HF
+#   make bench-released GPU machine only (+ vLLM): the trainer vs vLLM's MiniMaxText01 on released-layout files
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -30,7 +31,7 @@ GRPO_CONFIG ?= configs/$(SIZE)/grpo.yaml
 RM_CONFIG ?= configs/$(SIZE)/rm.yaml
 EVAL_RM_CONFIG ?= configs/$(SIZE)/eval_rm.yaml
 
-.PHONY: setup base demo readme-report pipeline sft long-sft dpo long-dpo grpo rm eval-rm test bench bench-rollout clean help
+.PHONY: setup base demo readme-report pipeline sft long-sft dpo long-dpo grpo rm eval-rm test bench bench-rollout bench-released clean help
 
 help:
 	@sed -n '1,9p' Makefile
@@ -99,6 +100,9 @@ bench:
 
 bench-rollout:
 	$(BENCH_PY) -m bench.bench_rollout --out bench/results
+
+bench-released:
+	$(BENCH_PY) -m bench.released_vllm --out bench/results
 
 clean:
 	rm -rf runs

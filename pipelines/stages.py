@@ -3,7 +3,8 @@ Makefile targets and every `--help` read.
 
 Each stage module (`pipelines/<module>.py`) exposes `Config` (its config dataclass), `check(cfg, source, produced)`
 (input validation before any work: files, built-in task options, reward specs, the starting checkpoint) and
-`run(cfg, overwrite=False) -> metrics`; `pipelines.common.stage_main` gives it its command line.
+`run(cfg, overwrite=False) -> metrics`; `pipelines.common.stage_main` gives it its command line. `TOOLS` are commands
+beside the stages (their module's own `main(argv, stage)`), e.g. `export`.
 """
 
 from __future__ import annotations
