@@ -46,8 +46,8 @@ class LossOptions:
     # Objective: `grpo` (PPO-clipped surrogate with the MiniMax-01 changes) or `cispo` (MiniMax-M1).
     name: Literal["grpo", "cispo"] = "grpo"
     # PPO clip range [1 − epsilon_low, 1 + epsilon_high]. For cispo: the bounds of the clipped IS weight; None for
-    # epsilon_low means no lower bound (M1: "effectively no lower bound").
-    epsilon_low: float | None = 0.2
+    # epsilon_low means no lower bound. "default": 0.2 for grpo, None for cispo (M1 §3: "effectively no lower bound").
+    epsilon_low: float | None | Literal["default"] = "default"
     epsilon_high: float = 0.2
     # Change 1: drop (mask) tokens with a negative advantage and a ratio above drop_ratio_threshold
     # (None: 1 + epsilon_high). Off gives standard one-sided PPO clipping.
@@ -57,10 +57,17 @@ class LossOptions:
     kl: Literal["minimax", "k3", "none"] = "minimax"
     beta: float = 0.0
     # `sequence_mean`: per-completion token mean, then mean over completions (TRL grpo).
-    # `token_mean`: one mean over all tokens of the batch (M1's token-level normalisation).
-    aggregation: Literal["sequence_mean", "token_mean"] = "sequence_mean"
+    # `token_mean`: one mean over all tokens of the batch (M1's token-level normalisation, 1/Σ|o_i|).
+    # "default": sequence_mean for grpo, token_mean for cispo.
+    aggregation: Literal["default", "sequence_mean", "token_mean"] = "default"
 
     def __post_init__(self):
+        # `cispo` means M1's objective unless a field says otherwise: no lower bound, token-level normalisation.
+        # (Resolved here, so configs and manifests record the values used.)
+        if self.epsilon_low == "default":
+            self.epsilon_low = None if self.name == "cispo" else 0.2
+        if self.aggregation == "default":
+            self.aggregation = "token_mean" if self.name == "cispo" else "sequence_mean"
         if self.epsilon_high <= 0 or (self.epsilon_low is not None and not 0 <= self.epsilon_low < 1):
             raise ValueError(f"loss.epsilon_low must be in [0, 1) or null and loss.epsilon_high > 0, got "
                              f"{self.epsilon_low}, {self.epsilon_high}")

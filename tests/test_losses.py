@@ -196,3 +196,22 @@ def test_bad_options_fail_with_the_key():
     with pytest.raises(ValueError, match="needs ref_logp"):
         logp, old, _, adv, mask = random_batch()
         policy_loss(logp, old, adv, mask, LossOptions(kl="minimax", beta=0.1))
+
+
+def test_cispo_by_default_is_m1s_objective():
+    """`name: cispo` alone gives M1 §3's J: the IS weight capped above only, one mean over all tokens (1/Σ|o_i|);
+    the grpo defaults (lower bound 0.2, per-completion means) would give another number on the same tokens."""
+    logp = torch.log(torch.tensor([[0.1, 0.5, 0.6, 0.2], [0.3, 0.9, 0.5, 0.5]])).requires_grad_()
+    old = torch.log(torch.tensor([[0.4, 0.2, 0.5, 0.5], [0.2, 0.3, 0.5, 0.5]]))  # ratios 0.25, 2.5, 1.2 | 1.5, 3
+    adv = torch.tensor([1.0, -0.5])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])  # lengths 3 and 2
+    opts = LossOptions(name="cispo", kl="none")
+    assert (opts.epsilon_low, opts.aggregation) == (None, "token_mean")
+    loss, _ = policy_loss(logp, old, adv, mask, opts)
+    w = torch.exp(logp.detach() - old).clamp(max=1.2)  # r = 0.25 keeps its weight: no lower bound
+    j = (w * adv[:, None] * logp * mask).sum() / mask.sum()
+    assert torch.allclose(loss, -j, atol=1e-7)
+    grpo_style, _ = policy_loss(logp, old, adv, mask, LossOptions(name="cispo", kl="none", epsilon_low=0.2,
+                                                                  aggregation="sequence_mean"))
+    assert abs(grpo_style.item() - loss.item()) > 0.05
+    assert (LossOptions().epsilon_low, LossOptions().aggregation) == (0.2, "sequence_mean")  # grpo unchanged
