@@ -200,6 +200,8 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     notes = {"prompt pool": f"{pool_stats['kept']} of {pool_stats['scored']} prompts kept "
                             f"(pass rate in ({cfg.prompts.lo}, {cfg.prompts.hi}))",
              "reward": f"{ends.get('reward/first')} -> {ends.get('reward/last')}"}
+    if monitor is not None:  # rewards/monitor.py: length growing while success does not [M1 §4]
+        notes["length-bias alarm"] = monitor.summary()
     return finish(cfg, trainer, result, last, tokenizer, before, after, notes=notes, extra={"prompt_pool": pool_stats},
                   curve_keys=("reward", "success_rate", "dynamic/kept_frac", "kl", "entropy",
                               "completions/mean_length", "dropped", "mismatch/prob_corr", "mismatch/logp_abs_mean",

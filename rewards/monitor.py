@@ -12,6 +12,9 @@ have no verifier), and returns metrics to log:
     length_bias/success_trend         absolute growth of the success rate over the window (slope · (W-1))
     length_bias/flag                  1.0 when length grows (> length_growth) and success does not (<= success_growth)
 
+When the flag goes up, the monitor says so on stderr (one line, not every step it stays up), and `summary()` gives
+the steps it was up for the stage's report.
+
 Without success labels the flag falls back to "length grows and the reward follows length within steps"
 (corr_reward_length > corr_threshold). Trends are least-squares slopes over the last `window` steps, so one noisy
 step does not flip the flag. Departure from M1: M1 does not publish its thresholds; the defaults here (10% length
@@ -21,6 +24,7 @@ growth over 20 steps with < 2 points of success gain) are ours.
 from __future__ import annotations
 
 import math
+import sys
 from collections import deque
 
 
@@ -71,6 +75,7 @@ class LengthBiasMonitor:
         self.length_growth, self.success_growth, self.corr_threshold = length_growth, success_growth, corr_threshold
         self.history: deque[tuple[float, float, float, float | None]] = deque(maxlen=window)
         self.flagged_steps: list[int] = []
+        self._raised = False
 
     def update(self, step: int, rewards, lengths, success=None) -> dict[str, float]:
         rewards = [float(r) for r in rewards]
@@ -112,4 +117,29 @@ class LengthBiasMonitor:
         metrics["length_bias/flag"] = float(flag)
         if flag:
             self.flagged_steps.append(step)
+            if not self._raised:  # newly up: say it where the user looks, not only in a logged scalar
+                success = (f"success {metrics['length_bias/success_trend']:+.3f}" if has_success else
+                           f"reward follows length within steps (r = {metrics['length_bias/corr_reward_length']:.2f})")
+                print(f"[length-bias alarm] step {step}: mean completion length "
+                      f"{metrics['length_bias/length_trend']:+.0%} over the last {len(self.history)} steps, "
+                      f"{success}; the reward may be paying for length (M1 §4 recalibrates the reward model here)",
+                      file=sys.stderr, flush=True)
+        self._raised = flag
         return metrics
+
+    def summary(self) -> str:
+        """The steps the alarm was up, as ranges, for the stage's report.
+
+        >>> m = LengthBiasMonitor(window=3, min_steps=2)
+        >>> m.flagged_steps = [4, 5, 6, 9]
+        >>> m.summary()
+        'raised at steps 4-6, 9'
+        """
+        if not self.flagged_steps:
+            return "never raised"
+        runs, start = [], self.flagged_steps[0]
+        for prev, step in zip(self.flagged_steps, self.flagged_steps[1:] + [None]):
+            if step != prev + 1:
+                runs.append(f"{start}-{prev}" if prev != start else f"{start}")
+                start = step
+        return "raised at steps " + ", ".join(runs)

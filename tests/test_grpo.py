@@ -270,6 +270,7 @@ def test_stage_end_to_end(tmp_path, checkpoint):
     metrics = run(cfg)
     out = tmp_path / "run"
     assert (out / "final" / "model.safetensors").is_file() and (out / "summary.md").is_file()
+    assert "length-bias alarm" in (out / "summary.md").read_text()  # its state is reported, raised or not
     assert AutoModelForCausalLM.from_pretrained(out / "final") is not None
     saved = json.loads((out / "metrics.json").read_text())
     assert "arithmetic/accuracy" in saved["before"] and "arithmetic/accuracy" in saved["after"]

@@ -226,7 +226,7 @@ def test_validated_accepts_arrays_and_keeps_components():
 
 # --- length-bias monitor -----------------------------------------------------------------------------------------
 
-def test_monitor_flags_length_growth_without_success():
+def test_monitor_flags_length_growth_without_success(capsys):
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -242,6 +242,9 @@ def test_monitor_flags_length_growth_without_success():
     assert flags[:4] == [0.0] * 4  # too few steps to call a trend
     assert all(flags[5:]) and monitor.flagged_steps[0] == 4
     assert out["length_bias/length_trend"] > 0.5 and out["length_bias/success_trend"] == pytest.approx(0.0)
+    alarms = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[length-bias alarm]")]
+    assert len(alarms) == 1 and alarms[0].startswith("[length-bias alarm] step 4: mean completion length +")  # once
+    assert monitor.summary() == "raised at steps 4-11"
 
 
 def test_monitor_quiet_when_success_grows_with_length():
