@@ -479,6 +479,7 @@ def stock_model_copy(model: MiniMaxForCausalLM) -> MiniMaxForCausalLM:
     """The same weights in an unmodified transformers model (for equivalence tests and benchmarks)."""
     stock = MiniMaxForCausalLM(model.config).to(next(model.parameters()).dtype)
     missing, unexpected = stock.load_state_dict(model.state_dict(), strict=False)
-    # the stock layers keep their own (identical) decay buffers, which `model` no longer saves
+    # the stock layers keep transformers' own decay buffers (its formula, `alignment.lightning.lightning_slopes`),
+    # which `model` does not save
     assert not unexpected and all(name.rsplit(".", 1)[-1] in DECAY_BUFFERS for name in missing), (missing, unexpected)
     return stock.eval()

@@ -220,9 +220,6 @@ def export_released(src: str | Path, out: str | Path, *, model_type: str | None 
                     shard[name] = tensor.contiguous()
                     size += tensor.nbytes
                     total += tensor.nbytes
-                    if size >= max_shard_bytes:
-                        shards.append(shard)
-                        shard, size = {}, 0
         if shard:
             shards.append(shard)
         weight_map = {}

@@ -5,100 +5,45 @@ modeling code). Sequences run past the 256-token lightning block, so the blockwi
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file
 
 from alignment.modeling import load_model
-from released_reference import layer_slopes, reference_logits  # tests/ is on sys.path (rootdir-less import)
+from fixtures.make_released_tiny import Shape, write_checkpoint  # tests/ is on sys.path (rootdir-less import)
+from released_reference import layer_slopes, reference_logits
 
 TOL = 1e-4  # max |Δ log p|, float32 model vs float64 reference
 
-# Residual factors: the lightning pair is the releases' (3.5566, 1.0); the other two differ from it and from each
-# other, so a factor read for the wrong layer kind (or not at all) shows.
+# Residual factors (Shape.factors order): the lightning pair is the releases' (3.5566, 1.0); the other two differ
+# from it and from each other, so a factor read for the wrong layer kind (or not at all) shows.
 FACTORS = {"linear_attention": (3.5566, 1.0), "full_attention": (2.25, 0.8), "mlp": (1.75, 1.2)}
 
 SHAPES = {
     # softmax layer 2 only; the last layer is lightning
-    "a": dict(attn_type_list=[0, 0, 1, 0], hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-              rotary_dim=8, num_local_experts=4, num_experts_per_tok=2, intermediate_size=96, vocab_size=96,
-              rope_theta=10000.0),
+    "a": Shape(kinds=(0, 0, 1, 0), hidden=64, heads=4, kv_heads=2, head_dim=16, rotary_dim=8, experts=4, ffn=96,
+               vocab=96, rope_theta=10000.0, factors=tuple(FACTORS.values())),
     # heads * head_dim (256) != hidden_size (128), as in the releases (64 * 128 vs 6144); the released rope_theta
-    "b": dict(attn_type_list=[0, 1, 0, 0, 0, 1], hidden_size=128, num_attention_heads=8, num_key_value_heads=4,
-              head_dim=32, rotary_dim=16, num_local_experts=8, num_experts_per_tok=2, intermediate_size=64,
-              vocab_size=128, rope_theta=10000000.0),
+    "b": Shape(kinds=(0, 1, 0, 0, 0, 1), hidden=128, heads=8, kv_heads=4, head_dim=32, rotary_dim=16, experts=8,
+               ffn=64, vocab=128, rope_theta=10000000.0, factors=tuple(FACTORS.values())),
     # a head count that is not a power of two: the released slopes take ALiBi's workaround
-    "six_heads": dict(attn_type_list=[0, 1, 0], hidden_size=96, num_attention_heads=6, num_key_value_heads=3,
-                      head_dim=16, rotary_dim=8, num_local_experts=4, num_experts_per_tok=2, intermediate_size=64,
-                      vocab_size=96, rope_theta=10000.0),
+    "six_heads": Shape(kinds=(0, 1, 0), hidden=96, heads=6, kv_heads=3, head_dim=16, rotary_dim=8, experts=4, ffn=64,
+                       vocab=96, rope_theta=10000.0, factors=tuple(FACTORS.values())),
 }
 LENGTHS = {"a": (40, 300), "b": (300, 77), "six_heads": (300,)}
 
 
-def released_config(shape: dict) -> dict:
-    """config.json as the released checkpoints write it (remote code)."""
-    return {"architectures": ["MiniMaxText01ForCausalLM"], "model_type": "minimax_text_01",
-            "auto_map": {"AutoModelForCausalLM": "modeling_minimax_text_01.MiniMaxText01ForCausalLM"},
-            "postnorm": True, "num_hidden_layers": len(shape["attn_type_list"]), "max_position_embeddings": 1024,
-            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "hidden_act": "silu", "shared_intermediate_size": 0,
-            "torch_dtype": "float32", **shape,
-            **{f"layernorm_{kind}_{ab}": value for kind, pair in FACTORS.items()
-               for ab, value in zip(("alpha", "beta"), pair)}}
-
-
-def random_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
-    """Every tensor of the released network under its released name. Matrices with std 1/sqrt(fan_in) (0.06-0.125
-    here): attention and experts move log p by whole nats (the last test) while float32 stays within ~3e-6 of
-    float64; at std 0.2 the tiny network is so sensitive that float32 rounding alone moves log p by 1.3e-3 (config
-    b). Norm weights around 1, not all ones, so a norm left unloaded shows."""
-    g = torch.Generator().manual_seed(seed)
-    hidden, H, KV, D = (config[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim"))
-    ffn, E, vocab = config["intermediate_size"], config["num_local_experts"], config["vocab_size"]
-
-    def rand(out, fan_in):
-        return torch.randn(out, fan_in, generator=g) / fan_in**0.5
-
-    def norm(n):
-        return 1 + 0.1 * torch.randn(n, generator=g)
-
-    w = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g)}
-    for i, kind in enumerate(config["attn_type_list"]):
-        p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"], w[p + "post_attention_layernorm.weight"] = norm(hidden), norm(hidden)
-        if kind == 0:
-            w.update({p + "self_attn.qkv_proj.weight": rand(3 * H * D, hidden),
-                      p + "self_attn.output_gate.weight": rand(H * D, hidden), p + "self_attn.norm.weight": norm(H * D),
-                      p + "self_attn.out_proj.weight": rand(hidden, H * D)})
-        else:
-            w.update({p + "self_attn.q_proj.weight": rand(H * D, hidden),
-                      p + "self_attn.k_proj.weight": rand(KV * D, hidden),
-                      p + "self_attn.v_proj.weight": rand(KV * D, hidden),
-                      p + "self_attn.o_proj.weight": rand(hidden, H * D)})
-        w[p + "block_sparse_moe.gate.weight"] = rand(E, hidden)
-        for e in range(E):
-            q = f"{p}block_sparse_moe.experts.{e}."
-            w.update({q + "w1.weight": rand(ffn, hidden), q + "w3.weight": rand(ffn, hidden),
-                      q + "w2.weight": rand(hidden, ffn)})
-    w["model.norm.weight"], w["lm_head.weight"] = norm(hidden), rand(vocab, hidden)
-    return w
-
-
-def write_released_checkpoint(path, config: dict, weights: dict) -> None:
-    """Two shards split mid-network (the first layers in shard 1, the rest and the head in shard 2) + the index."""
-    split = len(config["attn_type_list"]) // 2
-    weight_map = {}
-    for name in weights:
-        m = re.match(r"model\.layers\.(\d+)\.", name)
-        first = name == "model.embed_tokens.weight" or (m is not None and int(m[1]) < split)
-        weight_map[name] = f"model-0000{1 if first else 2}-of-00002.safetensors"
-    for shard in sorted(set(weight_map.values())):
-        save_file({n: t.contiguous() for n, t in weights.items() if weight_map[n] == shard}, str(path / shard),
-                  metadata={"format": "pt"})
-    total = sum(t.numel() * t.element_size() for t in weights.values())
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                   "weight_map": weight_map}))
-    (path / "config.json").write_text(json.dumps(config))
+def write_random_checkpoint(path: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A float32 random checkpoint of SHAPES[name] in the released layout (tests/fixtures/make_released_tiny: two
+    shards + index, remote-code config.json), and its config and tensors as read back from the files. Matrices
+    with std 1/sqrt(fan_in): attention and experts move log p by whole nats (the last test) while float32 stays
+    within ~3e-6 of float64; at std 0.2 the tiny network is so sensitive that float32 rounding alone moves log p by
+    1.3e-3 (config b)."""
+    write_checkpoint(path, SHAPES[name], seed=list(SHAPES).index(name), std=1.0, dtype=torch.float32, fan_in=True)
+    tensors = {n: t for file in sorted(path.glob("*.safetensors")) for n, t in load_file(file).items()}
+    return json.loads((path / "config.json").read_text()), tensors
 
 
 def transformers_names(weights: dict) -> dict[str, torch.Tensor]:
@@ -126,10 +71,8 @@ def released(tmp_path_factory):
 
     def get(name):
         if name not in cache:
-            config = released_config(SHAPES[name])
-            weights = random_weights(config, seed=list(SHAPES).index(name))
             path = tmp_path_factory.mktemp(f"released_{name}")
-            write_released_checkpoint(path, config, weights)
+            config, weights = write_random_checkpoint(path, name)
             cache[name] = config, weights, load_model(path, tokenizer=None).eval()
         return cache[name]
 
