@@ -211,12 +211,12 @@ def _chunk_lightning(q, k, v, g_gamma, output_state: bool, cu_seqlens=None, cu_s
                             cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu)
 
 
-def lightning_attention_fla_bthd(q, k, v, slope, doc_ids=None, output_state: bool = True):
+def lightning_attention_fla_bthd(q, k, v, slope, doc_ids=None, output_state: bool = True, state_dtype=None):
     """Lightning attention on flash-linear-attention's `chunk_simple_gla` in fla's own layout.
 
     q, k, v: (B, T, H, D), contiguous (otherwise fla copies them); slope: H values (any shape); doc_ids: (B, T) or
     None. Returns out (B, T, H, D) in v's dtype and, if `output_state`, the (B, H, D, D) state after each row's last
-    document (of that document only), else None.
+    document (of that document only; in `state_dtype`, default v's), else None.
     """
     B, T, H, D = q.shape
     g_gamma = -slope.reshape(H).float()  # log decay per step: λ = exp(-slope)
@@ -228,15 +228,15 @@ def lightning_attention_fla_bthd(q, k, v, slope, doc_ids=None, output_state: boo
         out, states = _chunk_lightning(q, k, v, g_gamma, output_state, cu, cu_cpu)
         out = out.reshape(B, T, H, D)
         state = states[last] if output_state else None  # (B, H, D, D): each row's last document
-    return out.to(v.dtype), None if state is None else state.to(v.dtype)
+    return out.to(v.dtype), None if state is None else state.to(state_dtype or v.dtype)
 
 
-def lightning_attention_fla(q, k, v, slope, doc_ids=None, output_state: bool = True):
+def lightning_attention_fla(q, k, v, slope, doc_ids=None, output_state: bool = True, state_dtype=None):
     """`alignment.lightning.lightning_attention` on fla (same arguments and results; the state is None unless
     `output_state`): q, k, v (B, H, T, D) -> out (B, H, T, D), state (B, H, D, D). The transposes to fla's layout
     cost a copy of each input; the model's layer avoids them (`lightning_layer_fla`)."""
     out, state = lightning_attention_fla_bthd(*(x.transpose(1, 2) for x in (q, k, v)), slope, doc_ids,
-                                              output_state)
+                                              output_state, state_dtype)
     return out.transpose(1, 2), state
 
 
@@ -325,11 +325,13 @@ def silu_split_heads(qkv: torch.Tensor, heads: int, head_dim: int, act=F.silu):
 
 
 def lightning_layer_fla(layer: mm.MiniMaxLightningAttention, hidden_states, attention_mask=None, doc_ids=None,
-                        output_state: bool = True):
+                        output_state: bool = True, context=None):
     """The fast path of a whole transformers `MiniMaxLightningAttention` layer (prefill / training, no cached
     state): `out_proj(sigmoid(output_gate(x)) · RMSNorm(lightning(silu(qkv_proj(x)))))`, the same math as
     transformers' forward, with the element-wise work fused (module docstring). hidden_states (B, T, hidden);
-    doc_ids (B, T) or None. Returns the layer output (B, T, hidden) and the state (B, H, D, D) or None."""
+    doc_ids (B, T) or None; `context`: an `alignment.context_parallel.ContextParallelPlan` when the rows are one
+    rank's slices (the incoming state is added before the norm). Returns the layer output (B, T, hidden) and the
+    state (B, H, D, D) or None."""
     from fla.modules.norm.fused_norm_gate import rms_norm_gated
 
     B, T, _ = hidden_states.shape
@@ -338,7 +340,14 @@ def lightning_layer_fla(layer: mm.MiniMaxLightningAttention, hidden_states, atte
     if attention_mask is not None:  # padding rows: the same zeroing transformers applies to the activations
         q, k, v = (mm.apply_mask_to_padding_states(x.view(B, T, H * D), attention_mask).view(B, T, H, D)
                    for x in (q, k, v))
-    out, state = lightning_attention_fla_bthd(q, k, v, layer.slope_fp32(q.device), doc_ids, output_state)
+    slope = layer.slope_fp32(q.device)
+    if context is None:
+        out, state = lightning_attention_fla_bthd(q, k, v, slope, doc_ids, output_state)
+    else:
+        from alignment.context_parallel import lightning_exchange
+
+        out, state = lightning_attention_fla_bthd(q, k, v, slope, doc_ids, True, torch.float32)
+        out, state = lightning_exchange(out, q, state, slope, context)
     norm = layer.norm
     gated = rms_norm_gated(out.reshape(B, T, H * D), layer.output_gate(hidden_states), norm.weight, None,
                            activation="sigmoid", eps=norm.variance_epsilon)

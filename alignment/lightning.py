@@ -67,6 +67,7 @@ def lightning_attention(
     slope: torch.Tensor,
     doc_ids: torch.Tensor | None = None,
     block_size: int = 256,
+    state_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise causal linear attention with decay, isolated per document.
 
@@ -76,6 +77,7 @@ def lightning_attention(
             that flattens to H).
         doc_ids: (B, T) document index per token (non-decreasing along T), or None for one document per row.
         block_size: tokens per block; the result does not depend on it (up to rounding).
+        state_dtype: dtype of the returned state (default `v`'s; the context-parallel exchange keeps float32).
 
     Returns:
         out: (B, H, T, D) in the dtype of `v`.
@@ -122,7 +124,7 @@ def lightning_attention(
                 same_doc = (doc_ids[:, end - 1] == doc_ids[:, start - 1])[:, None, None, None]  # (B, 1, 1, 1)
                 block_decay = block_decay * same_doc
         state = state * block_decay + torch.matmul((kb * key_decay).transpose(-1, -2), vb)
-    return torch.cat(outputs, dim=2), state.to(dtype)
+    return torch.cat(outputs, dim=2), state.to(state_dtype or dtype)
 
 
 def naive_lightning_attention(q, k, v, slope, doc_ids=None) -> torch.Tensor:

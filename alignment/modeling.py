@@ -38,6 +38,8 @@ from alignment.config import ConfigError, read_yaml
 from alignment.kernels import (check_lightning_kernel, lightning_attention_fla, lightning_layer_fla,
                                resolve_lightning_kernel,
                                varlen_softmax_attention, varlen_softmax_available)
+from alignment.context_parallel import lightning_exchange, plan as context_parallel_plan
+from alignment.context_parallel import softmax_attention as context_parallel_softmax
 from alignment.lightning import document_ids, lightning_attention, lightning_slopes
 from alignment.released import DECAY_BUFFERS, MODEL_TYPES as RELEASED_MODEL_TYPES, checkpoint_config, head_dim, rotary_dim
 
@@ -97,18 +99,26 @@ class PackedLightningAttention(mm.MiniMaxLightningAttention):
             return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
         B, T, _ = hidden_states.shape
         docs = _layer_document_ids(kwargs, B)
+        context = kwargs.get("context_parallel")  # this row is one rank's slice (alignment.context_parallel)
         kernel = resolve_lightning_kernel(self.lightning_kernel, hidden_states.device)
         if kernel == "fla_fused":  # the whole layer fused (alignment.kernels.lightning_layer_fla)
-            out, state = lightning_layer_fla(self, hidden_states, attention_mask, docs, past_key_values is not None)
+            out, state = lightning_layer_fla(self, hidden_states, attention_mask, docs, past_key_values is not None,
+                                             context)
         else:
             qkv = self.act_fn(self.qkv_proj(hidden_states))
             qkv = mm.apply_mask_to_padding_states(qkv, attention_mask)
             q, k, v = qkv.reshape(B, T, self.num_attention_heads, 3 * self.head_dim).transpose(1, 2).chunk(3, dim=-1)
+            slope = self.slope_fp32(q.device)
+            # the exchange adds states in float32 at least (a bf16 state would be rounded before it is passed)
+            state_dtype = None if context is None else torch.promote_types(q.dtype, torch.float32)
             if kernel == "fla":  # fla's chunk kernel for the attention; norm and gate below (measured in bench/)
-                out, state = lightning_attention_fla(q, k, v, self.slope_fp32(q.device), docs,
-                                                     past_key_values is not None)
+                out, state = lightning_attention_fla(q, k, v, slope, docs, past_key_values is not None or
+                                                     context is not None, state_dtype)
             else:
-                out, state = lightning_attention(q, k, v, self.slope_fp32(q.device), docs, self.block_size)
+                out, state = lightning_attention(q, k, v, slope, docs, self.block_size, state_dtype)
+            if context is not None:  # add the state entering this slice (in fla's (B, T, H, D) layout: views)
+                out, state = lightning_exchange(out.transpose(1, 2), q.transpose(1, 2), state, slope, context)
+                out = out.transpose(1, 2)
             out = self.norm(out.transpose(1, 2).reshape(B, T, -1))
             out = self.out_proj(torch.sigmoid(self.output_gate(hidden_states)) * out)
         if past_key_values is not None:
@@ -183,6 +193,10 @@ class PackedSoftmaxAttention(mm.MiniMaxAttention):
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # (B, H_kv, T, D)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         q, k = apply_rotary(q, k, *position_embeddings)
+        context = kwargs.get("context_parallel")
+        if context is not None:  # this row is one rank's slice: attend across slices (alignment.context_parallel)
+            out = context_parallel_softmax(q, k, v, context, self.scaling)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), None
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         per_document = docs is not None and attention_mask is None and fresh and \
@@ -236,7 +250,12 @@ class MiniMaxDecodeCache(mm.MiniMaxCache):
 def same_document_masks(model: mm.MiniMaxModel, args: tuple, kwargs: dict):
     """Forward pre-hook on `MiniMaxModel`: installs `MiniMaxDecodeCache` when a cache is wanted, and for a prefill
     computes the packed document ids once (`document_ids`, read by every layer). Packed unpadded rows need no mask
-    (layers isolate documents themselves); packed padded rows get a causal ∧ same-document ∧ not-padding mask."""
+    (layers isolate documents themselves); packed padded rows get a causal ∧ same-document ∧ not-padding mask.
+    With a context-parallel group set (`alignment.context_parallel.set_context_parallel`) the inputs are one rank's
+    slices and the layers get the plan instead (`_context_parallel_kwargs`)."""
+    group = getattr(model, "context_parallel_group", None)
+    if group is not None:
+        return args, _context_parallel_kwargs(model, group, kwargs)
     use_cache = kwargs.get("use_cache")
     if (model.config.use_cache if use_cache is None else use_cache) and kwargs.get("past_key_values") is None:
         kwargs = {**kwargs, "past_key_values": MiniMaxDecodeCache(model.config.layer_types)}
@@ -270,6 +289,28 @@ def same_document_masks(model: mm.MiniMaxModel, args: tuple, kwargs: dict):
         "linear_attention": create_recurrent_attention_mask(**mask_kwargs),
     }
     return args, {**kwargs, "attention_mask": masks}
+
+
+def _context_parallel_kwargs(model: mm.MiniMaxModel, group, kwargs: dict) -> dict:
+    """The pre-hook's work for one rank's slices of packed rows (`alignment.context_parallel.set_context_parallel`):
+    the plan, this slice's document ids, no masks (layers isolate documents themselves), no cache."""
+    position_ids, attention_mask = kwargs.get("position_ids"), kwargs.get("attention_mask")
+    if position_ids is None or kwargs.get("input_ids") is None and kwargs.get("inputs_embeds") is None:
+        raise ValueError("context parallelism needs the rows' input_ids and position_ids as keywords (each rank "
+                         "passes its slice of them)")
+    if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and bool(attention_mask.all())):
+        raise ValueError("context parallelism takes unpadded packed rows: got an attention mask with padding "
+                         "(pad with alignment.context_parallel.pad_rows instead)")
+    if model.config._attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"context parallelism runs its own softmax attention; attn_implementation "
+                         f"'{model.config._attn_implementation}' is not supported (use sdpa)")
+    inputs_embeds = kwargs.get("inputs_embeds")
+    if inputs_embeds is None:
+        inputs_embeds = model.embed_tokens(kwargs["input_ids"])
+    context = context_parallel_plan(position_ids.expand(inputs_embeds.shape[0], -1), group)
+    return {**kwargs, "inputs_embeds": inputs_embeds, "input_ids": None, "past_key_values": None,
+            "use_cache": False, "document_ids": context.local_docs, "context_parallel": context,
+            "attention_mask": {"full_attention": None, "linear_attention": None}}
 
 
 class FP32LMHead(torch.nn.Linear):
