@@ -1,9 +1,10 @@
-# Set-up and entry points. Everything runs inside .venv, created on first use.
+# Set-up and entry points. Everything runs inside .venv, created on first use (with bubblewrap, the code jail).
 #   make demo      set up, then run the staged pipeline on the built-in tiny model (CPU; 13-19 min on 2 cores)
 #   make test      set up, then run the test suite (doctests included)
 #   make readme-report  after make demo: the demo's report table into README.md
 #   make pipeline  the pipeline alone (PIPELINE_CONFIG=...); make sft / long-sft / dpo / long-dpo / grpo / rm / eval-rm
-#                  run one stage (SFT_CONFIG=... etc.): each is `python -m pipelines STAGE --config FILE`
+#                  run one stage (SFT_CONFIG=... etc.): each is `python -m pipelines STAGE --config FILE`;
+#                  NPROC=N (default 1) launches it on N processes with torchrun, each stage with its YAML's DeepSpeed file
 #   make base      rebuild the tiny base checkpoint (GPU recommended, ~12 min on one H200; docs/tiny_base.md)
 #   make bench     GPU machine only: fast path vs stock transformers (bench/README.md); BENCH_PY=python3 there
 #   make bench-rollout  GPU machine only (+ vLLM): rollout speed, weight sync and train/rollout mismatch, vLLM vs HF
@@ -30,13 +31,34 @@ LONG_DPO_CONFIG ?= configs/$(SIZE)/long_dpo.yaml
 GRPO_CONFIG ?= configs/$(SIZE)/grpo.yaml
 RM_CONFIG ?= configs/$(SIZE)/rm.yaml
 EVAL_RM_CONFIG ?= configs/$(SIZE)/eval_rm.yaml
+# Processes per node. 1: a plain process (the default). N > 1: torchrun starts N ranks (one per GPU; gloo on CPU), and
+# each stage's Trainer loads its YAML's training.deepspeed file itself (`pip install -e '.[deepspeed]'`). Several
+# nodes: TORCHRUN_ARGS='--nnodes 9 --node-rank R --master-addr HOST --master-port 29500' on each node.
+NPROC ?= 1
+TORCHRUN_ARGS ?= --standalone
+LAUNCH := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run $(TORCHRUN_ARGS) --nproc-per-node $(NPROC))
 
-.PHONY: setup base demo readme-report pipeline sft long-sft dpo long-dpo grpo rm eval-rm test bench bench-rollout bench-released clean help
+.PHONY: setup jail-tool base demo readme-report pipeline sft long-sft dpo long-dpo grpo rm eval-rm test bench bench-rollout bench-released clean help
 
 help:
-	@sed -n '1,9p' Makefile
+	@sed -n '1,10p' Makefile
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed jail-tool
+
+# The code reward's jail (rewards/sandbox.py) is bubblewrap: installed from the distribution's packages when `bwrap`
+# is missing (apt-get; through sudo when not root), else nothing is done. Without apt-get it says what to install
+# and goes on: only the code reward needs it, and that refuses to start without it.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+jail-tool:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing bubblewrap (the code reward's jail)"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    $(SUDO) apt-get install -y -qq bubblewrap >/dev/null 2>&1 || \
+	      { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq bubblewrap >/dev/null; }; \
+	  else \
+	    echo "warning: bwrap not found; the code reward needs it: install bubblewrap (dnf/pacman/zypper install bubblewrap)"; \
+	  fi; }
 
 # torch goes first and pinned: on CPU machines torch==$(TORCH_VERSION) is a local CPU build, while an unpinned torch
 # pulled in by another package would download gigabytes of CUDA wheels.
@@ -49,30 +71,30 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 # every stage target goes through the one stage registry (pipelines/stages.py)
 pipeline: setup
-	$(PY) -m pipelines pipeline --config $(PIPELINE_CONFIG)
+	$(LAUNCH) -m pipelines pipeline --config $(PIPELINE_CONFIG)
 
 sft: setup
-	$(PY) -m pipelines sft --config $(SFT_CONFIG)
+	$(LAUNCH) -m pipelines sft --config $(SFT_CONFIG)
 
 long-sft: setup
-	$(PY) -m pipelines long-sft --config $(LONG_SFT_CONFIG)
+	$(LAUNCH) -m pipelines long-sft --config $(LONG_SFT_CONFIG)
 
 # offline DPO from the SFT checkpoint (make sft first); long DPO from the DPO checkpoint
 dpo: setup
-	$(PY) -m pipelines dpo --config $(DPO_CONFIG)
+	$(LAUNCH) -m pipelines dpo --config $(DPO_CONFIG)
 
 long-dpo: setup
-	$(PY) -m pipelines long-dpo --config $(LONG_DPO_CONFIG)
+	$(LAUNCH) -m pipelines long-dpo --config $(LONG_DPO_CONFIG)
 
 grpo: setup
-	$(PY) -m pipelines grpo --config $(GRPO_CONFIG)
+	$(LAUNCH) -m pipelines grpo --config $(GRPO_CONFIG)
 
 # reward model from the SFT checkpoint (make sft first), then its held-out report
 rm: setup
-	$(PY) -m pipelines rm --config $(RM_CONFIG)
+	$(LAUNCH) -m pipelines rm --config $(RM_CONFIG)
 
 eval-rm: setup
-	$(PY) -m pipelines eval-rm --config $(EVAL_RM_CONFIG)
+	$(LAUNCH) -m pipelines eval-rm --config $(EVAL_RM_CONFIG)
 
 demo: setup pipeline
 	@echo "demo finished: see $(RUN)/report.md"

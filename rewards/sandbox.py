@@ -14,9 +14,9 @@ What a program gets, per run (`_jail_argv`):
 - uid/gid 65534 (nobody) inside, every capability dropped, no_new_privs (bwrap always sets it), its own session
   (no TIOCSTI into the trainer's terminal), killed when bwrap dies (`--die-with-parent`).
 - A read-only view of only what the interpreter needs: `/usr` (with the merged-usr `/bin`, `/lib*` links) and the
-  interpreter's own prefix when it lives elsewhere (a pyenv or conda Python); no `/etc`, `/home`, `/root`, `/run`,
-  no sysfs; a fresh `/proc` of its own PID namespace (so no `/proc/<trainer pid>`), mounted read-only, and a
-  minimal `/dev`, read-only. The root is remounted read-only too.
+  interpreter's own prefix when it lives elsewhere (a pyenv or conda Python; the directories above it are empty);
+  no `/etc`, `/home`, `/run`, no sysfs; a fresh `/proc` of its own PID namespace (so no `/proc/<trainer pid>`),
+  mounted read-only, and a minimal `/dev`, read-only. The root is remounted read-only too.
 - One writable directory, the working directory `/tmp`: a tmpfs of `scratch_mb`. The job's files (`main.py`, ...)
   sit in it as read-only bind mounts, so a program cannot rewrite the harness or its tests.
 - No network at all: the network namespace has only a loopback of its own (abstract Unix sockets are per network
@@ -31,11 +31,10 @@ What a program gets, per run (`_jail_argv`):
   forks do not leave it).
 - An environment of PATH, HOME, TMPDIR and LANG only: the trainer's variables never reach bwrap.
 
-The outer uid is the trainer's. When the trainer is root the jail's uid 65534 is root on the host (kuid 0) with
-no capabilities; what keeps it from root's powers is that nothing writable from the host is mounted (read-only
-`/proc` stops the root-owned sysctl and sysrq files), plus the seccomp filter. Running bwrap as nobody instead is
-not possible in general: an interpreter under `/root` (pyenv) is not reachable by nobody, and bwrap in setuid mode
-refuses the tmpfs size limit.
+On the host the jail's processes belong to the trainer's uid, or to nobody when the trainer is root
+(`_as_nobody`): never to root, whose processes Linux exempts from RLIMIT_NPROC (a fork bomb would be bounded by
+the wall clock alone) and whose files and `/proc/sys` a uid-0 process could reach through any mount that is left
+writable by mistake.
 
 No unsafe fallback: `isolation="bwrap"` (the default) raises `JailUnavailable` (how to install bwrap) where bwrap
 is missing or cannot create its namespaces. `isolation="none"` runs the program as a plain subprocess with the same
@@ -186,9 +185,9 @@ def _as_nobody(bwrap: str) -> list[str]:
     for a root-owned process, user namespace or not) and nothing of root's reaches them."""
     # the host /proc, not a fresh one: the kernel lets the inner user namespace mount its own proc only where a
     # fully visible one is already mounted
-    return [bwrap, "--die-with-parent", *_read_only_tree(), "--bind", "/proc", "/proc", "--dev", "/dev", "--dir", "/tmp", "--",
-            "/usr/bin/setpriv", f"--reuid={JAIL_UID}", f"--regid={JAIL_UID}", "--clear-groups", "--no-new-privs",
-            "--"]
+    return [bwrap, "--die-with-parent", *_read_only_tree(), "--bind", "/proc", "/proc", "--dev", "/dev",
+            "--dir", "/tmp", "--", "/usr/bin/setpriv", f"--reuid={JAIL_UID}", f"--regid={JAIL_UID}", "--clear-groups",
+            "--no-new-privs", "--"]
 
 
 def _jail_argv(bwrap: str, scratch_mb: int, file_fds: dict[str, int], seccomp_fd: int | None) -> list[str]:
@@ -224,9 +223,9 @@ def jail_check() -> str:
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise JailUnavailable(f"the code reward's jail tool bwrap was not found on PATH; {INSTALL_HINT}")
-    if not os.path.exists("/usr/bin/prlimit"):
-        raise JailUnavailable("the code reward's jail needs /usr/bin/prlimit (util-linux) for its limits; "
-                              "install util-linux")
+    for tool in ("prlimit", "setpriv"):  # limits; the drop to nobody under a root trainer
+        if not os.path.exists(f"/usr/bin/{tool}"):
+            raise JailUnavailable(f"the code reward's jail needs /usr/bin/{tool}: install util-linux")
     probe = _run("import os\nprint(os.getuid())", {}, "", 10.0, 64, 64, 64, 8, 8, bwrap)
     if probe.returncode != 0 or probe.stdout.strip() != str(JAIL_UID):
         raise JailUnavailable(f"bwrap ({bwrap}) is installed but cannot start the jail here (exit "

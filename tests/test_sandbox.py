@@ -113,7 +113,8 @@ WRITES = {
     "open": "open({marker!r}, 'w').write('x'); ok = True",
     "dir_fd": "import os\nd = os.open({dir!r}, os.O_RDONLY)\n"
               "os.close(os.open('escaped', os.O_WRONLY | os.O_CREAT, dir_fd=d)); ok = True",
-    "sqlite3": "import sqlite3\nc = sqlite3.connect({marker!r})\nc.execute('create table t (x)'); c.commit()\nok = True",
+    "sqlite3": "import sqlite3\nc = sqlite3.connect({marker!r})\nc.execute('create table t (x)'); c.commit()\n"
+               "ok = True",
     "fork_exec": "import os\nCMD = b'echo x > {marker}'\n" + FORK_EXEC + "ok = os.path.exists({marker!r})",
     "os.system": "import os\nos.system('echo x > {marker}'); ok = os.path.exists({marker!r})",
     "subprocess": "import subprocess, os\nsubprocess.run(['sh', '-c', 'echo x > {marker}']); "
@@ -315,8 +316,8 @@ def test_fork_bombs_are_bounded(target):
     assert 0 < forks < 16
     assert score(body, max_processes=16) == (0.0, False)
     start = time.monotonic()
-    shell = run_sandboxed(target.fmt("import subprocess, time\nsubprocess.run(['sh', '-c', 'b() {{ b | b & }}; b # {tag}'])\n"
-                                     "time.sleep(30)"), timeout_s=1.5)
+    bomb = "import subprocess, time\nsubprocess.run(['sh', '-c', 'b() {{ b | b & }}; b # {tag}'])\ntime.sleep(30)"
+    shell = run_sandboxed(target.fmt(bomb), timeout_s=1.5)
     assert shell.timed_out and time.monotonic() - start < 4
     time.sleep(0.2)
     assert pids_with(target.tag) == []
@@ -327,7 +328,8 @@ def test_a_fork_bomb_does_not_starve_its_neighbours():
     """RLIMIT_NPROC counts per jail (per user namespace): a bomb in one worker leaves the others their processes."""
     reward = build_reward({"code": {"timeout_s": 1.5, "workers": 3}})
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
-    forker = "import subprocess\ndef f(x):\n    return int(subprocess.run(['echo', str(x * x)], capture_output=True).stdout)"
+    forker = ("import subprocess\ndef f(x):\n"
+              "    return int(subprocess.run(['echo', str(x * x)], capture_output=True).stdout)")
     out = reward(["p"] * 3, [bomb, forker, forker], tests=[["assert f(3) == 9"]] * 3)
     assert out.scores == [0.0, 1.0, 1.0]
 
@@ -410,7 +412,8 @@ TAMPER = {
     "write memory": "open('/proc/1/mem', 'wb'); ok = True",
     "new user namespace": "import ctypes\nok = ctypes.CDLL(None).unshare(0x10000000) == 0",  # CLONE_NEWUSER
     # forge the result lines: without the token, or by leaving before the tests run
-    "forged lines": "import sys\nfor i in range(3):\n    print('x pass', i)\n    sys.__stdout__.write('pass %d\\n' % i)",
+    "forged lines": "import sys\nfor i in range(3):\n    print('x pass', i)\n"
+                    "    sys.__stdout__.write('pass %d\\n' % i)",
     "exit early": "import os\nos._exit(0)",
 }
 
@@ -428,7 +431,8 @@ def test_known_good_and_wrong_solutions():
     problems = [
         ("def add(a, b):\n    return a + b", "def add(a, b):\n    return a - b",
          ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]),
-        ("import functools\n@functools.lru_cache(None)\ndef fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)",
+        ("import functools\n@functools.lru_cache(None)\ndef fib(n):\n"
+         "    return n if n < 2 else fib(n - 1) + fib(n - 2)",
          "def fib(n):\n    return n",
          ["assert fib(10) == 55", "assert fib(50) == 12586269025"]),
         ("import re\ndef words(s):\n    return re.findall(r'[a-z]+', s.lower())",
