@@ -42,7 +42,7 @@ LAUNCH := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run $(TORCH
 .PHONY: setup jail-tool base demo readme-report pipeline sft long-sft dpo long-dpo grpo rm eval-rm test bench bench-rollout bench-released bench-sandbox clean help
 
 help:
-	@sed -n '1,11p' Makefile
+	@sed -n '1,12p' Makefile
 
 setup: $(VENV)/.installed jail-tool
 
