@@ -190,10 +190,12 @@ def _as_nobody(bwrap: str) -> list[str]:
             "--no-new-privs", "--"]
 
 
-def _jail_argv(bwrap: str, scratch_mb: int, file_fds: dict[str, int], seccomp_fd: int | None) -> list[str]:
+def _jail_argv(bwrap: str, scratch_mb: int, file_fds: dict[str, int], seccomp_fd: int | None,
+               info_fd: int) -> list[str]:
     args = _as_nobody(bwrap) if os.geteuid() == 0 else []
     args += [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--uid", str(JAIL_UID), "--gid",
-            str(JAIL_UID), "--hostname", "jail", "--die-with-parent", "--new-session", "--clearenv"]
+            str(JAIL_UID), "--hostname", "jail", "--die-with-parent", "--new-session", "--clearenv",
+             "--info-fd", str(info_fd)]  # {"child-pid": the jail's init}, for _kill to wait on
     for key, value in _ENV.items():
         args += ["--setenv", key, value]
     args += _read_only_tree()
@@ -226,7 +228,8 @@ def jail_check() -> str:
     for tool in ("prlimit", "setpriv"):  # limits; the drop to nobody under a root trainer
         if not os.path.exists(f"/usr/bin/{tool}"):
             raise JailUnavailable(f"the code reward's jail needs /usr/bin/{tool}: install util-linux")
-    probe = _run("import os\nprint(os.getuid())", {}, "", 10.0, 64, 64, 64, 8, 8, bwrap)
+    probe = _run("import os\nprint(os.getuid())", {}, "", bwrap, timeout_s=10.0, memory_mb=64, max_output_kb=64,
+                 max_file_kb=64, scratch_mb=8, max_processes=8)
     if probe.returncode != 0 or probe.stdout.strip() != str(JAIL_UID):
         raise JailUnavailable(f"bwrap ({bwrap}) is installed but cannot start the jail here (exit "
                               f"{probe.returncode}: {probe.stderr.strip()[-300:] or 'no message'}); {INSTALL_HINT}")
@@ -252,15 +255,16 @@ def run_sandboxed(code: str, files: dict[str, str] | None = None, stdin: str = "
         if not _FILE_NAME.fullmatch(name) or (name == "main.py" and name in files):
             raise ValueError(f"sandbox file name {name!r}: a plain file name other than main.py")
     bwrap = jail_check() if isolation == "bwrap" else None
-    return _run(code, files, stdin, timeout_s, memory_mb, max_output_kb, max_file_kb, scratch_mb, max_processes,
-                bwrap)
+    return _run(code, files, stdin, bwrap, timeout_s=timeout_s, memory_mb=memory_mb, max_output_kb=max_output_kb,
+                max_file_kb=max_file_kb, scratch_mb=scratch_mb, max_processes=max_processes)
 
 
-def _run(code, files, stdin, timeout_s, memory_mb, max_output_kb, max_file_kb, scratch_mb, max_processes,
-         bwrap) -> SandboxResult:
+def _run(code: str, files: dict[str, str], stdin: str, bwrap: str | None, *, timeout_s: float, memory_mb: int,
+         max_output_kb: int, max_file_kb: int, scratch_mb: int, max_processes: int) -> SandboxResult:
+    """`run_sandboxed` after its checks: in the jail of `bwrap`, or unjailed when it is None."""
     files = {"main.py": code, **files}
     limits = _limit_argv(timeout_s, memory_mb, max_file_kb, max_processes)
-    fds, workdir = [], None
+    fds, workdir, info = [], None, None
     try:
         if bwrap is not None:
             file_fds = {name: _memfd(name, text.encode()) for name, text in files.items()}
@@ -269,7 +273,9 @@ def _run(code, files, stdin, timeout_s, memory_mb, max_output_kb, max_file_kb, s
             seccomp_fd = None if rules is None else _memfd("seccomp", rules)
             if seccomp_fd is not None:
                 fds.append(seccomp_fd)
-            argv, cwd, env = _jail_argv(bwrap, scratch_mb, file_fds, seccomp_fd) + limits, "/", {}
+            info, info_w = os.pipe()
+            fds.append(info_w)
+            argv, cwd, env = _jail_argv(bwrap, scratch_mb, file_fds, seccomp_fd, info_w) + limits, "/", {}
         else:
             workdir = tempfile.mkdtemp(prefix="reward-sandbox-")
             for name, text in files.items():
@@ -281,25 +287,29 @@ def _run(code, files, stdin, timeout_s, memory_mb, max_output_kb, max_file_kb, s
         for fd in fds:  # bwrap has its copies
             os.close(fd)
         fds = []
+        jail = bytearray()
         try:
             out, err, timed_out, flooded = _communicate(proc, stdin.encode(), start + timeout_s,
-                                                        max_output_kb << 10)
+                                                        max_output_kb << 10, info, jail)
         finally:
-            _kill(proc)
+            _kill(proc, jail)
         returncode = None if timed_out or flooded else proc.returncode
         return SandboxResult(returncode, out.decode(errors="replace"), err.decode(errors="replace"), timed_out,
                              flooded, time.monotonic() - start, "none" if bwrap is None else "bwrap")
     finally:
-        for fd in fds:
+        for fd in fds + ([info] if info is not None else []):
             os.close(fd)
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _communicate(proc: subprocess.Popen, data: bytes, deadline: float, cap: int):
-    """Feed stdin and read stdout/stderr until both close, the deadline passes, or either passes `cap` bytes:
-    (stdout, stderr, timed out, flooded), each output cut at `cap`."""
+def _communicate(proc: subprocess.Popen, data: bytes, deadline: float, cap: int, info: int | None,
+                 jail: bytearray):
+    """Feed stdin and read stdout/stderr (and bwrap's `info` fd into `jail`) until all close, the deadline passes,
+    or either output passes `cap` bytes: (stdout, stderr, timed out, flooded), each output cut at `cap`."""
     chunks = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    if info is not None:
+        chunks[info] = jail
     sel = selectors.DefaultSelector()
     for stream in chunks:
         sel.register(stream, selectors.EVENT_READ)
@@ -325,19 +335,22 @@ def _communicate(proc: subprocess.Popen, data: bytes, deadline: float, cap: int)
                         sel.unregister(proc.stdin)
                         proc.stdin.close()
                     continue
-                chunk = os.read(key.fileobj.fileno(), 65536)
+                fd = key.fileobj if isinstance(key.fileobj, int) else key.fileobj.fileno()
+                chunk = os.read(fd, 65536)
                 if not chunk:
                     sel.unregister(key.fileobj)
                     continue
                 buf = chunks[key.fileobj]
                 buf += chunk
-                flooded = flooded or len(buf) > cap
+                flooded = flooded or (key.fileobj is not info and len(buf) > cap)
     return bytes(chunks[proc.stdout][:cap]), bytes(chunks[proc.stderr][:cap]), timed_out, flooded
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def _kill(proc: subprocess.Popen, jail: bytes) -> None:
     """SIGKILL the child's process group and reap it. In the jail the group is bwrap's: its death kills the
-    jail's init (--die-with-parent), and the kernel then kills every process of the PID namespace."""
+    jail's init (--die-with-parent), and the kernel then kills every process of the PID namespace, after bwrap
+    is gone: so wait for the init (its pid from bwrap's info, `jail`) to exit too, which it does only once the
+    namespace is empty. Then nothing of the program is left when `run_sandboxed` returns."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -345,6 +358,20 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
     for stream in (proc.stdin, proc.stdout, proc.stderr):
         stream.close()
+    try:
+        init = json.loads(bytes(jail))["child-pid"]
+    except (ValueError, KeyError, TypeError):
+        return  # killed before the jail was up: bwrap had no init to report
+    try:
+        pidfd = os.pidfd_open(init)
+    except ProcessLookupError:
+        return
+    try:
+        with selectors.DefaultSelector() as sel:  # a pidfd turns readable when its process has exited
+            sel.register(pidfd, selectors.EVENT_READ)
+            sel.select(5.0)
+    finally:
+        os.close(pidfd)
 
 
 # ---------------------------------------------------------------------------------------------------------------
