@@ -72,7 +72,8 @@ def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [f"# Code-reward jail throughput ({res['date']})", "",
              f"{m['cpus']} CPUs ({m['cpu']}), Linux {m['kernel']}, Python {m['python']}, {m['bwrap']}, "
-             f"trainer euid {m['euid']}; load average at start {m['loadavg_at_start']}. "
+             f"trainer euid {m['euid']}; load average (1/5/15 min) at start {m['loadavg_at_start']}, at the end "
+             f"{m['loadavg_at_end']}. "
              f"{res['programs']} programs per batch (one solution, 3 asserts), median of {res['repeats']} batches "
              "after a warm-up (range in brackets). Every score checked to be 1.0.", "",
              "| isolation | workers | programs/s | ms/program |", "|---|---|---|---|"]
@@ -102,6 +103,7 @@ def main(argv=None):
             cell = measure(isolation, workers, args.programs, args.repeats)
             res["cells"].append(cell)
             print(f"{isolation:5s} workers={workers}: {cell['median_programs_per_s']:.1f} programs/s", flush=True)
+    res["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]  # others' work on a shared box
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sandbox_bench.json").write_text(json.dumps(res, indent=1) + "\n")
