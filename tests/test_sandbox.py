@@ -358,6 +358,9 @@ def test_memory_disk_and_output_hogs():
     r = run_sandboxed("exec(open('d.py').read())", files={"d.py": "ok = False\n" + textwrap.dedent(disk)},
                       scratch_mb=16, max_file_kb=4096)
     assert 0 < int(r.stdout.split()[1]) <= 16 << 20
+    big = run_sandboxed("import os\ntry:\n    open('big', 'wb').write(b'x' * (8 << 20))\nexcept OSError as e:\n"
+                        "    print(e.errno)\nprint(os.path.getsize('big'))", max_file_kb=1024)
+    assert big.stdout.split() == ["27", str(1 << 20)]  # EFBIG at max_file_kb
     flood = run_sandboxed("while True:\n    print('y' * 4096)", max_output_kb=64, timeout_s=5.0)
     assert flood.output_exceeded and not flood.timed_out and flood.returncode is None
     assert len(flood.stdout) == 64 << 10
