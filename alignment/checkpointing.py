@@ -19,7 +19,12 @@ Fault injection for crash tests: `ALIGNMENT_KILL_AT=save:N` SIGKILLs the process
 N (model written, optimizer not yet), `ALIGNMENT_KILL_AT=step:N` right after optimizer step N, `ALIGNMENT_KILL_AT=trained`
 once training has finished (its last checkpoint written, the final evaluation not yet), `ALIGNMENT_KILL_AT=saving`
 half-way through writing the stage's `final/`. It only ever kills
-the process that sets it, and is read nowhere else.
+the process that sets it, and is read nowhere else. Under a launcher every rank inherits it: `ALIGNMENT_KILL_RANK=R`
+restricts it to global rank R (the launcher then takes the other ranks down, as it does for any dead rank).
+
+Several ranks (torchrun, DeepSpeed): every rank writes its own part of `checkpoint-N` into the same staging directory
+(its RNG state; under ZeRO-3 its optimizer and parameter partitions), the main process alone cleans staging and
+renames, with a barrier on either side, so a checkpoint is complete for every rank or absent for all.
 """
 
 from __future__ import annotations
@@ -32,13 +37,17 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
+from alignment.distributed import is_main
 from alignment.modeling import make_packing_safe
 
 STAGING = ".staging"
 KILL_ENV = "ALIGNMENT_KILL_AT"
+KILL_RANK_ENV = "ALIGNMENT_KILL_RANK"
 
 
 def _kill_requested(kind: str, step: int | None = None) -> bool:
+    if os.environ.get(KILL_RANK_ENV, os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+        return False
     return os.environ.get(KILL_ENV, "") == (kind if step is None else f"{kind}:{step}")
 
 
@@ -58,7 +67,8 @@ def last_checkpoint(output_dir: str | Path) -> str | None:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return None
-    clean_staging(output_dir)
+    if is_main():  # staging is never read, so the other ranks need not wait for its removal
+        clean_staging(output_dir)
     return get_last_checkpoint(str(output_dir))
 
 
@@ -80,7 +90,9 @@ class SafeCheckpoints:
     def _save_checkpoint(self, model, trial):
         run_dir = Path(super()._get_output_dir(trial=trial))
         staging = run_dir / STAGING
-        clean_staging(run_dir)
+        if self.args.should_save:
+            clean_staging(run_dir)
+        self.accelerator.wait_for_everyone()  # no rank writes into staging before a crash's leftovers are gone
         self._staging_dir = str(staging)
         try:
             super()._save_checkpoint(model, trial)  # writes staging/checkpoint-N via _get_output_dir below

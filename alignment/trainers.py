@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import random
+import zlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -246,14 +248,25 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
     frozen copy of the starting adapter).
 
     Checkpoints go through `SafeCheckpoints` (staged then renamed; resume restores the MoE weights).
-    Multi-process runs are refused when dynamic sampling is on (groups would have to be re-balanced across ranks).
+
+    Across ranks (DDP or DeepSpeed, one policy replica or shard per rank): TRL's sampler hands each rank a
+    contiguous block of whole groups (`training.batch_size` is a multiple of G), so each rank rolls out its own
+    prompts and every group stays on one rank; rewards are gathered, so advantages are computed over the whole
+    round on every rank. Dynamic sampling decides on the gathered round (every rank takes the same decision, refills
+    the same number of rounds, and steps together): the rounds' rows are gathered, the global batch is selected
+    exactly as in one process, and each rank keeps its block of it. The logged metrics are global (token-weighted
+    where they are token means), and `token_mean` losses are normalised by the global token count (TRL's own
+    cispo/dapo normaliser), so N ranks with per-rank batch B/N compute what one process computes with batch B.
+    `seed_groups=True` samples each group under its own seed (run seed, step, round, the group's index in the round)
+    instead of one stream per rank, so the rollouts themselves do not depend on how the round is split across ranks
+    or batched (the transformers backend: one generate call per group; slower on a GPU, for reproducibility).
     """
 
     def __init__(self, model, reward_funcs=None, args=None, *, loss: LossOptions, sampling: SamplingOptions,
                  rollout=None, advantages: AdvantageOptions | None = None,
                  dynamic_sampling: DynamicSamplingOptions | None = None,
                  rollout_correction: RolloutCorrectionOptions | None = None, length_monitor=None,
-                 success_fn=None, ref_model=None, **kwargs):
+                 success_fn=None, ref_model=None, seed_groups: bool = False, **kwargs):
         trl_beta = 0.0 if args is None else args.beta  # TRL's default GRPOConfig has beta 0
         if (trl_beta != 0) != loss.uses_kl:
             raise ValueError(f"GRPOConfig.beta = {trl_beta} disagrees with the loss (uses_kl = {loss.uses_kl}): TRL "
@@ -295,11 +308,9 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
         self.dynamic = dynamic_sampling or DynamicSamplingOptions(enabled=False)
         self.correction = rollout_correction or RolloutCorrectionOptions()
         self.length_monitor, self.success_fn = length_monitor, success_fn
-        if self.dynamic.enabled and self.accelerator.num_processes > 1:
-            raise NotImplementedError("dynamic sampling is single-process for now; set dynamic_sampling.enabled: "
-                                      "false for multi-GPU runs")
+        self.seed_groups = seed_groups
         self._synced_step = None
-        self._refill_iter = None
+        self._round_key = None  # (mode, step, round within the step): names a round for seed_groups and refills
 
     def _prepare_ref_model(self, ref_model):
         """What TRL's __init__ does to the reference it loads, done to the given one: dropout off (if asked), the
@@ -331,11 +342,31 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
         grouped = len(prompt_ids) % n == 0 and all(
             prompt_ids[i] == prompt_ids[i - i % n] for i in range(len(prompt_ids)))
         unique = prompt_ids[::n] if grouped else prompt_ids
-        batch = self.rollout.generate([list(p) for p in unique], n=n if grouped else 1, sampling=self.sampling)
+        if not self.seed_groups:
+            batches = [self.rollout.generate([list(p) for p in unique], n=n if grouped else 1, sampling=self.sampling)]
+        else:
+            if not grouped:
+                raise ValueError("seed_groups needs TRL's grouped prompts (each prompt repeated num_generations times)")
+            first = self.accelerator.process_index * len(unique)  # this rank's block of the round's groups
+            batches = [self._seeded(first + j, lambda p=p: self.rollout.generate([list(p)], n=n,
+                                                                                  sampling=self.sampling))
+                       for j, p in enumerate(unique)]
         mode = "train" if self.model.training else "eval"
-        for key, value in batch.metrics.items():
+        # the rollout's own metrics (stop reasons, speed) averaged over this rank's calls, then over the ranks
+        local = {key: sum(b.metrics[key] for b in batches) / len(batches) for key in batches[0].metrics}
+        for key, value in _mean_over_ranks(local).items():
             self._metrics[mode][key].append(value)
-        return batch.completion_ids, batch.logprobs
+        return [c for b in batches for c in b.completion_ids], [lp for b in batches for lp in b.logprobs]
+
+    def _seeded(self, group: int, generate):
+        """`generate()` under a seed of its own for the round's `group`-th group (`seed_groups`), leaving the global
+        RNG streams as they were."""
+        mode, step, i = self._round_key
+        seed = zlib.crc32(f"{self.args.seed}:{mode}:{step}:{i}:{group}".encode())
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return generate()
 
     # -- one round: rewards, advantages, zero-variance groups -------------------------------------------------
 
@@ -352,6 +383,8 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
         """
         mode = "train" if self.model.training else "eval"
         G = self.num_generations if mode == "train" else self.num_generations_eval
+        key = (mode, self.state.global_step)
+        self._round_key = (*key, self._round_key[2] + 1 if self._round_key and self._round_key[:2] == key else 0)
         batch = super()._generate_and_score_completions(inputs)
         n_local = len(inputs)
         n = n_local * self.accelerator.num_processes
@@ -386,31 +419,67 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
 
     def _dynamic_sampling(self, first: Round) -> tuple[dict, list[Round]]:
         """Keep `first`'s informative groups and refill from further prompts (more rounds) until the batch is full
-        or `max_refills` is spent. Returns the batch (first's size) and every round generated for it."""
+        or `max_refills` is spent. Returns this rank's block of the batch (first's size) and every round generated
+        for it.
+
+        The decisions read the rounds' gathered rewards, so every rank takes them alike; each refill round is rolled
+        out like the first (each rank its block of the refill prompts); the selection runs on the rounds' rows
+        gathered from every rank, so the global batch is the one a single process would select (the kept groups of
+        all rounds in order, then zero-variance fill), and each rank keeps its block of it."""
         G, target = first.group_size, len(first.zero_variance)
         rounds = [first]
         n_kept = int(first.kept.sum())
         while n_kept < target and len(rounds) - 1 < self.dynamic.max_refills:
-            rounds.append(self._round(self._next_refill_inputs(target, G)))
+            rounds.append(self._round(self._refill_inputs(target, G, refill=len(rounds))))
             n_kept += int(rounds[-1].kept.sum())
         n_generated, refills = sum(len(r.zero_variance) for r in rounds), len(rounds) - 1
+        pad_id = self._tokenizer.pad_token_id
+        gathered = [self._gather_rows(r.batch, pad_id) for r in rounds]
         # kept groups first; dropped ones (zero advantage) only fill a batch still short after the refills
-        parts = [_select_groups(r.batch, r.kept, G) for r in rounds]
-        parts += [_select_groups(r.batch, r.zero_variance, G) for r in rounds]
-        merged = _concat_batches([b for b in parts if b is not None], self._tokenizer.pad_token_id)
+        parts = [_select_groups(b, r.kept, G) for b, r in zip(gathered, rounds)]
+        parts += [_select_groups(b, r.zero_variance, G) for b, r in zip(gathered, rounds)]
+        merged = _concat_batches([b for b in parts if b is not None], pad_id)
         m = self._metrics["train"]
         m["dynamic/kept_frac"].append(n_kept / n_generated)  # of all groups generated for this batch
         m["dynamic/dropped_frac"].append(1 - n_kept / n_generated)
         m["dynamic/zero_var_fill_frac"].append(max(target - n_kept, 0) / target)  # of the final batch
         m["dynamic/refills"].append(float(refills))
-        return _select_rows(merged, torch.arange(target * G)), rounds
+        batch = _select_rows(merged, torch.arange(target * G))
+        n_local = len(first.batch["completion_ids"])
+        rank = self.accelerator.process_index
+        local = _select_rows(batch, torch.arange(rank * n_local, (rank + 1) * n_local))
+        local["num_items_in_batch"] = batch["num_items_in_batch"]  # TRL's meaning: the whole generation batch
+        return local, rounds
 
-    def _next_refill_inputs(self, n_prompts: int, G: int) -> list[dict]:
-        """Further training prompts (a separately seeded pass over the train set), each repeated G times."""
-        if self._refill_iter is None:
-            self._refill_iter = _cycle_rows(self.train_dataset, seed=self.args.seed + 1)
-        rows = [next(self._refill_iter) for _ in range(n_prompts)]
-        return [dict(row) for row in rows for _ in range(G)]
+    def _refill_inputs(self, n_prompts: int, G: int, refill: int) -> list[dict]:
+        """This rank's block of a refill round: `n_prompts` further training prompts, each repeated G times, drawn
+        without replacement under a seed of the run seed, the step and the refill number. A function of the step
+        (not a stream), so a resumed run refills with the prompts the uninterrupted run used, and every rank
+        draws the same global list."""
+        rng = random.Random(f"{self.args.seed + 1}:{self.state.global_step}:{refill}")
+        picked = rng.sample(range(len(self.train_dataset)), min(n_prompts, len(self.train_dataset)))
+        picked += [rng.randrange(len(self.train_dataset)) for _ in range(n_prompts - len(picked))]
+        rows = [dict(self.train_dataset[i]) for i in picked for _ in range(G)]
+        n_local = len(rows) // self.accelerator.num_processes
+        rank = self.accelerator.process_index
+        return rows[rank * n_local:(rank + 1) * n_local]
+
+    def _gather_rows(self, batch: dict, pad_id: int) -> dict:
+        """A scored batch with every rank's rows, in rank order (a round's global order): per-row tensors padded to
+        one width across ranks (prompts on the left, completions on the right), then gathered; scalars and
+        `None` entries (e.g. no reference log-probs) are left as they are."""
+        if self.accelerator.num_processes == 1:
+            return batch
+        out = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                if value.dim() == 2:
+                    value = self.accelerator.pad_across_processes(
+                        value, dim=1, pad_index=pad_id if key in ("prompt_ids", "completion_ids") else 0,
+                        pad_first=key in _LEFT_PADDED)
+                value = self.accelerator.gather(value)
+            out[key] = value
+        return out
 
     def _rollout_correction(self, batch: dict, mode: str) -> dict:
         """Log train-vs-rollout log-prob mismatch; optionally attach truncated IS weights for the loss."""
@@ -427,12 +496,15 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
                     batch_size=self.args.per_device_train_batch_size)
             batch["old_per_token_logps"] = old
         mask = batch["completion_mask"]
-        for key, value in logprob_mismatch(old, rollout_logp, mask).items():
+        # the metrics over every rank's rows (correlations do not average over ranks)
+        every = self._gather_rows({"old": old, "rollout": rollout_logp, "mask": mask}, 0)
+        for key, value in logprob_mismatch(every["old"], every["rollout"], every["mask"]).items():
             self._metrics[mode][key].append(value)
         if self.correction.importance_sampling:
             weights = importance_weights(old, rollout_logp, mask, self.correction.level, self.correction.cap)
             batch["importance_sampling_ratio"] = weights
-            self._metrics[mode]["mismatch/is_weight_mean"].append(float((weights * mask).sum() / mask.sum()))
+            total = self.accelerator.gather(torch.stack([(weights * mask).sum(), mask.sum()]).float()[None])
+            self._metrics[mode]["mismatch/is_weight_mean"].append(float(total[:, 0].sum() / total[:, 1].sum()))
         return batch
 
     def _log_round_metrics(self, rounds: list[Round], mode: str) -> None:
@@ -465,14 +537,32 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
                                     is_weight=inputs.get("importance_sampling_ratio"))
         mode = "train" if self.model.training else "eval"
         accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        self._metrics[mode]["policy_loss"].append(float(loss.detach()))
+        tokens = mask.sum()
+        entropy_mean = (entropy.detach() * mask).sum() / tokens.clamp(min=1.0)
+        token_means = {"entropy": float(entropy_mean), **metrics}  # every metric of policy_loss is a masked mean
+        # (B, T) token counts behind this rank's loss: the mask, less the tokens change 1 dropped (out of the
+        # normaliser too; their share is the `dropped` metric); one vector gathered for every cross-rank sum below
+        kept = tokens - torch.round(tokens * metrics.get("dropped", 0.0))
+        local = torch.tensor([[float(loss.detach()), float(tokens), float(kept), float(aux_loss.detach()) if
+                               self.aux_loss_enabled else 0.0, *token_means.values()]], device=loss.device)
+        every = self.accelerator.gather(local)  # (ranks, 4 + metrics)
+        world = every.size(0)
+        if self.loss_opts.aggregation == "token_mean" and world > 1:
+            # Σ over this rank's tokens / the global count (x ranks: DDP averages the ranks' gradients): the
+            # gradient of one process's Σ / count over the same rows, as TRL's own cispo/dapo normaliser does
+            scale = kept * world / every[:, 2].sum().clamp(min=1.0)
+            loss = loss * scale
+            policy_value = float((every[:, 0] * every[:, 2]).sum() / every[:, 2].sum().clamp(min=1.0))
+        else:  # sequence_mean: every rank holds as many rows, so the mean of the ranks' means is the global one
+            policy_value = float(every[:, 0].mean())
+        self._metrics[mode]["policy_loss"].append(policy_value)
         loss = loss / accum
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accum
-            self._metrics[mode]["aux_loss"].append(float(aux_loss.detach()))
-        self._metrics[mode]["entropy"].append(float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1.0)))
-        for key, value in metrics.items():
-            self._metrics[mode][key].append(value)
+            self._metrics[mode]["aux_loss"].append(float(every[:, 3].mean()))
+        weights = every[:, 1] / every[:, 1].sum().clamp(min=1.0)  # token means weighted by each rank's tokens
+        for i, key in enumerate(token_means):
+            self._metrics[mode][key].append(float((every[:, 4 + i] * weights).sum()))
         return loss
 
 
@@ -518,13 +608,8 @@ def _concat_batches(batches: list[dict], pad_id: int) -> dict:
     return out
 
 
-def _cycle_rows(dataset, seed: int):
-    """Endless reshuffled passes over a dataset's rows."""
-    import random
-
-    rng = random.Random(seed)
-    while True:
-        order = list(range(len(dataset)))
-        rng.shuffle(order)
-        for i in order:
-            yield dataset[i]
+def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each key's mean over the ranks that report it (`gather_object`: ranks may report different keys)."""
+    every = gather_object([values])
+    keys = sorted({k for v in every for k in v})
+    return {k: sum(v[k] for v in every if k in v) / sum(k in v for v in every) for k in keys}

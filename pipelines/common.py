@@ -3,6 +3,7 @@
     stage_main     the command line: load + validate the YAML, `check` the inputs, `run`; bad input -> one `error:`
                    line naming file and key, exit code 2, nothing written
     check_*        input checks that need no model: files, built-in task options, reward specs, the start checkpoint
+    check_launch   at run time: the DeepSpeed file's package is installed and the combination is one that is built
     finished       a finished stage's metrics (nothing to do), or None after checking the output dir can be resumed
     claim          take the output directory: record the config (after the inputs loaded), point TensorBoard there
     stage_tokenizer / evaluate_sets / cached_eval_before / train_resuming
@@ -10,6 +11,11 @@
 
 A stage reads top to bottom: `finished` -> build its data (errors name file and row) -> load model + tokenizer ->
 `claim` -> evaluate before -> train -> evaluate after -> `finish`.
+
+Under a launcher (`torchrun --nproc-per-node N -m pipelines STAGE ...`, what `make STAGE NPROC=N` runs) every rank runs
+the same stage code; the main process is the one writer of every file here (`alignment.distributed`), evaluations
+run once and are broadcast (`cached_eval_before`; after training `alignment.distributed.computed_once`), and `finish` gathers ZeRO-3 partitions into one
+complete checkpoint: the same files a one-process run writes.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from alignment.config import ConfigError, load_config, to_dict
+from alignment.distributed import barrier, is_main, main_computes
 from alignment.reporting import write_json_atomic
 from alignment.schema import TokenizerOptions
 
@@ -61,6 +68,7 @@ def stage_main(argv, *, stage: str) -> int:
     try:
         cfg = load_config(args.config, module.Config, overrides)
         module.check(cfg, args.config, produced=set())
+        check_launch(cfg, args.config)
         module.run(cfg, overwrite=args.overwrite) if trains else module.run(cfg)
     except (ConfigError, DataError, RewardError, ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -152,6 +160,28 @@ def check_builtin(spec: dict, source: str, key: str, registry: str = "tasks") ->
         check(spec, TASKS, source, key, named_sets=registry == "eval")
 
 
+def check_launch(cfg, source: str) -> None:
+    """What only matters once a stage runs here (not part of `check`, which validates configs on any machine): a
+    `training.deepspeed` file needs DeepSpeed installed (the `deepspeed` extra), and LoRA under ZeRO-3 is refused
+    (merging adapters into a partitioned base for `final/` is not built)."""
+    path = getattr(getattr(cfg, "training", None), "deepspeed", None)
+    if not path:
+        return
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise ImportError(f"{source}: 'training.deepspeed' names {path}, but DeepSpeed is not installed: "
+                          "pip install -e '.[deepspeed]' (or drop the key for plain DDP)") from None
+    try:
+        stage = json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{source}: 'training.deepspeed': {path} is not valid JSON: {err}") from None
+    if stage == 3 and getattr(cfg.model, "lora", None) is not None:
+        raise ConfigError(f"{source}: 'model.lora' with the ZeRO-3 file {path} ('training.deepspeed') is not "
+                          "supported yet (final/ merges the adapters into the base, which ZeRO-3 partitions); use "
+                          "a ZeRO-2 file or plain DDP for LoRA")
+
+
 # -- output directory --------------------------------------------------------------------------------------------
 
 
@@ -171,7 +201,8 @@ def finished(cfg, overwrite: bool) -> dict | None:
     out = Path(cfg.output_dir)
     done = out / "final" / "metrics.json"
     if done.is_file() and not overwrite:
-        print(f"{done.parent} is complete; nothing to do (pass --overwrite to train again)")
+        if is_main():
+            print(f"{done.parent} is complete; nothing to do (pass --overwrite to train again)")
         return json.loads(done.read_text())
     record = out / "stage_config.json"
     recorded, current = (json.loads(record.read_text()) if record.is_file() else None), _record(cfg)
@@ -185,13 +216,16 @@ def finished(cfg, overwrite: bool) -> dict | None:
 def claim(cfg, overwrite: bool) -> Path:
     """Take `cfg.output_dir` once the stage's inputs have loaded: `--overwrite` clears everything but `final/`
     (replaced only when the new run finishes), the config is recorded, TensorBoard logs go to `<out>/tensorboard`
-    (transformers reads the variable when the trainer is built). Returns the output directory."""
+    (transformers reads the variable when the trainer is built). The main process does both; every rank returns
+    after they are done. Returns the output directory."""
     out = Path(cfg.output_dir)
-    if overwrite:
-        for child in out.iterdir() if out.is_dir() else []:
-            if child.name != "final":
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-    write_json_atomic(out / "stage_config.json", _record(cfg))
+    if is_main():
+        if overwrite:
+            for child in out.iterdir() if out.is_dir() else []:
+                if child.name != "final":
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        write_json_atomic(out / "stage_config.json", _record(cfg))
+    barrier()
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
     return out
 
@@ -241,13 +275,18 @@ def evaluate_sets(model, tokenizer, sets: dict, opts) -> dict:
 
 def cached_eval_before(out: Path, evaluate_fn) -> dict:
     """The stage's held-out metrics before training, computed once and kept in `<out>/eval_before.json` across
-    resumes (the 'before' model is the stage's input, not a half-trained checkpoint)."""
+    resumes (the 'before' model is the stage's input, not a half-trained checkpoint). Under a launcher the main
+    process computes and writes them (the model is not sharded before its trainer is built), every rank gets them."""
     path = Path(out) / "eval_before.json"
     if path.is_file():
         return json.loads(path.read_text())
-    before = evaluate_fn()
-    write_json_atomic(path, before)
-    return before
+
+    def compute():
+        before = evaluate_fn()
+        write_json_atomic(path, before)
+        return before
+
+    return main_computes(compute)
 
 
 def short(metrics: dict) -> str:
@@ -289,7 +328,11 @@ def finish(cfg, trainer, result, last, tokenizer, before: dict, after: dict, *, 
     """The end of every training stage: the metrics dict (`stage`, `before`, `after`, `train` = the trainer's result
     + `train` + the first/last value of each curve key, `extra` sections, `config`), then `<output_dir>/final`
     written atomically (LoRA merged; `extra_files` = {name: json data} beside it; `metrics.json` last, its presence
-    marks a finished stage), metrics.json, log_history.json, curves.png and summary.md in the output dir."""
+    marks a finished stage), metrics.json, log_history.json, curves.png and summary.md in the output dir.
+
+    Under a launcher every rank calls it: ZeRO-3 partitions are gathered into one full state dict (a collective:
+    DeepSpeed's `stage3_gather_16bit_weights_on_model_save`, which `configs/deepspeed/*.json` turn on), the main
+    process alone writes every file, and every rank returns once they are written."""
     from alignment.checkpointing import kill_if_requested
     from alignment.reporting import (atomic_directory, plot_curves, summary_markdown, write_log_history,
                                      write_text_atomic)
@@ -302,9 +345,14 @@ def finish(cfg, trainer, result, last, tokenizer, before: dict, after: dict, *, 
     out = Path(cfg.output_dir)
     final = out / "final"
     model = trainer.model
+    # the accelerator's gather of a DeepSpeed engine (full tensors on the main process); otherwise the model's own
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_deepspeed_enabled else None
+    if not is_main():
+        barrier()
+        return metrics
     with atomic_directory(final) as tmp:
         to_save = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        to_save.save_pretrained(tmp, safe_serialization=True)
+        to_save.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         kill_if_requested("saving")  # crash tests: half of final/ written
         tokenizer.save_pretrained(tmp)
         for name, data in (extra_files or {}).items():
@@ -318,4 +366,5 @@ def finish(cfg, trainer, result, last, tokenizer, before: dict, after: dict, *, 
              **(notes or {}), "curves": f"curves.png ({', '.join(plotted)})", "checkpoint": str(final)}
     write_text_atomic(out / "summary.md", summary_markdown(f"{cfg.title}: {heading}", before, after, notes))
     print(f"[{cfg.title}] wrote {final}, {out / 'summary.md'}")
+    barrier()  # the other ranks return (and a pipeline moves on) only once final/ is complete
     return metrics

@@ -118,6 +118,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     """Build pairs and train one DPO stage; returns the metrics written to `<output_dir>/metrics.json`."""
     from transformers import set_seed
 
+    from alignment.distributed import barrier, computed_once, is_main
     from alignment.modeling import load_model
     from alignment.rollout import build_rollout
     from alignment.trainers import MiniMaxDPOTrainer
@@ -146,13 +147,15 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     print(f"[{cfg.title}] before: {short(before)}")
 
     # pairs sampled by the starting policy [01 §5.4.1]; reused on resume (and deterministic under the seed anyway)
+    # under a launcher the main process samples and writes them (the model is whole before its trainer shards it),
+    # the other ranks read what it wrote
     pairs_path = out / "pairs"
-    if (pairs_path / "pair_stats.json").is_file():
-        pairs, pair_stats = load_pairs(pairs_path)
-    else:
+    if is_main() and not (pairs_path / "pair_stats.json").is_file():
         worker = build_rollout("transformers", model, tokenizer, batch_size=cfg.pairs.batch_size)
-        pairs, pair_stats = build_dpo_pairs(worker, prompts, cfg.pairs, cfg.seed, policy=cfg.model.path,
-                                            out_path=pairs_path, reward=reward)
+        build_dpo_pairs(worker, prompts, cfg.pairs, cfg.seed, policy=cfg.model.path, out_path=pairs_path,
+                        reward=reward)
+    barrier()
+    pairs, pair_stats = load_pairs(pairs_path)
     # a cut response no longer says what was preferred: pairs whose longer side does not fit are dropped
     pairs, n_too_long = drop_too_long(
         pairs, lambda row: max(chat_length(tokenizer, row["prompt"] + row[side]) for side in ("chosen", "rejected")),
@@ -178,7 +181,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
         processing_class=tokenizer,
     )
     result, last = train_resuming(trainer, cfg)
-    after = evaluate_sets(trainer.model, tokenizer, heldout, cfg.eval)
+    after = computed_once(trainer.model, lambda: evaluate_sets(trainer.model, tokenizer, heldout, cfg.eval))
     print(f"[{cfg.title}] after:  {short(after)}")
 
     curve_keys = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected",

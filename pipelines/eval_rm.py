@@ -69,6 +69,14 @@ def check(cfg: Config, source: str, produced: set) -> None:
 
 
 def run(cfg: Config) -> dict:
+    """The report; under a launcher the main process alone scores and writes it (there is nothing to shard: one
+    pass over the held-out pairs), every rank returns its metrics."""
+    from alignment.distributed import main_computes
+
+    return main_computes(lambda: _report(cfg))
+
+
+def _report(cfg: Config) -> dict:
     from alignment.reporting import write_json_atomic, write_text_atomic
     from data_recipes.preferences import build_preferences
     from pipelines.rm import tokenize_pairs

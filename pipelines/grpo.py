@@ -11,6 +11,11 @@ group advantages, zero-variance groups dropped and refilled, the modified GRPO o
 `alignment.losses`) -> evaluation again -> atomic `<output_dir>/final` + metrics.json / summary.md / curves.png /
 TensorBoard.
 
+Across ranks (`make grpo NPROC=N`, i.e. torchrun): each rank rolls out its block of every round's groups and
+trains on it (alignment.trainers.MiniMaxGRPOTrainer: gathered rewards, global dynamic-sampling decisions, global
+metrics); the prompt pool is scored by the main process alone, with the starting policy, and read by every rank.
+vLLM rollouts are one process only for now (no engine per rank, no sync from ZeRO-3 partitions yet).
+
 Where it departs from the paper [01 §5.4.2, M1 §3-5]: prompts are the built-in arithmetic task (the paper's RL
 prompts are "mainly math") from a different random stream than SFT's; pass rates are measured by the policy itself,
 not a stronger model; the clip / drop thresholds, KL coefficient, group size and early-stop K are our defaults
@@ -58,6 +63,16 @@ class RolloutOptions:
     engine_patches: list[str] = field(default_factory=lambda: list(ENGINE_PATCHES))
     # further vLLM engine arguments, passed as they are (e.g. {async_scheduling: true, max_num_batched_tokens: 16384})
     engine_kwargs: dict = field(default_factory=dict)
+    # transformers only: sample each group under its own seed (run seed, step, round, the group's index in it), one
+    # generate call per group. Rollouts then do not depend on how the prompts are split across ranks or batched: N
+    # ranks sample what one process samples (the multi-process tests rely on it). Off: one batched call per rank,
+    # one RNG stream per rank (faster on a GPU).
+    seed_groups: bool = False
+
+    def __post_init__(self):
+        if self.seed_groups and self.backend != "transformers":
+            raise ValueError("rollout.seed_groups is for the transformers backend (vLLM samples with its own "
+                             "per-request seeds, not torch's); drop it or use backend: transformers")
 
     def worker_kwargs(self, seed: int) -> dict:
         if self.backend != "vllm":
@@ -132,6 +147,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     """Train one GRPO stage; returns the metrics written to `<output_dir>/metrics.json`."""
     from transformers import set_seed
 
+    from alignment.distributed import barrier, computed_once, is_main, world_size
     from alignment.modeling import load_model
     from alignment.reporting import write_json_atomic
     from alignment.rollout import build_rollout
@@ -143,6 +159,9 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
 
     if (done := finished(cfg, overwrite)) is not None:
         return done
+    if cfg.rollout.backend == "vllm" and world_size() > 1:
+        raise NotImplementedError("rollout.backend: vllm runs in one process only (an engine per rank synced from "
+                                  "ZeRO-3 partitions is not built yet); use backend: transformers across ranks")
     set_seed(cfg.seed)
 
     candidates = [dict(r) for r in build_sft_mix(cfg.prompts.builtin, [], cfg.prompts.seed)]
@@ -166,14 +185,16 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     before = cached_eval_before(out, lambda: evaluate_sets(model, tokenizer, heldout, cfg.eval))
     print(f"[{cfg.title}] before: {short(before)}")
 
-    # offline success-rate filter with the starting policy; reused on resume
+    # offline success-rate filter with the starting policy; reused on resume. Under a launcher the main process
+    # scores the candidates (the model is whole before its trainer shards it) and writes the pool, every rank reads
+    # it: the pool one process would build.
     pool_path, pool_stats_path = out / "prompt_pool.jsonl", out / "prompt_pool_stats.json"
-    if pool_path.is_file() and pool_stats_path.is_file():
-        pool, pool_stats = load_pool(pool_path), json.loads(pool_stats_path.read_text())
-    else:
-        pool, pool_stats = build_prompt_pool(worker, candidates, cfg.prompts, cfg.sampling, pool_path)
+    if is_main() and not (pool_path.is_file() and pool_stats_path.is_file()):
+        _, pool_stats = build_prompt_pool(worker, candidates, cfg.prompts, cfg.sampling, pool_path)
         pool_stats["candidates"], pool_stats["excluded_seen_in_sft"] = n_candidates, n_candidates - len(candidates)
         write_json_atomic(pool_stats_path, pool_stats)
+    barrier()
+    pool, pool_stats = load_pool(pool_path), json.loads(pool_stats_path.read_text())
     print(f"[{cfg.title}] prompt pool: kept {pool_stats['kept']} of {pool_stats['scored']} prompts with pass rate in "
           f"({cfg.prompts.lo}, {cfg.prompts.hi}) (mean pass rate {pool_stats['mean_pass_rate_all']:.3f} -> "
           f"{pool_stats['mean_pass_rate_kept']:.3f})")
@@ -190,10 +211,10 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
         processing_class=tokenizer,
         loss=cfg.loss, sampling=cfg.sampling, rollout=worker, advantages=cfg.advantages,
         dynamic_sampling=cfg.dynamic_sampling, rollout_correction=cfg.rollout_correction,
-        length_monitor=monitor, success_fn=success_fn,
+        length_monitor=monitor, success_fn=success_fn, seed_groups=cfg.rollout.seed_groups,
     )
     result, last = train_resuming(trainer, cfg)
-    after = evaluate_sets(trainer.model, tokenizer, heldout, cfg.eval)
+    after = computed_once(trainer.model, lambda: evaluate_sets(trainer.model, tokenizer, heldout, cfg.eval))
     print(f"[{cfg.title}] after:  {short(after)}")
 
     ends = series_ends(trainer.state.log_history, ("reward",))

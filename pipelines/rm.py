@@ -89,6 +89,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     import datasets
     from transformers import set_seed
 
+    from alignment.distributed import computed_once
     from alignment.modeling import load_model
     from data_recipes.preferences import build_preferences
 
@@ -119,9 +120,13 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
         processing_class=tokenizer,
     )
     result, last = train_resuming(trainer, cfg)
-    after = heldout_accuracy(trainer.model, heldout_rows, tokenizer.pad_token_id, cfg.eval.batch_size)
+    # once, for every rank (alignment.distributed.computed_once: rank 0 alone, or all ranks for a ZeRO-3 model)
+    after = computed_once(trainer.model, lambda: heldout_accuracy(trainer.model, heldout_rows, tokenizer.pad_token_id,
+                                                                 cfg.eval.batch_size))
     print(f"[{cfg.title}] after:  {short(after)}")
-    meta = {"refusal_threshold": fit_refusal_threshold(trainer.model, tokenizer, train_rows, cfg.eval.batch_size),
+    threshold = computed_once(trainer.model, lambda: fit_refusal_threshold(trainer.model, tokenizer, train_rows,
+                                                                         cfg.eval.batch_size))
+    meta = {"refusal_threshold": threshold,
             "template": "chat template over prompt + assistant turn (rewards.reward_model.rm_input_ids)"}
     notes = {"refusal threshold (safety handler)": f"{meta['refusal_threshold']:.3f}", "full report": "make eval-rm"}
     return finish(cfg, trainer, result, last, tokenizer, before, after, notes=notes, extra={"reward_meta": meta},

@@ -18,6 +18,10 @@ A pipeline YAML lists stages in order; each names its stage YAML and dotted over
 4. writes `<output_root>/report.md` and `report.png` (every stage's key metrics before/after, its training curves)
    after each stage, next to each stage's own TensorBoard logs.
 
+Across GPUs: `make pipeline NPROC=8` = `torchrun --nproc-per-node 8 -m pipelines pipeline --config ...`; every rank
+runs the runner, the main process alone writes the manifest and the report, and each stage's DeepSpeed file
+(`training.deepspeed`) is the Trainer's to load (pipelines/common.py: one writer, gathered `final/`).
+
 String overrides may name another stage's checkpoint as `{stage_name}` — e.g. the reward model a later stage
 scores with: `set: {rewards.reward_model.path: "{rm}"}`.
 """
@@ -34,7 +38,9 @@ from pathlib import Path
 from typing import Literal
 
 from alignment.config import ConfigError, from_dict, load_config, read_yaml
+from alignment.distributed import is_main
 from alignment.reporting import write_json_atomic
+from pipelines.common import check_launch
 from pipelines.stages import KINDS, stage_module
 
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -111,6 +117,8 @@ def main(argv: list[str] | None = None, stage: str = "pipeline") -> int:
         if args.check:
             print(f"{args.config}: OK ({', '.join(s.spec.name for s in stages)})")
             return 0
+        for stage in selected:
+            check_launch(stage.cfg, stage.spec.config)
         run(args.config, stages, selected)
     except (ConfigError, ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -213,8 +221,16 @@ def select(stages: list[Stage], start: str | None, only: str | None) -> list[Sta
 
 
 def run(path, stages: list[Stage], selected: list[Stage]) -> dict:
-    """Run the selected stages in order; returns the manifest."""
-    from alignment.reporting import pipeline_report
+    """Run the selected stages in order; returns the manifest (which, like the report, only the main process
+    writes: every rank keeps the same record, so any of them could)."""
+    from alignment.reporting import pipeline_report as write_report
+
+    def save(manifest):
+        if is_main():
+            write_json_atomic(manifest_path, manifest)
+
+    def pipeline_report(root, stages):
+        return write_report(root, stages) if is_main() else root / "report.md"
 
     root = stages[0].out.parent
     manifest_path = root / "manifest.json"
@@ -238,18 +254,18 @@ def run(path, stages: list[Stage], selected: list[Stage]) -> dict:
                                     "run the earlier stages first")
         print(f"{banner}: starting from {stage.cfg.model.path}")
         record.update(status="running", started=time.strftime("%Y-%m-%d %H:%M:%S"))
-        write_json_atomic(manifest_path, manifest)
+        save(manifest)
         t0 = time.time()
         try:
             stage_module(stage.spec.kind).run(stage.cfg, overwrite=bool(stale))
         except BaseException as err:
             record.update(status="failed", error=f"{type(err).__name__}: {err}")
-            write_json_atomic(manifest_path, manifest)
+            save(manifest)
             raise
         record.update(status="done", checkpoint=str(stage.final), seconds=round(time.time() - t0, 1))
-        write_json_atomic(manifest_path, manifest)
+        save(manifest)
         pipeline_report(root, [(s.spec.name, s.out) for s in stages])
-    write_json_atomic(manifest_path, manifest)
+    save(manifest)
     report = pipeline_report(root, [(s.spec.name, s.out) for s in stages])
     print(f"[pipeline] done: {report}")
     return manifest

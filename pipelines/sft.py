@@ -62,6 +62,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     """Train one SFT stage; returns the metrics written to `<output_dir>/metrics.json`."""
     from transformers import set_seed
 
+    from alignment.distributed import computed_once
     from alignment.modeling import load_model
     from alignment.trainers import MiniMaxSFTTrainer
     from data_recipes import build_sft_mix, heldout_sets
@@ -91,7 +92,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
         processing_class=tokenizer,
     )
     result, last = train_resuming(trainer, cfg)
-    after = evaluate_sets(trainer.model, tokenizer, heldout, cfg.eval)
+    after = computed_once(trainer.model, lambda: evaluate_sets(trainer.model, tokenizer, heldout, cfg.eval))
     print(f"[{cfg.title}] after:  {short(after)}")
     metrics = finish(cfg, trainer, result, last, tokenizer, before, after,
                      curve_keys=("loss", "mean_token_accuracy", "learning_rate", "grad_norm", "aux_loss"),
