@@ -4,8 +4,11 @@ Every attack is a solution whose `f()` attempts the attack and returns True when
 test `assert f()`: it must score 0, finish inside its limits, and leave the host unchanged, which each test checks
 from outside the jail with evidence that would exist had the attack worked (a marker file, a connection accepted
 by a listener of this test, a surviving pid, a victim process killed). `test_detectors_see_the_attacks_unjailed`
-runs the attacks that are safe to run without a jail under `isolation="none"` and asserts that the same evidence
-then appears: so each check can fail, and each attack is a working one.
+runs the attacks that are safe to run without a jail (writes into this test's tmp dir, its listeners, its victim
+process, leftover processes) under `isolation="none"` and asserts that the same evidence then appears: those checks
+can fail, and those attacks work. The others would harm the host unjailed (remounting /usr, signalling the trainer,
+bombs and hogs); their checks look for what a hit leaves: a file in the host's /usr, a dead trainer or victim, a
+fork count above `max_processes`, a run past its limits, a score of 1.
 """
 
 import json
