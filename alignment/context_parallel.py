@@ -61,6 +61,10 @@ class ContextParallelPlan:
     docs: torch.Tensor  # (B, R·L) document ids of the whole rows
     continues: torch.Tensor  # (R, B) bool: slice j's first token continues the document open at the end of slice j-1
     passes: torch.Tensor  # (R, B) bool: slice j starts no document (a state entering it leaves it, decayed by λ^L)
+    # host-side, so the layers need no device syncs: per row, this slice's documents as (first local token, end,
+    # first key of the whole row), and the longest first document that continues from an earlier slice (0: none)
+    segments: list[list[tuple[int, int, int]]]
+    continued_tokens: int
 
     @property
     def start(self) -> int:
@@ -96,9 +100,26 @@ def plan(position_ids: torch.Tensor, group: dist.ProcessGroup | None) -> Context
         parts = [torch.empty_like(position_ids) for _ in range(size)]
         dist.all_gather(parts, position_ids, group=group)
         position_ids = torch.cat(parts, dim=-1)
+    return rows_plan(position_ids, rank, size, group)
+
+
+def rows_plan(position_ids: torch.Tensor, rank: int, size: int, group=None) -> ContextParallelPlan:
+    """The plan of rank `rank` of `size` from the whole rows' position ids (B, R·L) (what `plan` gathers)."""
     docs = document_ids(position_ids)
     continues, passes = slice_flags(docs, size)
-    return ContextParallelPlan(group, rank, size, docs.shape[1] // size, docs, continues, passes)
+    L = docs.shape[1] // size
+    start, host = rank * L, docs.cpu()  # one device sync per forward
+    segments, continued = [], 0
+    for b, row in enumerate(host):
+        ids, counts = torch.unique_consecutive(row[start : start + L], return_counts=True)
+        ends = (counts.cumsum(0) + start).tolist()
+        firsts = [start] + ends[:-1]
+        keys = list(firsts)
+        if start and row[start] == row[start - 1]:  # opened on an earlier slice: its keys start there
+            keys[0] = int(torch.searchsorted(row, ids[0]))
+            continued = max(continued, int(counts[0]))
+        segments.append(list(zip(firsts, ends, keys)))
+    return ContextParallelPlan(group, rank, size, L, docs, continues, passes, segments, continued)
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -156,14 +177,15 @@ def incoming_states(finals: torch.Tensor, continues: torch.Tensor, passes: torch
 
 
 def add_incoming_state(out: torch.Tensor, q: torch.Tensor, state: torch.Tensor, first_doc: torch.Tensor,
-                       slope: torch.Tensor) -> torch.Tensor:
+                       slope: torch.Tensor, n: int | None = None) -> torch.Tensor:
     """out + λ^(i+1) · q_i · S for the queries of a slice's first document (the blockwise reference's inter-block
     term with the incoming state S). out, q: (B, L, H, D) (any strides); state (B, H, D, D), float32 or wider (the
-    sum is computed in its dtype);
+    sum is computed in its dtype); n: the longest first document's length if known (else read from `first_doc`, a
+    device sync);
     first_doc (B, L) bool (false everywhere in a row whose first document starts in the slice); slope (H,)."""
     # the longest first document (at least one token, so every rank's graph reaches the gather): only those
     # queries read the state
-    n = max(int(first_doc.sum(1).max()), 1)
+    n = max(int(first_doc.sum(1).max()) if n is None else n, 1)
     acc = state.dtype
     i = torch.arange(1, n + 1, device=q.device, dtype=acc)
     decay = torch.exp(-i[:, None] * slope.reshape(1, -1).to(acc))  # (n, H)
@@ -181,7 +203,7 @@ def lightning_exchange(out: torch.Tensor, q: torch.Tensor, final: torch.Tensor, 
                                context.length)[context.rank]
     r = context.rank
     first_doc = (context.local_docs == context.local_docs[:, :1]) & context.continues[r][:, None]
-    out = add_incoming_state(out, q, incoming, first_doc, slope)
+    out = add_incoming_state(out, q, incoming, first_doc, slope, context.continued_tokens)
     decay = torch.exp(-slope.reshape(1, -1, 1, 1).to(incoming.dtype) * context.length)
     final = final.to(incoming.dtype) + incoming * decay * context.passes[r].reshape(-1, 1, 1, 1)
     return out, final
@@ -189,34 +211,34 @@ def lightning_exchange(out: torch.Tensor, q: torch.Tensor, final: torch.Tensor, 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: ContextParallelPlan,
                       scale: float) -> torch.Tensor:
-    """Causal softmax attention of this slice's queries within their documents across slices.
+    """Causal softmax attention of this slice's queries within their documents across slices: q (B, H, L, D);
+    k, v (B, H_kv, L, D) of this slice (RoPE applied). The row's keys and values are gathered in one collective,
+    then `attend_slice`. Returns (B, H, L, D)."""
+    k_all, v_all = gather_sequence(torch.stack([k, v]), context, dim=3)  # (B, H_kv, R·L, D) each
+    return attend_slice(q, k_all, v_all, context, scale)
 
-    q (B, H, L, D); k, v (B, H_kv, L, D) of this slice (RoPE applied). The row's keys and values are gathered (one
-    collective), and each local document attends to its keys from the document's start, wherever that is, up to
-    each query: `causal_lower_right` aligns the mask to the last key (flash / memory-efficient kernels take it on
-    GPU without materialising it). Returns (B, H, L, D)."""
-    B, H, L, D = q.shape
-    kv = gather_sequence(torch.stack([k, v]), context, dim=3)  # (2, B, H_kv, R·L, D)
-    groups = H // k.shape[1]
-    k_all, v_all = (x.repeat_interleave(groups, dim=1) if groups > 1 else x for x in kv)
+
+def attend_slice(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, context: ContextParallelPlan,
+                 scale: float) -> torch.Tensor:
+    """This slice's queries q (B, H, L, D) against the whole rows' keys and values (B, H_kv, R·L, D): each local
+    document attends to its keys from the document's start, wherever that is, up to each query. `causal_lower_right`
+    aligns the causal mask to the last key (flash / memory-efficient kernels take it on GPU without materialising
+    it); documents that start in the slice are plain causal."""
     from torch.nn.attention.bias import causal_lower_right
 
+    H = q.shape[1]
+    groups = H // k_all.shape[1]
+    if groups > 1:
+        k_all, v_all = (x.repeat_interleave(groups, dim=1) for x in (k_all, v_all))
     start, rows = context.start, []
-    for b in range(B):
-        docs = context.docs[b]
-        local_ids, lengths = torch.unique_consecutive(docs[start : start + L], return_counts=True)
-        pieces, offset = [], start
-        for doc, n in zip(local_ids.tolist(), lengths.tolist()):
-            end = offset + n
-            first = offset
-            if offset == start and context.continues[context.rank, b]:  # opened on an earlier rank
-                first = int((docs == doc).nonzero()[0])
-            qd = q[b : b + 1, :, offset - start : end - start]
-            kd, vd = k_all[b : b + 1, :, first:end], v_all[b : b + 1, :, first:end]
-            mask = causal_lower_right(n, end - first) if end - first > n else None
+    for b, segments in enumerate(context.segments):
+        pieces = []
+        for first, end, key in segments:
+            qd = q[b : b + 1, :, first - start : end - start]
+            kd, vd = k_all[b : b + 1, :, key:end], v_all[b : b + 1, :, key:end]
+            mask = causal_lower_right(end - first, end - key) if key < first else None
             pieces.append(F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, is_causal=mask is None,
                                                          scale=scale))
-            offset = end
         rows.append(torch.cat(pieces, dim=2))
     return torch.cat(rows, dim=0)
 
