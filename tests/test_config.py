@@ -81,7 +81,7 @@ def test_registry_serves_cli_runner_and_makefile():
         attrs = ("main",) if name == "pipeline" else ("Config", "check", "run", "main", "DESCRIPTION")
         assert all(hasattr(module, attr) for attr in attrs), name
         assert (ROOT / stage.example).is_file()
-        assert re.search(rf"^{name}: setup\n\t\$\(PY\) -m pipelines {name} --config ", makefile, re.M), name
+        assert re.search(rf"^{name}: setup\n\t\$\(LAUNCH\) -m pipelines {name} --config ", makefile, re.M), name
     out = subprocess.run([sys.executable, "-m", "pipelines", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and all(f"  {name} " in out.stdout for name in STAGES), out.stdout
     bad = subprocess.run([sys.executable, "-m", "pipelines", "sfft"], capture_output=True, text=True, cwd=ROOT)
