@@ -2,6 +2,7 @@
 (same loader, plain AutoModelForCausalLM) and the numbers written to OUT/zero3_ws1.json.
 
     python3 -m bench.zero3_ws1 --out bench/results [--model configs/tiny/base] [--steps 20]
+    (CPU smoke run, DeepSpeed's CPU accelerator: DS_ACCELERATOR=cpu ... --steps 4)
 
 Both runs: the same stage YAML (the 548M bench model's or the tiny one's), the same seed and data, bf16 off (fp32
 weights both ways, so a gap is DeepSpeed's and not a dtype's). ZeRO-3 at world size 1 still partitions (one
@@ -46,7 +47,10 @@ eval: {{sets: {{arithmetic: {{n: 32, max_operand: 20}}}}, max_new_tokens: 16, ba
 
 def run_stage(config: Path) -> float:
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "pipelines", "sft", "--config", str(config)], check=True,
+    # torchrun even for one process: DeepSpeed finds its rank and master address in the launcher's environment (with
+    # none it falls back to MPI discovery, which needs mpi4py); both runs are launched the same way
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m",
+                    "pipelines", "sft", "--config", str(config)], check=True,
                    env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda")})
     return time.time() - t0
 
