@@ -38,12 +38,14 @@ targets are ignored.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from alignment.kernels import lm_loss
 from alignment.lightning import document_ids
 
 IGNORE = -100
@@ -73,6 +75,10 @@ class ContextParallelPlan:
     @property
     def local_docs(self) -> torch.Tensor:
         return self.docs[:, self.start : self.start + self.length]
+
+    def lightning_exchange(self, out, q, final, slope):
+        """`lightning_exchange` with this plan (what the model's lightning layers call)."""
+        return lightning_exchange(out, q, final, slope, self)
 
 
 def slice_flags(docs: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,8 +285,6 @@ def context_parallel_loss(model, input_ids, labels, position_ids, group, impl: s
     """This rank's share of the next-token loss of whole rows (every rank of `group` passes the same rows): the
     summed loss of its slice's targets over the whole rows' target count. Summed over the group, the losses and the
     gradients equal `causal_lm_loss` of one process. The model must have `set_context_parallel(model, group)`."""
-    from alignment.kernels import lm_loss
-
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     targets = shifted_targets(labels)
     total = (targets != IGNORE).sum().clamp(min=1)
@@ -309,3 +313,77 @@ def all_reduce_gradients(model, group: dist.ProcessGroup) -> None:
     for p in model.parameters():
         if p.grad is not None:
             dist.all_reduce(p.grad, group=group)
+
+
+def context_parallel_group(size: int) -> dist.ProcessGroup | None:
+    """This rank's context-parallel group: consecutive ranks [g·R, (g+1)·R) of the world (every rank must call this,
+    in the same order; None for R = 1). The world size must be a multiple of R."""
+    if size == 1:
+        return None
+    if not dist.is_initialized() or dist.get_world_size() % size:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        raise ValueError(f"parallel.context: {size} needs a launch with a multiple of {size} processes, got {world} "
+                         "(make STAGE NPROC=N, torchrun --nproc-per-node N)")
+    groups = [dist.new_group(list(range(g, g + size))) for g in range(0, dist.get_world_size(), size)]
+    return groups[dist.get_rank() // size]
+
+
+# the batch keys a padding-free (packed) collator gives; any other sequence-shaped key is refused
+ROW_KEYS = ("input_ids", "position_ids", "labels")
+# document metadata of whole rows that TRL's packing collator adds (flash-attention varlen arguments, seq_idx):
+# dropped, because the plan derives every slice's documents from the global position ids
+DERIVED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+class ContextParallelTraining:
+    """Mixin for a transformers `Trainer` subclass (SFT, DPO): each training step of one rank becomes R steps of the
+    rank's context-parallel group, one per member's batch, each on this rank's slice of its rows.
+
+    The data stay sharded as in data parallelism (each rank loads its own batches), so the global batch, the
+    Trainer's token count `num_items_in_batch` and the learning-rate schedule are those of a data-parallel run of
+    the same world: the group all-gathers its R batches, and for every batch each rank runs the Trainer's own
+    `training_step` on its slice (`split_rows`; targets shifted on the whole row first, passed as TRL's
+    `shift_labels`), so the loss normalisation, the FP32 head and the backward are the Trainer's. The slices' losses
+    add up to the batch's loss, so the gradients summed over the world equal the data-parallel run's; DDP's
+    all-reduce waits for the last of the R backwards (`no_sync` before). Per rank, a step holds one slice's
+    activations at a time: L = T/R tokens.
+
+    Only training steps are split: evaluation and generation see whole rows (`set_context_parallel` is on only
+    inside `training_step`). The MoE load-balancing loss, where enabled, is computed per slice (each slice's own
+    router statistics), so it is not exactly the whole row's.
+    """
+
+    context_parallel: dist.ProcessGroup | None = None  # set by the stage (`context_parallel_group`)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        group = self.context_parallel
+        if group is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if num_items_in_batch is None:  # the per-slice loss would be a per-slice mean
+            raise ValueError("context parallelism needs the Trainer's token count (num_items_in_batch); this "
+                             "trainer's loss does not take it")
+        extra = sorted(k for k in inputs if k not in ROW_KEYS + DERIVED_KEYS)
+        if extra or "position_ids" not in inputs:
+            raise ValueError(f"context parallelism trains packed, padding-free rows (input_ids, position_ids, labels); "
+                             f"this batch has {sorted(inputs)} (set data.packing: true)")
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        mine = {k: inputs[k].detach().cpu() for k in ROW_KEYS}
+        batches = [None] * size
+        dist.all_gather_object(batches, mine, group=group)
+        pad_id = getattr(self.processing_class, "pad_token_id", None) or 0
+        device = inputs["input_ids"].device
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        total = 0.0
+        set_context_parallel(base, group)
+        try:
+            for j, batch in enumerate(batches):
+                ids, labels, pos = pad_rows(batch["input_ids"], batch["labels"], batch["position_ids"], size, pad_id)
+                local = {"input_ids": split_rows(ids, rank, size).to(device),
+                         "position_ids": split_rows(pos, rank, size).to(device),
+                         "shift_labels": split_rows(shifted_targets(labels), rank, size).to(device)}
+                last = j == size - 1
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                    total = total + super().training_step(model, local, num_items_in_batch)
+        finally:
+            set_context_parallel(base, None)
+        return total

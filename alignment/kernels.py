@@ -344,10 +344,8 @@ def lightning_layer_fla(layer: mm.MiniMaxLightningAttention, hidden_states, atte
     if context is None:
         out, state = lightning_attention_fla_bthd(q, k, v, slope, doc_ids, output_state)
     else:
-        from alignment.context_parallel import lightning_exchange
-
         out, state = lightning_attention_fla_bthd(q, k, v, slope, doc_ids, True, torch.float32)
-        out, state = lightning_exchange(out, q, state, slope, context)
+        out, state = context.lightning_exchange(out, q, state, slope)
     norm = layer.norm
     gated = rms_norm_gated(out.reshape(B, T, H * D), layer.output_gate(hidden_states), norm.weight, None,
                            activation="sigmoid", eps=norm.variance_epsilon)

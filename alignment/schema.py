@@ -107,17 +107,24 @@ class TrainOptions:
     # pipeline with `accelerate launch`). CPU runs keep both off.
     bf16: bool = False
     deepspeed: str | None = None
+    # Context parallelism (alignment.context_parallel): each packed row split over this many consecutive ranks of
+    # the launch (the world size a multiple of it), for rows one GPU cannot hold (stage II: 1M tokens). 1 = off.
+    # SFT and long SFT; the other stages refuse it.
+    context_parallel: int = 1
 
     def __post_init__(self):
         if self.learning_rate <= 0:
             raise ValueError(f"training.learning_rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"training.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        for name in ("batch_size", "grad_accum", "logging_steps", "save_steps"):
+        for name in ("batch_size", "grad_accum", "logging_steps", "save_steps", "context_parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
         if self.deepspeed is not None and not Path(self.deepspeed).is_file():
             raise ValueError(f"training.deepspeed: file '{self.deepspeed}' not found")
+        if self.deepspeed is not None and self.context_parallel > 1:
+            raise ValueError("training.context_parallel > 1 runs under DDP; with training.deepspeed it has not been "
+                             "built or tested yet")
 
     def trainer_kwargs(self, output_dir: str | Path, seed: int) -> dict:
         """The `transformers.TrainingArguments` every stage shares (TRL's stage configs subclass it)."""

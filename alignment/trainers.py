@@ -17,6 +17,7 @@ from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, global_then_local_main_first
 
 from alignment.checkpointing import SafeCheckpoints
+from alignment.context_parallel import ContextParallelTraining
 from alignment.losses import LossOptions, group_advantages, policy_loss, zero_variance_groups
 from alignment.modeling import FP32LMHead, make_packing_safe
 from alignment.rollout.base import SamplingOptions, importance_weights, logprob_mismatch
@@ -49,7 +50,7 @@ def fp32_fused_lm_head(model, outputs: tuple[str, ...]) -> None:
         add_fused_lm_head(base, cast_lm_head_to_fp32=True, outputs=outputs)
 
 
-class MiniMaxSFTTrainer(SafeCheckpoints, SFTTrainer):
+class MiniMaxSFTTrainer(ContextParallelTraining, SafeCheckpoints, SFTTrainer):
     """`SFTTrainer` with an assistant-only loss for any chat template, and a chunked LM-head loss that honours the
     FP32 LM head (MiniMax-M1 §3).
 
@@ -61,6 +62,8 @@ class MiniMaxSFTTrainer(SafeCheckpoints, SFTTrainer):
     - TRL computes the SFT loss with its own fused, chunked LM head that reads `lm_head.weight` directly, so our
       `FP32LMHead.forward` never runs there. When the model has an FP32 head, re-install TRL's fused head with
       `cast_lm_head_to_fp32=True` (TRL's own switch for exactly this) instead of the default.
+    - `training.context_parallel` > 1: each training step's packed rows are split over the rank's
+      context-parallel group (`alignment.context_parallel.ContextParallelTraining`).
     """
 
     def __init__(self, model, args=None, **kwargs):

@@ -91,10 +91,15 @@ def check_files(paths, source: str, key: str) -> None:
 
 
 def check_model(cfg, source: str, produced: set, *, checkpoint: bool, what: str = "this stage",
-                max_length: int | None = None) -> None:
+                max_length: int | None = None, context_parallel: bool = False) -> None:
     """`model.path` exists now or is produced by an earlier pipeline stage; `checkpoint=True` (DPO, GRPO: they
     start from a trained model) refuses a model YAML, which would start from random weights; `max_length` (the
-    stage's `data.max_length`) must fit the model's positions."""
+    stage's `data.max_length`) must fit the model's positions; `training.context_parallel` > 1 only where the
+    stage has it (`context_parallel=True`: SFT)."""
+    split = getattr(getattr(cfg, "training", None), "context_parallel", 1)
+    if split > 1 and not context_parallel:
+        raise ConfigError(f"{source}: 'training.context_parallel: {split}': {what} has no context parallelism yet "
+                          "(SFT and long SFT have it); set it to 1")
     path = Path(cfg.model.path)
     if path in produced:
         return

@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignment.config import ConfigError
 from alignment.modeling import ModelOptions
 from alignment.schema import DataOptions, EvalOptions, TokenizerOptions, TrainOptions
 from pipelines.common import (cached_eval_before, check_builtin, check_files, check_model, check_tokenizer, claim,
@@ -51,7 +52,9 @@ def main(argv: list[str] | None = None, stage: str = "sft") -> int:
 
 def check(cfg: Config, source: str, produced: set) -> None:
     """Inputs, before any work: the model and its tokenizer, data files, built-in task and evaluation options."""
-    check_model(cfg, source, produced, checkpoint=False, max_length=cfg.data.max_length)
+    check_model(cfg, source, produced, checkpoint=False, max_length=cfg.data.max_length, context_parallel=True)
+    if cfg.training.context_parallel > 1 and not cfg.data.packing:
+        raise ConfigError(f"{source}: 'training.context_parallel' splits packed rows: set data.packing: true")
     check_tokenizer(cfg, source, produced)
     check_files(cfg.data.files, source, "data.files")
     check_builtin(cfg.data.builtin, source, "data.builtin")
@@ -62,6 +65,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     """Train one SFT stage; returns the metrics written to `<output_dir>/metrics.json`."""
     from transformers import set_seed
 
+    from alignment.context_parallel import context_parallel_group
     from alignment.distributed import computed_once
     from alignment.modeling import load_model
     from alignment.trainers import MiniMaxSFTTrainer
@@ -91,6 +95,8 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
         train_dataset=train_rows.select_columns(["messages"]),
         processing_class=tokenizer,
     )
+    # each packed row split over consecutive ranks (alignment.context_parallel.ContextParallelTraining)
+    trainer.context_parallel = context_parallel_group(cfg.training.context_parallel)
     result, last = train_resuming(trainer, cfg)
     after = computed_once(trainer.model, lambda: evaluate_sets(trainer.model, tokenizer, heldout, cfg.eval))
     print(f"[{cfg.title}] after:  {short(after)}")

@@ -131,3 +131,20 @@ def test_bad_configs_name_file_and_key(tmp_path, text, pattern):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match=r"nope\.yaml: config file not found"):
         load_config(tmp_path / "nope.yaml", SFTStageConfig)
+
+
+@pytest.mark.parametrize(
+    "stage, overrides, pattern",
+    [
+        ("long-sft", {"training.context_parallel": 2, "data.packing": False}, r"splits packed rows: set data\.packing"),
+        ("dpo", {"training.context_parallel": 2}, r"'training\.context_parallel: 2': .* has no context parallelism"),
+        ("grpo", {"training.context_parallel": 4}, r"'training\.context_parallel: 4': .* has no context parallelism"),
+    ],
+)
+def test_context_parallel_only_where_a_stage_has_it(stage, overrides, pattern):
+    """Long SFT splits packed rows only; stages without context parallelism refuse it before any work."""
+    module = stage_module(stage)
+    path = CONFIGS / "tiny" / f"{stage.replace('-', '_')}.yaml"
+    cfg = load_config(path, module.Config, overrides)
+    with pytest.raises(ConfigError, match=pattern):
+        module.check(cfg, str(path), produced={Path(cfg.model.path)})

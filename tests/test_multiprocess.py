@@ -240,3 +240,22 @@ def test_deepspeed_zero3_sft_on_two_ranks_gathers_the_one_process_checkpoint(tmp
     m1 = json.loads((reference.parent / "metrics.json").read_text())
     m2 = json.loads((final.parent / "metrics.json").read_text())
     assert_same_metrics(m1, m2, "sft (ZeRO-3)")
+
+
+def test_context_parallel_sft_on_two_ranks_ends_where_data_parallel_ends(tmp_path, warm, two_processes):
+    """`training.context_parallel: 2` on 2 ranks: every packed row (256 tokens, documents across the slice boundary)
+    split over both ranks, each rank's batches taken in turn (alignment.context_parallel.ContextParallelTraining).
+    The same global batch as the data-parallel run, so the same loss curve, held-out results and weights, within
+    the data-parallel tolerances (what differs is the order of additions). TRL's token accuracy and entropy are
+    per-slice means there, so they are not compared."""
+    path = write_pipeline(tmp_path, 2, warm, stages=("sft",))
+    sft = tmp_path / "sft.yaml"
+    sft.write_text(sft.read_text().replace("logging_steps: 1,", "logging_steps: 1, context_parallel: 2,"))
+    result = launch(path, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cp_run, dp_run = tmp_path / "run" / "sft", two_processes / "sft"
+    got, ref = (json.loads((run / "metrics.json").read_text()) for run in (cp_run, dp_run))
+    assert got["after"] == pytest.approx(ref["after"], abs=TOL)
+    for key in ("loss/first", "loss/last", "global_step"):
+        assert got["train"][key] == pytest.approx(ref["train"][key], abs=TOL, rel=TOL), key
+    assert_same_weights(cp_run / "final", dp_run / "final", warm, "context-parallel SFT")
