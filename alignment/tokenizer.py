@@ -16,12 +16,23 @@ PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # ChatML. The assistant's content and its closing <|im_end|> sit inside {% generation %} so that transformers'
 # return_assistant_tokens_mask marks what the model must generate, to answer and to stop; the newline after
 # <|im_end|> is outside, as is every header. (The SFT trainer's mask, `assistant_tokens`, needs no markers and
-# marks the same tokens.)
+# marks the same tokens.) Tool use, in transformers' conversational format: an assistant turn's `tool_calls` are
+# rendered inside that turn, after its content, one `<tool_call>{"name": ..., "arguments": ...}</tool_call>` each
+# (the model generates them, so they are assistant tokens); a `tool` message (a tool's result) is its own
+# `<|im_start|>tool` turn, which the model reads and never generates. `arguments` may be a mapping (rendered as
+# JSON) or a JSON string (as is). Turns without tool calls render exactly as before tools existed.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
     "{{ '<|im_start|>assistant\\n' }}"
-    "{%- generation -%}{{ message['content'] + '<|im_end|>' }}{%- endgeneration -%}"
+    "{%- generation -%}{{ message['content'] or '' }}"
+    "{%- for call in message['tool_calls'] or [] -%}"
+    "{%- set fn = call['function'] if call['function'] is defined else call -%}"
+    "{{ '<tool_call>{\"name\": ' + (fn['name'] | tojson) + ', \"arguments\": ' }}"
+    "{{- fn['arguments'] if fn['arguments'] is string else (fn['arguments'] | tojson) }}"
+    "{{- '}</tool_call>' }}"
+    "{%- endfor -%}"
+    "{{ '<|im_end|>' }}{%- endgeneration -%}"
     "{{ '\\n' }}"
     "{%- else -%}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -61,6 +72,39 @@ class ChatTemplateError(ValueError):
     """A conversation whose assistant turns the chat template cannot mark; the message names the row."""
 
 
+def template_messages(messages: list[dict]) -> list[dict]:
+    """`messages` as a chat template expects them (transformers' conversational format): keys whose value is None
+    dropped (a `datasets` column gives every message every key any message has, None where absent, so a plain turn
+    would carry `tool_calls: None`), and a tool call's `arguments` given as a JSON string parsed into the mapping
+    templates render (data files keep them as strings: a column of mappings with different keys would be merged
+    into one struct type, filling absent arguments with None).
+
+    >>> template_messages([{"role": "assistant", "content": "", "tool_calls": [
+    ...     {"type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]}, {"role": "user",
+    ...     "content": "hi", "tool_calls": None}])
+    [{'role': 'assistant', 'content': '', 'tool_calls': [{'type': 'function', 'function': {'name': 'f', 'arguments': {'x': 1}}}]}, {'role': 'user', 'content': 'hi'}]
+    """
+    import json
+
+    out = []
+    for message in messages:
+        message = {k: v for k, v in message.items() if v is not None}
+        if message.get("tool_calls"):
+            calls = []
+            for call in message["tool_calls"]:
+                call = {k: v for k, v in call.items() if v is not None}
+                fn = {k: v for k, v in call.get("function", {}).items() if v is not None}
+                if isinstance(fn.get("arguments"), str):
+                    try:
+                        fn["arguments"] = json.loads(fn["arguments"])
+                    except json.JSONDecodeError:
+                        pass  # a template may take any string; data files are checked where they are read
+                calls.append({**call, "function": fn} if "function" in call else call)
+            message["tool_calls"] = calls
+        out.append(message)
+    return out
+
+
 def assistant_tokens(tokenizer, messages: list[dict], where: str = "") -> tuple[list[int], list[int]]:
     """(input_ids, mask) of `messages` rendered by `tokenizer`'s chat template, mask 1 on the tokens the model must
     generate: each assistant turn's content and end-of-turn token, not headers, other roles or trailing whitespace.
@@ -72,10 +116,15 @@ def assistant_tokens(tokenizer, messages: list[dict], where: str = "") -> tuple[
     built-in template this is exactly transformers' `return_assistant_tokens_mask`. A token straddling a span
     boundary is marked when any of its characters is in the span (as `return_assistant_tokens_mask` does).
 
+    Tool use (transformers' format): an assistant turn's `tool_calls` are part of that turn, so the tokens the
+    template renders for them are marked; a `tool` message (a tool's result) is another role's turn, never marked.
+    `messages` go through `template_messages` first (None-valued keys dropped, JSON-string arguments parsed).
+
     The full rendering is tokenized once (`add_special_tokens=False`, as `apply_chat_template` does), so the ids
     are the template's own. Errors (`ChatTemplateError`, naming `where`, e.g. "data/x.jsonl row 17"): a template
     that re-renders earlier turns (P, Q and the full rendering are not successive prefixes, e.g. one that strips
-    earlier turns' reasoning), or an assistant turn that renders to nothing. A slow tokenizer, which has no character offsets, is a
+    earlier turns' reasoning), an assistant turn that renders to nothing, or one whose `tool_calls` the template does not
+    render (it renders the same without them: the call would silently vanish from training). A slow tokenizer, which has no character offsets, is a
     ValueError.
 
     >>> tok = train_tokenizer(["2 + 3 = 5"], vocab_size=300)
@@ -86,6 +135,7 @@ def assistant_tokens(tokenizer, messages: list[dict], where: str = "") -> tuple[
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"assistant_tokens needs a fast tokenizer (character offsets); got {type(tokenizer).__name__}")
     at = f"{where}: " if where else ""
+    messages = template_messages(messages)
 
     def render(msgs, prompt=False):
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
@@ -106,6 +156,13 @@ def assistant_tokens(tokenizer, messages: list[dict], where: str = "") -> tuple[
         end = len(through.rstrip())
         if end <= len(before):
             raise ChatTemplateError(f"{at}assistant message {i} renders to no text: nothing to train on")
+        if message.get("tool_calls"):
+            without = {k: v for k, v in message.items() if k != "tool_calls"}
+            if render(messages[:i] + [without]) == through:
+                raise ChatTemplateError(
+                    f"{at}the chat template does not render assistant message {i}'s tool_calls (the turn renders "
+                    "the same without them), so the model would be trained as if it never called the tool; use a "
+                    "template that renders tool calls (the built-in one does)")
         spans.append((len(before), end))
     encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     # a token is in a span when any of its characters are (zero-width tokens never are)

@@ -13,7 +13,7 @@ from typing import Callable
 
 import datasets
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 # Columns the built-in tasks carry; user rows get these defaults so both mix in one Dataset.
 DEFAULTS = {"task": "user", "answer": "", "harmful": False, "n_pairs": 0}
 _TYPES = {"task": str, "answer": str, "harmful": bool, "n_pairs": int}
@@ -71,27 +71,93 @@ def _type_name(value) -> str:
     return type(value).__name__
 
 
+def _check_call(call, where: str, at: str) -> dict:
+    """One assistant tool call in transformers' format, {"type": "function", "function": {"name", "arguments"}}
+    (the flat {"name", "arguments"} is accepted too), as {"type": "function", "function": {"name": str,
+    "arguments": JSON text}} (+ "id" when given). Arguments stay JSON text in the data: a `datasets` column of
+    argument mappings would merge every call's keys into one struct, filling the absent ones with None;
+    `alignment.tokenizer.template_messages` parses them back for the chat template."""
+    if not isinstance(call, dict):
+        raise DataError(f"{where}: {at} is {_type_name(call)}; expected an object with a function name and arguments")
+    fn = call.get("function", call)
+    if not isinstance(fn, dict):
+        raise DataError(f"{where}: {at}.function is {_type_name(fn)}; expected an object with name and arguments")
+    key = f"{at}.function" if "function" in call else at
+    if not isinstance(fn.get("name"), str) or not fn["name"]:
+        got = "missing" if fn.get("name") is None else repr(fn["name"])
+        raise DataError(f"{where}: {key}.name is {got}; expected the tool's name")
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            parsed = json.loads(args)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: {key}.arguments is not valid JSON: {e}") from None
+        if not isinstance(parsed, dict):
+            raise DataError(f"{where}: {key}.arguments is JSON {_type_name(parsed)}; expected a JSON object")
+    elif isinstance(args, dict):
+        args = json.dumps(args, ensure_ascii=False)
+    else:
+        raise DataError(f"{where}: {key}.arguments is {_type_name(args)}; expected an object (or its JSON text)")
+    out = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+    if call.get("id") is not None:
+        if not isinstance(call["id"], str):
+            raise DataError(f"{where}: {at}.id is {_type_name(call['id'])}; expected a string")
+        out["id"] = call["id"]
+    return out
+
+
+def check_messages(messages, where: str, key: str = "messages") -> list[dict]:
+    """A conversation checked and reduced to what a chat template renders: each message's `role` (system, user,
+    assistant, tool) and string `content`; an assistant message's `tool_calls` (content may then be empty or
+    absent, read as ""); a tool message's optional `name` and `tool_call_id`. Errors name `where` and the key, e.g.
+    "f.jsonl row 3: messages[1].tool_calls[0].function.name is missing; expected the tool's name"."""
+    if not isinstance(messages, list) or not messages:
+        got = "an empty list" if isinstance(messages, list) else _type_name(messages)
+        raise DataError(f"{where}: {key} is {got}; expected a non-empty list of {{role, content}}")
+    clean = []
+    for i, m in enumerate(messages):
+        at = f"{key}[{i}]"
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: {at} is {_type_name(m)}; expected an object with role and content")
+        role = m.get("role")
+        if role not in ROLES:
+            raise DataError(f"{where}: {at}.role is {role!r}; expected one of {', '.join(ROLES)}")
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if role != "assistant":
+                raise DataError(f"{where}: {at}.tool_calls: only assistant messages call tools (role is {role!r})")
+            if not isinstance(calls, list) or not calls:
+                got = "an empty list" if isinstance(calls, list) else _type_name(calls)
+                raise DataError(f"{where}: {at}.tool_calls is {got}; expected a non-empty list of calls")
+            calls = [_check_call(c, where, f"{at}.tool_calls[{j}]") for j, c in enumerate(calls)]
+        content = m.get("content")
+        if content is None and calls:
+            content = ""  # a turn that only calls tools
+        if not isinstance(content, str):
+            got = "missing" if content is None else _type_name(content)
+            raise DataError(f"{where}: {at}.content is {got}; expected a string")
+        out = {"role": role, "content": content}
+        if calls:
+            out["tool_calls"] = calls
+        if role == "tool":
+            for field in ("name", "tool_call_id"):
+                if m.get(field) is not None:
+                    if not isinstance(m[field], str):
+                        raise DataError(f"{where}: {at}.{field} is {_type_name(m[field])}; expected a string")
+                    out[field] = m[field]
+        clean.append(out)
+    return clean
+
+
 def validate_row(row, where: str) -> dict:
-    """Check one row and return it in the suite's schema: messages reduced to role/content (all the chat template
-    renders), missing suite columns filled with DEFAULTS. `where` ("file row N") prefixes every error."""
+    """Check one row and return it in the suite's schema: messages reduced to what the chat template renders
+    (`check_messages`: roles, content, tool calls), missing suite columns filled with DEFAULTS. `where`
+    ("file row N") prefixes every error."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: row is {_type_name(row)}; expected an object")
     if "messages" not in row:
         raise DataError(f"{where}: messages is missing")
-    messages = row["messages"]
-    if not isinstance(messages, list) or not messages:
-        got = "an empty list" if isinstance(messages, list) else _type_name(messages)
-        raise DataError(f"{where}: messages is {got}; expected a non-empty list of {{role, content}}")
-    clean = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise DataError(f"{where}: messages[{i}] is {_type_name(m)}; expected an object with role and content")
-        if m.get("role") not in ROLES:
-            raise DataError(f"{where}: messages[{i}].role is {m.get('role')!r}; expected one of {', '.join(ROLES)}")
-        if not isinstance(m.get("content"), str):
-            got = "missing" if m.get("content") is None else _type_name(m["content"])
-            raise DataError(f"{where}: messages[{i}].content is {got}; expected a string")
-        clean.append({"role": m["role"], "content": m["content"]})
+    clean = check_messages(row["messages"], where)
     if not any(m["role"] == "assistant" for m in clean):
         raise DataError(f"{where}: messages has no assistant turn; nothing to train on")
     if clean[-1]["role"] != "assistant":
@@ -156,8 +222,12 @@ def prompt_of(row: dict) -> list[dict]:
 
 
 def chat_length(tokenizer, messages: list[dict]) -> int:
-    """Tokens of `messages` rendered by the tokenizer's chat template (no generation prompt)."""
-    return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    """Tokens of `messages` rendered by the tokenizer's chat template (no generation prompt; messages as
+    `alignment.tokenizer.template_messages` hands them to it)."""
+    from alignment.tokenizer import template_messages
+
+    return len(tokenizer.apply_chat_template(template_messages(messages), tokenize=True,
+                                             return_dict=True)["input_ids"])
 
 
 def drop_too_long(rows: datasets.Dataset | list[dict], length_of: Callable[[dict], int],

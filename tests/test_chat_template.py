@@ -89,7 +89,7 @@ def test_template_that_re_renders_earlier_turns_is_refused_naming_the_row(tokeni
     a later turn follows, so the rendering up to turn i is no prefix of the whole conversation."""
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = tokenizer.chat_template.replace(
-        "message['content'] + '<|im_end|>'", "(message['content'] if loop.last else '') + '<|im_end|>'")
+        "{{ message['content'] or '' }}", "{{ message['content'] if loop.last else '' }}")
     assistant_tokens(tok, CONVERSATIONS[1], where="row 0")  # one assistant turn, the last: fine
     with pytest.raises(ChatTemplateError, match=r"^data/x\.jsonl row 17: the chat template re-renders earlier "
                                                 r"turns.*cannot be marked by prefixes"):
@@ -158,7 +158,7 @@ def test_sft_trainer_refuses_unmaskable_rows_naming_them(tmp_path, tokenizer):
     args, model = sft._trl_args(cfg, tmp_path / "ckpt"), load_model(TINY)
     rerendering = copy.deepcopy(tokenizer)
     rerendering.chat_template = tokenizer.chat_template.replace(
-        "message['content'] + '<|im_end|>'", "(message['content'] if loop.last else '') + '<|im_end|>'")
+        "{{ message['content'] or '' }}", "{{ message['content'] if loop.last else '' }}")
     with pytest.raises(ChatTemplateError, match=r"^train dataset row 1: the chat template re-renders earlier turns"):
         MiniMaxSFTTrainer(model=model, args=args, processing_class=rerendering,
                           train_dataset=Dataset.from_dict({"messages": [CONVERSATIONS[1], CONVERSATIONS[0]]}))
@@ -219,3 +219,84 @@ def test_resume_check_compares_the_tokenizer_mapping(tmp_path):
     _, other = sft_config(tmp_path, "{path: builtin, chat_template: '{{ messages[0] }}'}")
     with pytest.raises(ConfigError, match=r"different config \(changed: tokenizer\.chat_template\)"):
         finished(other, overwrite=False)
+
+
+# -- tool turns ------------------------------------------------------------------------------------------------------
+
+# transformers' conversational format: the assistant calls a tool (content empty), the tool answers, the assistant
+# replies; a second call has its arguments as JSON text and a content before it.
+TOOL_CONVERSATION = [
+    {"role": "system", "content": "You can call tools."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "name": "get_weather", "content": "18 C, sunny"},
+    {"role": "assistant", "content": "Checking the hour.", "tool_calls": [
+        {"type": "function", "function": {"name": "clock", "arguments": '{"tz": "CET"}'}}]},
+    {"role": "tool", "content": "14:00"},
+    {"role": "assistant", "content": "18 C and sunny at 14:00."},
+]
+TOOL_ASSISTANT_SPANS = [  # what the model generates: each assistant turn's content, its calls, its end of turn
+    '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>',
+    'Checking the hour.<tool_call>{"name": "clock", "arguments": {"tz": "CET"}}</tool_call><|im_end|>',
+    "18 C and sunny at 14:00.<|im_end|>",
+]
+
+
+def test_tool_turns_mask_exactly_the_assistant_turns_and_their_calls(tokenizer):
+    """By hand: the rendering is the ChatML turns below; the mask is 1 on exactly the tokens of the three assistant
+    spans (content + tool calls + <|im_end|>) and 0 on every header, the system and user turns and both tool
+    results. Both forms of `arguments` render the same JSON, and transformers' {% generation %} mask agrees."""
+    full = tokenizer.apply_chat_template(TOOL_CONVERSATION, tokenize=False)
+    assert full == (
+        "<|im_start|>system\nYou can call tools.<|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+        f"<|im_start|>assistant\n{TOOL_ASSISTANT_SPANS[0]}\n<|im_start|>tool\n18 C, sunny<|im_end|>\n"
+        f"<|im_start|>assistant\n{TOOL_ASSISTANT_SPANS[1]}\n<|im_start|>tool\n14:00<|im_end|>\n"
+        f"<|im_start|>assistant\n{TOOL_ASSISTANT_SPANS[2]}\n")
+    ids, mask = assistant_tokens(tokenizer, TOOL_CONVERSATION)
+    # the expected mask from character spans found by hand in the rendering
+    spans, start = [], 0
+    for text in TOOL_ASSISTANT_SPANS:
+        at = full.index(text, start)
+        spans.append((at, at + len(text)))
+        start = at + len(text)
+    offsets = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    assert ids == offsets["input_ids"]
+    expected = [int(any(a <= s and e <= b for a, b in spans)) for s, e in offsets["offset_mapping"]]
+    assert mask == expected
+    assert trained_text(tokenizer, ids, mask) == "".join(TOOL_ASSISTANT_SPANS)
+    untrained = tokenizer.decode([i for i, m in zip(ids, mask) if not m])
+    assert "18 C, sunny" in untrained and "14:00<|im_end|>" in untrained and "get_weather" not in untrained
+    markers = tokenizer.apply_chat_template(TOOL_CONVERSATION, return_dict=True, return_assistant_tokens_mask=True)
+    assert markers["assistant_masks"] == mask
+
+
+def test_tool_turns_through_a_data_file_and_the_sft_trainer(tmp_path, tokenizer):
+    """A file mixing a plain and a tool conversation: the loaded Dataset (one struct type for every message, None
+    where a key is absent) trains on the same tokens as the conversation itself; the arguments survive as given."""
+    import json
+
+    from alignment.trainers import MiniMaxSFTTrainer
+    from data_recipes.io import load_messages_file
+
+    data = tmp_path / "tools.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": c}) for c in (CONVERSATIONS[1], TOOL_CONVERSATION)) + "\n")
+    ds = load_messages_file(data)
+    assert ds[0]["messages"][1]["tool_calls"] is None  # the column's struct type, filled
+    call = ds[1]["messages"][4]["tool_calls"][0]
+    assert call["function"] == {"name": "clock", "arguments": '{"tz": "CET"}'}
+    _, cfg = sft_config(tmp_path)
+    trainer = MiniMaxSFTTrainer(model=load_model(TINY), args=sft._trl_args(cfg, tmp_path / "ckpt"),
+                                train_dataset=ds, processing_class=tokenizer)
+    (row,) = trainer.train_dataset  # both conversations packed into one row, in some order
+    ids, mask = map(list, zip(*(assistant_tokens(tokenizer, c) for c in (CONVERSATIONS[1], TOOL_CONVERSATION))))
+    labels = [[i if m else -100 for i, m in zip(a, b)] for a, b in zip(ids, mask)]
+    assert (row["input_ids"], row["labels"]) in [(ids[0] + ids[1], labels[0] + labels[1]),
+                                                 (ids[1] + ids[0], labels[1] + labels[0])]
+
+
+def test_template_that_drops_tool_calls_is_refused_naming_the_row(minimax_tokenizer):
+    """MINIMAX_TEMPLATE renders only `content`: the call would vanish from the training text."""
+    with pytest.raises(ChatTemplateError, match=r"^f\.jsonl row 2: the chat template does not render assistant "
+                                                r"message 2's tool_calls"):
+        assistant_tokens(minimax_tokenizer, TOOL_CONVERSATION, where="f.jsonl row 2")

@@ -192,6 +192,22 @@ BAD = {
     "no messages": ({"text": "hello"}, "messages is missing"),
     "bad answer type": ({**GOOD, "answer": 4}, "answer is int; expected str"),
     "broken json": ('{"messages": [', "invalid JSON"),
+    "tool call on a user turn": (
+        _with_messages([{"role": "user", "content": "a", "tool_calls": [{"function": {"name": "f"}}]},
+                        {"role": "assistant", "content": "b"}]), "messages[0].tool_calls: only assistant messages"),
+    "tool call without a name": (
+        _with_messages([{"role": "user", "content": "a"},
+                        {"role": "assistant", "tool_calls": [{"type": "function", "function": {"arguments": {}}}]},
+                        {"role": "tool", "content": "1"}, {"role": "assistant", "content": "b"}]),
+        "messages[1].tool_calls[0].function.name is missing"),
+    "tool arguments not JSON": (
+        _with_messages([{"role": "user", "content": "a"},
+                        {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]},
+                        {"role": "tool", "content": "1"}, {"role": "assistant", "content": "b"}]),
+        "messages[1].tool_calls[0].function.arguments is not valid JSON"),
+    "tool result not a string": (
+        _with_messages([{"role": "user", "content": "a"}, {"role": "tool", "content": {"t": 1}},
+                        {"role": "assistant", "content": "b"}]), "messages[1].content is dict; expected a string"),
 }
 
 
