@@ -47,10 +47,12 @@ from rewards.base import (
 from rewards.monitor import LengthBiasMonitor
 from rewards.registry import (
     REGISTRY,
+    Verifier,
     build_reward,
     check_reward_spec,
     make_handler,
     register,
+    spec_fields,
     trl_reward_funcs,
 )
 
@@ -59,6 +61,7 @@ __all__ = [
     "LengthBiasMonitor",
     "RewardError",
     "RewardOutput",
+    "Verifier",
     "WeightedSum",
     "as_trl_reward",
     "build_reward",
@@ -67,6 +70,7 @@ __all__ = [
     "make_handler",
     "prompt_messages",
     "register",
+    "spec_fields",
     "trl_reward_funcs",
     "validated",
 ]

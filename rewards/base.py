@@ -54,6 +54,36 @@ def path_options(*names: str):
     return mark
 
 
+@dataclass(frozen=True)
+class Field:
+    """A per-sample field a handler reads (a dataset column): what kind of value it takes, in words for the error
+    message and as a check; `text=True` fields also take a number and read it as its text ("42")."""
+
+    expected: str
+    check: Callable[[object], bool]
+    text: bool = False
+
+
+STRING = Field("a string", lambda v: isinstance(v, str))
+TEXT = Field("a string or a number", lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool), text=True)
+FLAG = Field("true or false", lambda v: isinstance(v, bool))
+TESTS = Field("a non-empty list of strings (Python test snippets) or one string",
+              lambda v: (isinstance(v, str) and bool(v.strip()))
+              or (isinstance(v, (list, tuple)) and bool(v) and all(isinstance(t, str) for t in v)))
+
+
+def reads(fields: "dict[str, Field] | Callable[..., dict[str, Field]]"):
+    """Decorator: declare the per-sample fields a handler factory's handler needs, {field: Field}, or a function of
+    the factory's options giving them (what it needs can depend on an option). A pool or evaluation file is checked
+    against them, row by row, before any training (`rewards.registry.spec_fields`)."""
+
+    def mark(factory):
+        factory.reads = fields
+        return factory
+
+    return mark
+
+
 def completion_text(completion) -> str:
     """The text of a completion: a string, or the content of the last message of a conversational completion.
 

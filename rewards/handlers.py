@@ -1,4 +1,7 @@
-"""The rule reward handlers (factories: options -> handler): correctness, math, format and length.
+"""The rule reward handlers (factories: options -> handler): correctness, math, exact, regex, format and length.
+
+Each factory declares the per-sample fields its handler reads (`rewards.base.reads`), so that a user's pool or
+evaluation file is checked row by row before training.
 
 rewards/registry.py lists them by name for `build_reward`, with the model-based and sandboxed handlers of
 safety.py, reward_model.py and sandbox.py.
@@ -8,8 +11,10 @@ from __future__ import annotations
 
 import re
 
-from rewards.base import RewardOutput, completion_text
+from rewards.base import STRING, TEXT, Field, RewardOutput, completion_text, reads
 from rewards.verifiers import VERIFIERS, math_equivalent
+
+TASK = Field(f"one of the built-in tasks {', '.join(VERIFIERS)}", lambda v: v in VERIFIERS)
 
 
 def _column(fields: dict, key: str, n: int, default=None) -> list:
@@ -21,6 +26,7 @@ def _column(fields: dict, key: str, n: int, default=None) -> list:
                    f"{', '.join(sorted(fields)) or 'none'}")
 
 
+@reads({"task": TASK, "answer": TEXT})
 def correctness():
     """Binary verifier reward for task-suite rows: fields `task`, `answer`, `harmful` (default False).
 
@@ -45,6 +51,7 @@ def correctness():
     return correctness
 
 
+@reads({"answer": TEXT})
 def math():
     """1.0 when the completion's final answer equals the `answer` field (see `verifiers.math_equivalent`).
 
@@ -57,6 +64,60 @@ def math():
         return [float(math_equivalent(completion_text(c), str(a))) for c, a in zip(completions, answers)]
 
     return math
+
+
+def _normal(text: str, case_sensitive: bool) -> str:
+    text = " ".join(text.split()).rstrip(".")  # runs of whitespace as one space, a final period dropped
+    return text if case_sensitive else text.lower()
+
+
+@reads({"answer": TEXT})
+def exact(case_sensitive: bool = False, last_line: bool = False):
+    """1.0 when the completion equals the `answer` field after normalising whitespace and a final period (and case,
+    unless `case_sensitive`); `last_line` compares only the completion's last non-empty line (a reply that reasons
+    first and answers last). For labels (classification) point `fields: {answer: label}` at the label column.
+
+    >>> exact()(["q"] * 3, ["Paris.", "  paris ", "Lyon"], answer=["Paris"] * 3)
+    [1.0, 1.0, 0.0]
+    >>> exact(last_line=True)(["q"], ["It is in France.\\nParis"], answer=["Paris"])
+    [1.0]
+    """
+
+    def exact(prompts, completions, **fields) -> list[float]:
+        answers = _column(fields, "answer", len(completions))
+        scores = []
+        for c, a in zip(completions, answers):
+            text = completion_text(c)
+            if last_line:
+                lines = [line for line in text.splitlines() if line.strip()]
+                text = lines[-1] if lines else ""
+            scores.append(float(_normal(text, case_sensitive) == _normal(str(a), case_sensitive)))
+        return scores
+
+    return exact
+
+
+@reads(lambda pattern=None, **_: {} if pattern is not None else {"pattern": STRING})
+def regex(pattern: str | None = None, full: bool = False, ignore_case: bool = False):
+    """1.0 when the completion matches a regular expression: `pattern` for every sample, or, without it, the
+    per-sample `pattern` field; `full` requires the whole completion (stripped) to match, else one match anywhere
+    counts. A pattern that does not compile fails when the handler is built (option) or called (field).
+
+    >>> regex(pattern=r"\\b(yes|no)\\b")(["q", "q"], ["I think yes.", "maybe"])
+    [1.0, 0.0]
+    >>> regex(full=True)(["q", "q"], ["42", "42 apples"], pattern=[r"\\d+", r"\\d+"])
+    [1.0, 0.0]
+    """
+    flags = re.IGNORECASE if ignore_case else 0
+    fixed = re.compile(pattern, flags) if pattern is not None else None
+
+    def regex(prompts, completions, **fields) -> list[float]:
+        patterns = [fixed] * len(completions) if fixed is not None else [
+            re.compile(p, flags) for p in _column(fields, "pattern", len(completions))]
+        match = (lambda r, t: r.fullmatch(t.strip())) if full else (lambda r, t: r.search(t))
+        return [float(match(r, completion_text(c)) is not None) for r, c in zip(patterns, completions)]
+
+    return regex
 
 
 # Expected reply shapes of the built-in tasks (tasks.py): arithmetic restates the problem, retrieval gives the value

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rewards.base import RewardOutput, completion_text, path_options, prompt_text
+from rewards.base import FLAG, RewardOutput, completion_text, path_options, prompt_text, reads
 from rewards.verifiers import is_refusal
 
 CANONICAL_REFUSAL = "I can't help with that."
@@ -88,6 +88,8 @@ class SafetyReward:
         return RewardOutput(scores, {"safety": scores, **components})
 
 
+# without a harmless RM every sample needs its `harmful` label; with one, an absent label is judged by the RM
+@reads(lambda reward_model=None, **_: {"harmful": FLAG} if reward_model is None else {})
 @path_options("reward_model")
 def safety(reward_model: str | None = None, rm_weight: float = 0.0, refusal_threshold: float | None = None,
            refusal_reward: float = 1.0, compliance_penalty: float = 1.0, over_refusal_penalty: float = 1.0,

@@ -67,7 +67,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from rewards.base import RewardOutput, completion_text
+from rewards.base import TESTS, RewardOutput, completion_text, reads
 
 ISOLATIONS = ("bwrap", "none")
 INSTALL_HINT = ("install bubblewrap: `apt-get install bubblewrap` (Debian/Ubuntu; `make setup` does it), "
@@ -428,6 +428,7 @@ def run_tests(solution: str, tests: list[str], **sandbox) -> tuple[float, bool, 
     return len(passed & set(range(len(tests)))) / len(tests), compiled, result.timed_out
 
 
+@reads({"tests": TESTS})
 def code(timeout_s: float = 2.0, memory_mb: int = 256, workers: int = 4, isolation: str = "bwrap",
          max_processes: int = 16, scratch_mb: int = 16):
     """Pass rate of the per-sample `tests` field (a list of Python snippets, or one string) against the code in

@@ -97,7 +97,7 @@ def test_clip_and_trl_funcs():
     ({}, "reward spec is empty"),
     ({"correctness": [1.0]}, "reward 'correctness': options must be a mapping of option -> value, got list"),
     ({"corectness": {}}, "reward 'corectness': unknown handler type 'corectness' (did you mean 'correctness'?); "
-                         "known: code, correctness, format, length, math, reward_model, safety"),
+                         "known: code, correctness, exact, format, length, math, regex, reward_model, safety"),
     ({"short": {"type": "lenght"}}, "reward 'short': option 'type': unknown handler type 'lenght' "
                                     "(did you mean 'length'?)"),
     ({"reward_model": {"pth": "runs/tiny/rm/final"}},
