@@ -12,7 +12,8 @@ import torch
 from accelerate.utils import gather_object
 from datasets import Dataset
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
-from trl.data_utils import get_dataset_column_names
+from trl.data_utils import extract_prompt, get_dataset_column_names, is_conversational
+from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, global_then_local_main_first
 
@@ -21,7 +22,7 @@ from alignment.context_parallel import ContextParallelTraining
 from alignment.losses import LossOptions, group_advantages, policy_loss, zero_variance_groups
 from alignment.modeling import FP32LMHead, make_packing_safe
 from alignment.rollout.base import SamplingOptions, importance_weights, logprob_mismatch
-from alignment.tokenizer import assistant_tokens
+from alignment.tokenizer import assistant_tokens, template_messages
 
 
 def _base(model):
@@ -120,25 +121,131 @@ class MiniMaxDPOTrainer(SafeCheckpoints, DPOTrainer):
       copy of the policy as handed in is the reference, which is the same weights. A PEFT model needs no reference
       model: TRL scores the reference with a frozen copy of the starting adapter ("ref"; for a fresh adapter, B = 0,
       that is exactly the base model), or with adapters disabled when given `peft_config`.
+    - or, with `precompute_ref_log_probs=True` and no `ref_model`, no reference model at all: the reference
+      log-probs of every pair are computed once, before training, by the policy as handed in (= the starting
+      checkpoint; under DeepSpeed TRL wraps it in one inference engine, so ZeRO-3 never holds a second sharded
+      model), and read from the batch after that. TRL computes them inside its `__init__`, before the FP32 head
+      below is installed; here they are computed after it, so both kinds of reference score with the same head.
+      (Under FSDP TRL still builds a reference from `config._name_or_path` for the precompute; not used here.)
     - the FP32 LM head [M1 §3] honoured inside TRL's fused log-prob head, for the policy and the reference
       (`fp32_fused_lm_head`, shared with the SFT trainer);
+    - conversational pairs tokenized here (`_tokenize_preferences`) so that a response's log-prob sums over the
+      assistant's tokens only: TRL sums over everything after the prompt, which for a response holding tool turns
+      (an assistant tool call, the tool's result, the assistant's answer) includes the tool's output. The ids are
+      TRL's; for a response of one assistant turn the mask is TRL's too (every completion token);
     - crash-safe checkpoints whose resume restores every MoE weight (`SafeCheckpoints`).
     """
 
     def __init__(self, model, ref_model=None, args=None, **kwargs):
-        if args is not None and args.precompute_ref_log_probs and _has_fp32_head(model):
-            # TRL precomputes inside its __init__, before the FP32 head can be re-installed
-            raise ValueError("precompute_ref_log_probs is not supported with an FP32 LM head; leave it off")
-        if ref_model is None and isinstance(model, torch.nn.Module) and not _is_peft(model):
+        precompute = args is not None and args.precompute_ref_log_probs
+        if ref_model is None and not precompute and isinstance(model, torch.nn.Module) and not _is_peft(model):
             ref_model = copy.deepcopy(model)
         if ref_model is not None:
             make_packing_safe(ref_model).requires_grad_(False).eval()
+        tokenizer = kwargs.get("processing_class")
+        if kwargs.get("data_collator") is None and tokenizer is not None and args is not None:
+            # TRL's collator, reading the assistant masks of `_tokenize_preferences` where rows have them
+            kwargs["data_collator"] = PreferenceCollator(
+                pad_token_id=tokenizer.pad_token_id, max_length=args.max_length,
+                truncation_mode=args.truncation_mode, pad_to_multiple_of=args.pad_to_multiple_of)
+            # what TRL does when it builds its own collator: the model agrees with the tokenizer on padding
+            model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+        self._defer_precompute = precompute  # see `_precompute_ref_logps`
         super().__init__(model, ref_model, args, **kwargs)
         outputs = ("log_probs", "entropy", "mean_logits", "is_top1") + (
             ("log_sum_sq_probs",) if self.use_weighting else ())
         fp32_fused_lm_head(self.model, outputs=outputs)  # TRL's own choice of outputs for the policy
         if self.ref_model is not None:
             fp32_fused_lm_head(self.accelerator.unwrap_model(self.ref_model), outputs=("log_probs",))
+        if precompute:  # now with the FP32 head in place, as TRL's __init__ would have done
+            self._defer_precompute = False
+            size = self.args.precompute_ref_batch_size
+            self.train_dataset = self._precompute_ref_logps(
+                self.train_dataset, "train", size or self.args.per_device_train_batch_size)
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {name: self._precompute_ref_logps(
+                    ds, name, size or self.args.per_device_eval_batch_size) for name, ds in self.eval_dataset.items()}
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self._precompute_ref_logps(
+                    self.eval_dataset, "eval", size or self.args.per_device_eval_batch_size)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # TRL calls this from its __init__, before `fp32_fused_lm_head` can run: skipped there, run after it
+        if self._defer_precompute:
+            return dataset
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        columns = get_dataset_column_names(dataset)
+        if "prompt_ids" not in columns and is_conversational(next(iter(dataset))):
+            return _tokenize_preferences(dataset, processing_class, dataset_name, args)
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def _set_signature_columns_if_needed(self):
+        first = self._signature_columns is None
+        super()._set_signature_columns_if_needed()
+        if first and "prompt_ids" in self._signature_columns:  # keep the masks for the collator
+            self._signature_columns = self._signature_columns + ["chosen_mask", "rejected_mask"]
+
+
+def _tokenize_preferences(dataset, tokenizer, name: str, args):
+    """Conversational pairs (`prompt`, `chosen`, `rejected` message lists; a missing prompt is TRL's implicit one)
+    as `prompt_ids`, `chosen_ids`, `rejected_ids` (TRL's: the chat template's ids, the completion starting where
+    the prompt rendered with its generation prompt and prompt + response stop agreeing) plus `chosen_mask` /
+    `rejected_mask`, 1 on the completion tokens DPO scores: TRL's completion less every token that is not the
+    assistant's before its last assistant token (a tool's result, the headers around it); the whitespace after
+    the last turn, which TRL scores, stays scored. Errors name the row (its dataset index)."""
+    from trl.data_utils import common_prefix_length
+
+    if "prompt" not in get_dataset_column_names(dataset):
+        dataset = dataset.map(extract_prompt)
+
+    def tokenize(row, index):
+        where = f"{name} dataset row {index}"
+        prompt = template_messages(row["prompt"])
+        prompt_ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
+                                                   return_dict=True)["input_ids"]
+        sides = {side: assistant_tokens(tokenizer, prompt + template_messages(row[side]), where)
+                 for side in ("chosen", "rejected")}
+        n = min(common_prefix_length(prompt_ids, ids) for ids, _ in sides.values())
+        out = {"prompt_ids": prompt_ids[:n]}
+        for side, (ids, mask) in sides.items():
+            marked = [i for i, m in enumerate(mask) if m and i >= n]
+            if not marked:
+                raise ValueError(f"{where}: {side} has no assistant token after the prompt; nothing to score")
+            out[f"{side}_ids"] = ids[n:]
+            out[f"{side}_mask"] = [int(m or i > marked[-1]) for i, m in enumerate(mask)][n:]
+        return out
+
+    map_kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Tokenizing {name} dataset (assistant masks)"} \
+        if isinstance(dataset, Dataset) else {}
+    with global_then_local_main_first():
+        dataset = dataset.map(tokenize, with_indices=True, **map_kwargs)
+        if args.max_length is not None and args.truncation_mode == "keep_start":
+            # as TRL: a prompt that fills max_length leaves no completion token to learn from
+            dataset = dataset.filter(lambda row: len(row["prompt_ids"]) < args.max_length,
+                                     **({"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}))
+    return dataset
+
+
+class PreferenceCollator(DataCollatorForPreference):
+    """TRL's preference collator; rows with `chosen_mask` / `rejected_mask` (from `_tokenize_preferences`) get those
+    as the completion mask, truncated and padded as TRL truncates and pads the ids, instead of "every token after
+    the prompt"."""
+
+    def torch_call(self, examples):
+        out = super().torch_call(examples)
+        if "chosen_mask" not in examples[0]:
+            return out
+        masks = [[0] * len(e["prompt_ids"]) + list(e[side]) for side in ("chosen_mask", "rejected_mask")
+                 for e in examples]  # TRL's order: every chosen row, then every rejected row
+        if self.max_length is not None:
+            cut = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+            masks = [m[cut] for m in masks]
+        width = out["input_ids"].shape[1]
+        out["completion_mask"] = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.long)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -57,8 +57,19 @@ class PairOptions:
     # high-temperature noise), seeded-random among equals; "random": seeded-random among all tied samples.
     tie_break: Literal["coldest", "random"] = "coldest"
     batch_size: int = 128  # completions per generate call of the rollout worker
+    # Your own preference files, trained on beside the sampled pairs: TRL's preference rows (`prompt`, `chosen`,
+    # `rejected`, all strings or all message lists; or `chosen`/`rejected` whole conversations with the prompt left
+    # implicit), .jsonl / .json / .parquet; checked row by row before any model work
+    # (`data_recipes.preferences.check_dpo_row`). Plain-text files cannot be mixed with the sampled pairs, which
+    # are conversational: use them with `sample: false`.
+    files: list[str] = field(default_factory=list)
+    # Sample pairs from the stage's prompts and score them (the paper's way [01 §5.4.1]); false: train on `files`
+    # alone (no prompts, sampling or reward needed).
+    sample: bool = True
 
     def __post_init__(self):
+        if not self.sample and not self.files:
+            raise ValueError("pairs.sample: false trains on pairs.files alone; give at least one file")
         if not self.temperatures or any(t <= 0 for t in self.temperatures):
             raise ValueError(f"pairs.temperatures must be a non-empty list of values > 0, got {self.temperatures}")
         if self.samples_per_temperature < 1:

@@ -174,3 +174,109 @@ def load_preference_file(path: str | Path) -> list[dict]:
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
+
+
+# -- DPO preference files (TRL's preference format) ------------------------------------------------------------------
+
+PLAIN, CONVERSATIONAL = "plain", "conversational"  # TRL's "standard" and "conversational" preference formats
+
+
+def _is_empty(value) -> bool:
+    return (isinstance(value, str) and not value.strip()) or (isinstance(value, list) and not value)
+
+
+def _dpo_side(value, where: str, key: str):
+    """One of prompt / chosen / rejected: a non-empty string (plain) or a checked message list (conversational)."""
+    from data_recipes.io import check_messages
+
+    if _is_empty(value):
+        raise DataError(f"{where}: {key} is empty")
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise DataError(f"{where}: {key} is {type(value).__name__}; expected a string (plain) or a list of messages "
+                        "(conversational)")
+    return check_messages(value, where, key)
+
+
+def _split_implicit_prompt(chosen: list[dict], rejected: list[dict], where: str):
+    """TRL's implicit prompt: the longest run of messages both conversations start with (`trl.extract_prompt`)."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise DataError(f"{where}: no prompt, and chosen and rejected share no leading message to take it from "
+                        "(give a prompt, or full conversations that start with the same turns)")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def check_dpo_row(row, where: str) -> dict:
+    """One preference row in TRL's format, checked: {prompt, chosen, rejected} all strings (plain: the text is
+    trained on as is, no chat template) or all message lists (conversational; the prompt may be left out when chosen
+    and rejected are whole conversations sharing their first turns, as TRL accepts). Returns {prompt, chosen,
+    rejected} (conversational: `data_recipes.io.check_messages` form; chosen and rejected then start and end
+    with an assistant turn, and may hold tool calls, tool results and further assistant turns
+    between). A missing key, a wrong type, an empty value, chosen == rejected, or a `tools` column (tool schemas are
+    not rendered yet) is a DataError naming `where` and the key."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: row is {type(row).__name__}; expected an object with prompt, chosen, rejected")
+    for key in ("chosen", "rejected"):
+        if key not in row or row[key] is None:
+            raise DataError(f"{where}: {key} is missing")
+    if row.get("tools") is not None:
+        raise DataError(f"{where}: tools: tool schemas are not rendered by the DPO stage yet; describe the tools in "
+                        "a system message of the prompt")
+    chosen, rejected = _dpo_side(row["chosen"], where, "chosen"), _dpo_side(row["rejected"], where, "rejected")
+    if type(chosen) is not type(rejected):
+        raise DataError(f"{where}: chosen is {'text' if isinstance(chosen, str) else 'a message list'} but rejected "
+                        f"is {'text' if isinstance(rejected, str) else 'a message list'}; give both in one format")
+    if row.get("prompt") is None:
+        if isinstance(chosen, str):
+            raise DataError(f"{where}: prompt is missing (an implicit prompt is only taken from conversations: "
+                            "plain texts would be split at a common character prefix)")
+        prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected, where)
+    else:
+        prompt = _dpo_side(row["prompt"], where, "prompt")
+        if type(prompt) is not type(chosen):
+            raise DataError(f"{where}: prompt is {'text' if isinstance(prompt, str) else 'a message list'} but "
+                            f"chosen is {'text' if isinstance(chosen, str) else 'a message list'}; give all three "
+                            "in one format")
+    if chosen == rejected:
+        raise DataError(f"{where}: chosen == rejected; a pair must say which response is preferred")
+    if isinstance(prompt, list):
+        if prompt[-1]["role"] == "assistant":
+            raise DataError(f"{where}: prompt[{len(prompt) - 1}].role is 'assistant'; the prompt must end with the "
+                            "turn the responses answer (user, tool or system)")
+        for key, side in (("chosen", chosen), ("rejected", rejected)):
+            if not side:
+                raise DataError(f"{where}: {key} is empty once the shared prompt is taken off (it equals the prompt)")
+            if side[0]["role"] != "assistant":
+                raise DataError(f"{where}: {key}[0].role is {side[0]['role']!r}; a response starts with an "
+                                "assistant turn")
+            if side[-1]["role"] != "assistant":
+                raise DataError(f"{where}: {key}[{len(side) - 1}].role is {side[-1]['role']!r}; a response ends "
+                                "with an assistant turn")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def load_dpo_preferences(path: str | Path) -> tuple[list[dict], str]:
+    """(rows, format) of a user .jsonl / .json / .parquet preference file for DPO (`check_dpo_row` each), format
+    "plain" or "conversational"; one file is in one format (a row in the other is an error naming it), as a
+    `datasets` column is. Other columns are dropped (TRL reads only these three)."""
+    from data_recipes.io import read_rows
+
+    path = Path(path)
+    rows, kind, first = [], None, None
+    for n, raw in read_rows(path):
+        where = f"{path} row {n}"
+        row = check_dpo_row(raw, where)
+        row_kind = PLAIN if isinstance(row["prompt"], str) else CONVERSATIONAL
+        if kind is None:
+            kind, first = row_kind, n
+        elif row_kind != kind:
+            raise DataError(f"{where}: a {row_kind} row in a {kind} file (row {first} is {kind}); one file, one "
+                            "format")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows, kind

@@ -5,16 +5,21 @@
     python -m pipelines dpo --config CONFIG [--set dpo.beta=0.2 ...] [--overwrite]
 
 Reads top to bottom: config -> prompts already used in SFT (the SFT mix rebuilt from its spec and seed; in a pipeline
-the runner hands over the SFT stage's `data` and `seed`) -> tokenizer + packing-safe policy -> held-out evaluation -> preference pairs (`data_recipes.dpo_pairs`: N samples per prompt at
-several temperatures through the rollout worker, scored by `rewards`, best vs worst with a minimum margin; saved
-to `<output_dir>/pairs` with their provenance) -> reference model = the starting checkpoint loaded from disk
-(packing-safe, FP32 head; with LoRA the reference is the model without its new adapter) -> TRL DPOTrainer
-(`MiniMaxDPOTrainer`, sigmoid loss) -> evaluation again -> atomic `<output_dir>/final` + metrics.json /
+the runner hands over the SFT stage's `data` and `seed`) and your preference files (`pairs.files`, every row checked
+first) -> tokenizer + packing-safe policy -> held-out evaluation -> preference pairs (`data_recipes.dpo_pairs`: N
+samples per prompt at several temperatures through the rollout worker, scored by `rewards` (rule verifiers and/or a
+trained reward model: `pairs.reward`, as the paper scores with its reward models [01 §5.3, §5.4.1]), best vs worst
+with a minimum margin; saved to `<output_dir>/pairs` with their provenance), plus the files' pairs -> reference =
+the starting checkpoint (`dpo.reference: live`: loaded again from disk, packing-safe, FP32 head; `precomputed`: its
+log-probs computed once before training, no second model; with LoRA the model without its new adapter) -> TRL
+DPOTrainer (`MiniMaxDPOTrainer`, sigmoid loss; a response's log-prob sums over assistant tokens only, so a tool's
+output inside a response is not scored) -> evaluation again -> atomic `<output_dir>/final` + metrics.json /
 summary.md / curves.png / TensorBoard. A re-run reuses the pairs and resumes from the last checkpoint.
 
 Long DPO is a config, not a copy: all prompts long-context (retrieval haystacks), a constant LR.
-Departures from the paper [01 §5.4.1, Table 7]: the reward models are the rule verifiers of the task suite
-(`rewards.build_reward`); groups whose best and worst responses score within `pairs.min_margin` are dropped (the
+Departures from the paper [01 §5.4.1, Table 7]: the tiny configs' reward is the task suite's rule verifiers alone
+(`rewards.build_reward`; the paper's reward models are the `reward_model` handler, which the 548M and released
+pipelines use); groups whose best and worst responses score within `pairs.min_margin` are dropped (the
 paper does not say what it does with them); beta (not given) defaults to 0.1; lengths, batch sizes and LRs are
 scaled to the tiny model, keeping the schedule shapes (short: cosine to 10%, long: constant).
 """
@@ -34,9 +39,14 @@ from pipelines.common import (cached_eval_before, check_builtin, check_files, ch
                               check_tokenizer, claim, evaluate_sets, finish, finished, series_ends, short,
                               stage_main, stage_tokenizer, train_resuming)
 
-DESCRIPTION = ("Reward-scored pairs sampled from the starting checkpoint, then DPO against it. Writes "
-               "<output_dir>/pairs, final/ (the checkpoint), metrics.json, summary.md, curves.png and TensorBoard "
-               "logs; a re-run reuses the pairs and resumes from the last checkpoint in <output_dir>/checkpoints.")
+DESCRIPTION = ("Reward-scored pairs sampled from the starting checkpoint (pairs.reward: rule verifiers and/or a "
+               "trained reward model) and/or your own preference files (pairs.files: TRL's prompt/chosen/rejected "
+               "rows, plain or conversational, tool turns included; pairs.sample: false trains on the files alone), "
+               "then DPO against the starting checkpoint: dpo.reference: live (a frozen copy scores every batch) or "
+               "precomputed (its log-probs computed once before training, no second model: what ZeRO-3 wants). "
+               "Writes <output_dir>/pairs, final/ (the checkpoint), metrics.json, summary.md, curves.png and "
+               "TensorBoard logs; a re-run reuses the pairs and resumes from the last checkpoint in "
+               "<output_dir>/checkpoints.")
 
 
 @dataclass
@@ -54,6 +64,8 @@ class PromptOptions(DataSource):
     max_per_task: dict[str, int] = field(default_factory=dict)
     # Distinct prompts sampled (seeded) from what is left; null: all of them.
     n: int | None = None
+
+    required = False  # a stage trained on preference files alone (pairs.sample: false) samples no prompts
 
     def __post_init__(self):
         super().__post_init__()
@@ -73,6 +85,13 @@ class DPOOptions:
     label_smoothing: float = 0.0  # robust DPO's label noise
     # prompt + response tokens; longer pairs are dropped (not truncated, as in SFT) and counted
     max_length: int = 512
+    # The reference policy's log-probs: "live" scores every batch with a frozen copy of the starting checkpoint
+    # (one more model in memory); "precomputed" scores every pair once before training with the policy as loaded
+    # (= the starting checkpoint) and keeps the numbers in the dataset (TRL's `precompute_ref_log_probs`): the same
+    # loss (tests/test_dpo.py), no second model, which is what a ZeRO-3 run wants (TRL wraps the policy in one
+    # inference engine for the pass instead of sharding a second copy). With LoRA both are the model without its
+    # new adapter.
+    reference: Literal["live", "precomputed"] = "live"
 
     def __post_init__(self):
         if self.beta <= 0:
@@ -87,7 +106,9 @@ class DPOOptions:
 class Config:
     # The starting checkpoint: the policy, the sampler of the pairs and (loaded again, frozen) the reference.
     model: ModelOptions
-    prompts: PromptOptions
+    # Where sampled pairs' prompts come from (in a pipeline: the SFT stage named by `data_from`); not needed with
+    # pairs.sample: false.
+    prompts: PromptOptions = field(default_factory=PromptOptions)
     pairs: PairOptions = field(default_factory=PairOptions)
     dpo: DPOOptions = field(default_factory=DPOOptions)
     training: TrainOptions = field(default_factory=TrainOptions)
@@ -105,13 +126,51 @@ def main(argv: list[str] | None = None, stage: str = "dpo") -> int:
 
 
 def check(cfg: Config, source: str, produced: set) -> None:
-    """Inputs, before any work: a trained starting checkpoint, the SFT prompts' spec, the reward, the eval sets."""
+    """Inputs, before any work: a trained starting checkpoint, the SFT prompts' spec, the reward, every row of the
+    preference files, the eval sets."""
+    from alignment.config import ConfigError
+
     check_model(cfg, source, produced, checkpoint=True, what="DPO")
     check_tokenizer(cfg, source, produced)
-    check_files(cfg.prompts.files, source, "prompts.files")
-    check_builtin(cfg.prompts.builtin, source, "prompts.builtin")
-    check_reward(cfg.pairs.reward, source, "pairs.reward", produced)
+    if cfg.pairs.sample:
+        if not cfg.prompts.builtin and not cfg.prompts.files:
+            raise ConfigError(f"{source}: 'prompts': pairs are sampled from prompts (pairs.sample: true), but prompts "
+                              "has neither builtin nor files (or set pairs.sample: false to train on pairs.files)")
+        check_files(cfg.prompts.files, source, "prompts.files")
+        check_builtin(cfg.prompts.builtin, source, "prompts.builtin")
+        check_reward(cfg.pairs.reward, source, "pairs.reward", produced)
+    check_files(cfg.pairs.files, source, "pairs.files")
+    preference_files(cfg.pairs)  # every row: a bad one fails here, naming file, row and key
     check_builtin(cfg.eval.sets, source, "eval.sets", registry="eval")
+
+
+def preference_files(pairs: PairOptions) -> list[dict]:
+    """The rows of `pairs.files` (`data_recipes.preferences.load_dpo_preferences`), in one format for the stage:
+    plain-text files only alone (no sampled pairs, which are conversational, and no conversational files)."""
+    from data_recipes import DataError
+    from data_recipes.preferences import CONVERSATIONAL, PLAIN, load_dpo_preferences
+
+    rows, kinds = [], {}
+    for path in pairs.files:
+        file_rows, kinds[path] = load_dpo_preferences(path)
+        rows += file_rows
+    plain = [path for path, kind in kinds.items() if kind == PLAIN]
+    if plain and (pairs.sample or len(plain) < len(kinds)):
+        other = "the sampled pairs" if pairs.sample else \
+            next(p for p, kind in kinds.items() if kind == CONVERSATIONAL)
+        raise DataError(f"{plain[0]}: plain-text pairs (strings) cannot be trained together with {other}, which "
+                        "are conversational (message lists): DPO trains on one format; use message lists, or "
+                        "pairs.sample: false with plain files only")
+    return rows
+
+
+def pair_length(tokenizer, row: dict, side: str) -> int:
+    """Tokens of prompt + `side` as DPO sees them: through the chat template (conversational) or as text + EOS."""
+    from data_recipes.io import chat_length
+
+    if isinstance(row["prompt"], str):
+        return len(tokenizer(row["prompt"] + row[side], add_special_tokens=False)["input_ids"]) + 1
+    return chat_length(tokenizer, row["prompt"] + row[side])
 
 
 def run(cfg: Config, overwrite: bool = False) -> dict:
@@ -124,21 +183,25 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     from alignment.trainers import MiniMaxDPOTrainer
     from data_recipes import build_sft_mix, heldout_sets
     from data_recipes.dpo_pairs import build_dpo_pairs, load_pairs, select_prompts
-    from data_recipes.io import chat_length, drop_too_long
+    import datasets
+
+    from data_recipes.io import drop_too_long
     from rewards import build_reward
 
     if (done := finished(cfg, overwrite)) is not None:
         return done
     set_seed(cfg.seed)
 
+    file_pairs = preference_files(cfg.pairs)  # your pairs, checked before any model work
     p = cfg.prompts
-    prompts = select_prompts(build_sft_mix(p.builtin, p.files, p.seed), cfg.seed, p.n, p.tasks, p.min_n_pairs,
-                             p.max_per_task)
-    if not prompts:
-        raise ValueError(f"prompts: nothing left after filtering the SFT mix (tasks={p.tasks}, "
-                         f"min_n_pairs={p.min_n_pairs})")
+    if cfg.pairs.sample:
+        prompts = select_prompts(build_sft_mix(p.builtin, p.files, p.seed), cfg.seed, p.n, p.tasks, p.min_n_pairs,
+                                 p.max_per_task)
+        if not prompts:
+            raise ValueError(f"prompts: nothing left after filtering the SFT mix (tasks={p.tasks}, "
+                             f"min_n_pairs={p.min_n_pairs})")
+        reward = build_reward(cfg.pairs.reward)
     heldout = heldout_sets(cfg.eval.sets, cfg.seed)
-    reward = build_reward(cfg.pairs.reward)
     tokenizer = stage_tokenizer(cfg)
     model = load_model(cfg.model, seed=cfg.seed, tokenizer=tokenizer)
 
@@ -150,34 +213,42 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     # under a launcher the main process samples and writes them (the model is whole before its trainer shards it),
     # the other ranks read what it wrote
     pairs_path = out / "pairs"
-    if is_main() and not (pairs_path / "pair_stats.json").is_file():
-        worker = build_rollout("transformers", model, tokenizer, batch_size=cfg.pairs.batch_size)
-        build_dpo_pairs(worker, prompts, cfg.pairs, cfg.seed, policy=cfg.model.path, out_path=pairs_path,
-                        reward=reward)
-    barrier()
-    pairs, pair_stats = load_pairs(pairs_path)
-    # a cut response no longer says what was preferred: pairs whose longer side does not fit are dropped
+    sampled, pair_stats = [], None
+    if cfg.pairs.sample:
+        if is_main() and not (pairs_path / "pair_stats.json").is_file():
+            worker = build_rollout("transformers", model, tokenizer, batch_size=cfg.pairs.batch_size)
+            build_dpo_pairs(worker, prompts, cfg.pairs, cfg.seed, policy=cfg.model.path, out_path=pairs_path,
+                            reward=reward)
+        barrier()
+        sampled, pair_stats = load_pairs(pairs_path)
+        sampled = sampled.select_columns(["prompt", "chosen", "rejected"]).to_list()
+        print(f"[{cfg.title}] {len(sampled)} sampled pairs from {pair_stats['prompts']} prompts x {cfg.pairs.n} "
+              f"samples (dropped: {pair_stats['dropped_all_tied']} all tied, {pair_stats['dropped_below_margin']} "
+              f"below margin {cfg.pairs.min_margin}); per task {pair_stats['pairs_per_task']}")
+    if file_pairs:
+        print(f"[{cfg.title}] {len(file_pairs)} pairs from {len(cfg.pairs.files)} preference file(s)")
+    # one Dataset of both sources (their message structs merged); a cut response no longer says what was
+    # preferred: pairs whose longer side does not fit are dropped
     pairs, n_too_long = drop_too_long(
-        pairs, lambda row: max(chat_length(tokenizer, row["prompt"] + row[side]) for side in ("chosen", "rejected")),
-        cfg.dpo.max_length)
-    print(f"[{cfg.title}] {len(pairs)} pairs from {pair_stats['prompts']} prompts x {cfg.pairs.n} samples "
-          f"(dropped: {pair_stats['dropped_all_tied']} all tied, {pair_stats['dropped_below_margin']} below margin "
-          f"{cfg.pairs.min_margin}, {n_too_long} longer than {cfg.dpo.max_length} tokens); per task "
-          f"{pair_stats['pairs_per_task']}")
+        datasets.Dataset.from_list(sampled + file_pairs),
+        lambda row: max(pair_length(tokenizer, row, side) for side in ("chosen", "rejected")), cfg.dpo.max_length)
+    print(f"[{cfg.title}] training on {len(pairs)} pairs ({n_too_long} longer than {cfg.dpo.max_length} tokens "
+          "dropped)")
     if len(pairs) == 0:
         raise ValueError(f"no DPO pairs left after dropping those longer than dpo.max_length={cfg.dpo.max_length}")
 
     # reference = the starting checkpoint, from disk, packing-safe with the same head; with LoRA, TRL uses the
-    # model without its new adapter instead (no second copy)
+    # model without its new adapter instead (no second copy); precomputed: no reference model, the trainer scores
+    # every pair with the policy as loaded before its first step
     ref_model = None
-    if cfg.model.lora is None:
+    if cfg.model.lora is None and cfg.dpo.reference == "live":
         ref_model = load_model(dataclasses.replace(cfg.model, gradient_checkpointing=False), seed=cfg.seed,
                                tokenizer=tokenizer)
     trainer = MiniMaxDPOTrainer(
         model=model,
         ref_model=ref_model,
         args=dpo_args(cfg, out / "checkpoints"),
-        train_dataset=pairs.select_columns(["prompt", "chosen", "rejected"]),
+        train_dataset=pairs,
         processing_class=tokenizer,
     )
     result, last = train_resuming(trainer, cfg)
@@ -187,14 +258,21 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     curve_keys = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected",
                   "logps/chosen", "logps/rejected", "learning_rate")
     ends = series_ends(trainer.state.log_history, ("rewards/margins", "rewards/accuracies"))
-    notes = {"pairs": f"{len(pairs)} from {pair_stats['prompts']} SFT prompts x {cfg.pairs.n} samples at "
-                      f"T={cfg.pairs.temperatures} ({pair_stats['dropped_all_tied']} groups all tied, "
-                      f"{pair_stats['dropped_below_margin']} below margin, {n_too_long} too long); chosen score "
-                      f"{pair_stats['mean_score_chosen']:.3f} vs rejected {pair_stats['mean_score_rejected']:.3f}",
+    sources = []
+    if pair_stats is not None:
+        sources.append(f"{len(sampled)} sampled from {pair_stats['prompts']} SFT prompts x {cfg.pairs.n} samples at "
+                       f"T={cfg.pairs.temperatures} ({pair_stats['dropped_all_tied']} groups all tied, "
+                       f"{pair_stats['dropped_below_margin']} below margin); chosen score "
+                       f"{pair_stats['mean_score_chosen']:.3f} vs rejected {pair_stats['mean_score_rejected']:.3f}")
+    if file_pairs:
+        sources.append(f"{len(file_pairs)} from {', '.join(cfg.pairs.files)}")
+    notes = {"pairs": f"{len(pairs)} trained on ({n_too_long} too long dropped): {'; '.join(sources)}",
+             "reference": cfg.dpo.reference,
              **{f"DPO {key.replace('rewards/', 'reward ')}": f"{ends.get(f'{key}/first')} -> {ends.get(f'{key}/last')}"
                 for key in ("rewards/margins", "rewards/accuracies")}}
     return finish(cfg, trainer, result, last, tokenizer, before, after, curve_keys=curve_keys, notes=notes,
-                  train={"pairs": len(pairs), "dropped_too_long": n_too_long}, extra={"pairs": pair_stats})
+                  train={"pairs": len(pairs), "dropped_too_long": n_too_long, "file_pairs": len(file_pairs)},
+                  extra={"pairs": pair_stats} if pair_stats is not None else {})
 
 
 def dpo_args(cfg: Config, checkpoints: Path):
@@ -213,6 +291,7 @@ def dpo_args(cfg: Config, checkpoints: Path):
         label_smoothing=d.label_smoothing,
         max_length=d.max_length,
         router_aux_loss_coef=cfg.model.router_aux_loss_coef,
+        precompute_ref_log_probs=d.reference == "precomputed",
         dataset_num_proc=None,
     )
 
