@@ -174,7 +174,33 @@ class MiniMaxDPOTrainer(SafeCheckpoints, DPOTrainer):
         # TRL calls this from its __init__, before `fp32_fused_lm_head` can run: skipped there, run after it
         if self._defer_precompute:
             return dataset
+        if isinstance(dataset, Dataset) and not dataset.cache_files:
+            return self._ref_logps_in_memory(dataset, name, batch_size)
         return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def _ref_logps_in_memory(self, dataset, name, batch_size):
+        """TRL's precompute for a dataset held in memory (the DPO stage's pairs are): TRL keeps the numbers in a
+        cache file beside the dataset's files, written by the main process and read by every rank; an in-memory
+        dataset has no files, so its cache path is a random name in a per-process temp directory that the other
+        ranks never find. Here every rank gathers the numbers (as TRL's loop does) and adds them as columns; the
+        same model choice and scoring as TRL's (`compute_ref_log_probs`), nothing cached across runs."""
+        from torch.utils.data import DataLoader
+
+        loader = self.accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator,
+                                                     shuffle=False))
+        if self.ref_model is None and self.is_deepspeed_enabled:  # as TRL: one inference engine over the policy
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            model = self._precompute_engine
+        else:
+            model = self.ref_model or self.model
+        chosen, rejected = [], []
+        for batch in loader:
+            c, r = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
+            chosen.append(c.float().cpu())
+            rejected.append(r.float().cpu())
+        return dataset.add_column("ref_chosen_logps", torch.cat(chosen).tolist()).add_column(
+            "ref_rejected_logps", torch.cat(rejected).tolist())
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         columns = get_dataset_column_names(dataset)
