@@ -323,3 +323,63 @@ def test_precomputed_reference_on_two_ranks_ends_where_one_process_with_a_live_r
     assert_same_metrics(m1, m2, "dpo")
     assert sorted(p.name for p in (runs[1] / "final").iterdir()) == sorted(p.name for p in (runs[2] / "final").iterdir())
     assert_same_weights(runs[2] / "final", runs[1] / "final", checkpoint, "dpo")
+
+
+# -- pairs scored by a trained reward model beside the verifiers -----------------------------------------------------
+
+
+def test_sampled_pairs_are_scored_by_the_verifier_plus_the_reward_model(tmp_path, checkpoint):
+    """pairs.reward = correctness + 0.1 x a reward model (a score head on the checkpoint, as the rm stage builds
+    it): every sample's recorded score is the verifier's plus 0.1 x the RM's own score of it, and chosen/rejected
+    are the best/worst of those [01 §5.4.1: scored by the reward models, chosen = best, rejected = worst]."""
+    from alignment.rollout import build_rollout
+    from data_recipes.dpo_pairs import PairOptions, build_dpo_pairs
+    from rewards import build_reward
+    from rewards.reward_model import RewardModel
+
+    rm_dir = tmp_path / "rm"
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    load_model(str(checkpoint), head="score", seed=1, tokenizer=tokenizer).save_pretrained(rm_dir)
+    tokenizer.save_pretrained(rm_dir)
+    model = load_model(str(checkpoint))
+    worker = build_rollout("transformers", model, tokenizer, batch_size=8)
+    rows = [{"messages": [{"role": "user", "content": f"What is {a} + {b}?"},
+                          {"role": "assistant", "content": f"{a} + {b} = {a + b}"}], "task": "arithmetic",
+             "answer": str(a + b), "harmful": False, "n_pairs": 0} for a, b in [(1, 2), (3, 4), (5, 6)]]
+    spec = {"correctness": {"weight": 1.0}, "reward_model": {"path": str(rm_dir), "weight": 0.1}}
+    opts = PairOptions(temperatures=[0.8, 1.5], samples_per_temperature=2, max_new_tokens=6, min_margin=0.0,
+                       reward=spec)
+    pairs, _ = build_dpo_pairs(worker, rows, opts, seed=0, policy=str(checkpoint), reward=build_reward(spec))
+    rm, correctness = RewardModel(rm_dir), build_reward({"correctness": {}})
+    assert len(pairs) == 3  # an untrained RM never ties: every group makes a pair at min_margin 0
+    for rec in pairs:
+        n = len(rec["samples"])
+        right = correctness([rec["prompt"]] * n, rec["samples"], task=["arithmetic"] * n,
+                            answer=[rec["answer"]] * n).scores
+        expected = [c + 0.1 * s for c, s in zip(right, rm.score([rec["prompt"]] * n, rec["samples"]))]
+        assert rec["scores"] == pytest.approx(expected, abs=1e-5)
+        assert rec["score_chosen"] == max(expected) and rec["score_rejected"] == min(expected)
+
+
+def test_shipped_pipelines_score_dpo_pairs_with_their_rm_stage(tmp_path):
+    """configs/548m and configs/minimax_text_01: an rm stage before DPO (from stage I, not a policy stage, so long
+    SFT still starts from SFT), and both DPO stages' reward_model reads that stage's final/ (the 548M ones beside
+    the verifier). The 548M GRPO stage needs vLLM, so the plan is taken without it; the released pipeline's full
+    --check is tests/test_released.py's."""
+    from alignment.config import read_yaml
+    from pipelines.run import plan
+
+    spec = read_yaml("configs/548m/pipeline.yaml")
+    spec["stages"] = [s for s in spec["stages"] if s["kind"] != "grpo"]
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(json.dumps(spec))  # JSON is YAML
+    stages = {s.spec.name: s for s in plan(path)}
+    assert list(stages) == ["sft", "rm", "long_sft", "dpo", "long_dpo"]
+    assert stages["long_sft"].cfg.model.path == str(stages["sft"].final)
+    assert stages["rm"].cfg.model.path == str(stages["sft"].final)
+    for name in ("dpo", "long_dpo"):
+        reward = stages[name].cfg.pairs.reward
+        assert reward["reward_model"]["path"] == str(stages["rm"].final) and "correctness" in reward
+    released = read_yaml("configs/minimax_text_01/pipeline.yaml")["stages"]
+    assert [s["name"] for s in released][:2] == ["sft", "rm"]
+    assert all(s["set"]["pairs.reward.reward_model.path"] == "{rm}" for s in released if s["kind"] == "dpo")

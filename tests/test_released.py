@@ -308,7 +308,7 @@ def test_export_ships_the_released_remote_code_when_given(tmp_path):
 
 def released_workdir(root: Path, checkpoint: Path) -> Path:
     """The layout configs/minimax_text_01 expects, in `root`: the released checkpoint at checkpoints/MiniMax-Text-01
-    (and as the reward model), the user's chat files under data/."""
+    (and at checkpoints/reward_model, for configs that name one), the user's chat and preference files under data/."""
     (root / "checkpoints").mkdir(parents=True)
     (root / "data").mkdir()
     (root / "configs").symlink_to(Path(__file__).parents[1] / "configs")
@@ -317,6 +317,9 @@ def released_workdir(root: Path, checkpoint: Path) -> Path:
     row = {"messages": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]}
     for name in ("sft_short.jsonl", "sft_long.jsonl"):
         (root / "data" / name).write_text(json.dumps(row) + "\n")
+    pair = {"prompt": row["messages"][:1], "chosen": row["messages"][1:],
+            "rejected": [{"role": "assistant", "content": "6"}]}
+    (root / "data" / "preferences.jsonl").write_text(json.dumps(pair) + "\n")  # the rm stage's data
     return root
 
 
@@ -325,7 +328,7 @@ def test_the_minimax_text_01_pipeline_checks_against_a_released_checkpoint(tmp_p
 
     monkeypatch.chdir(released_workdir(tmp_path / "ok", FIXTURE))
     assert main(["--config", "configs/minimax_text_01/pipeline.yaml", "--check"]) == 0
-    assert "OK (sft, long_sft, dpo, long_dpo, grpo)" in capsys.readouterr().out
+    assert "OK (sft, rm, long_sft, dpo, long_dpo, grpo)" in capsys.readouterr().out
 
     broken = tmp_path / "broken_checkpoint"
     broken.mkdir()
