@@ -246,7 +246,8 @@ def test_tool_output_inside_a_response_is_not_scored(tmp_path, checkpoint):
     row = trainer.train_dataset[0]
     unscored = tok.decode([t for t, m in zip(row["chosen_ids"], row["chosen_mask"]) if not m])
     assert unscored == "\n<|im_start|>tool\n18 C, sunny<|im_end|>\n<|im_start|>assistant\n"
-    loss = trainer.compute_loss(trainer.model, batch)  # policy = reference: log 2 whatever the mask
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)  # policy = reference: log 2 whatever the mask
     assert float(loss) == pytest.approx(math.log(2), rel=1e-6)
 
 
