@@ -193,21 +193,22 @@ TOOL_PAIR = {
 }
 
 
-def _trainer(tmp_path, checkpoint, rows, reference="live", dtype="float32"):
+def _trainer(tmp_path, checkpoint, rows, reference="live", dtype="float32", lora=False):
     from alignment.trainers import MiniMaxDPOTrainer
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "t.yaml"
     path.write_text(f"""
 output_dir: {tmp_path / "run"}
-model: {{path: {checkpoint}, router_aux_loss_coef: 0.0, dtype: {dtype}}}
+model: {{path: {checkpoint}, router_aux_loss_coef: 0.0, dtype: {dtype}{", lora: {r: 4, alpha: 8}" if lora else ""}}}
 prompts: {{builtin: {{arithmetic: {{n: 4}}}}}}
 dpo: {{beta: 0.5, max_length: 128, reference: {reference}}}
 training: {{max_steps: 4, learning_rate: 3.0e-3, batch_size: 4, logging_steps: 1, save_steps: 100}}
 """)
     cfg = load_config(path, DPOStageConfig)
+    torch.manual_seed(0)  # the LoRA init draws from the global RNG (a stage seeds it first: set_seed)
     policy = load_model(cfg.model)
-    ref = load_model(cfg.model) if reference == "live" else None
+    ref = load_model(cfg.model) if reference == "live" and not lora else None  # LoRA: the model, adapter off
     return MiniMaxDPOTrainer(model=policy, ref_model=ref, args=dpo_args(cfg, tmp_path / "ckpt"),
                              train_dataset=Dataset.from_list(rows), processing_class=AutoTokenizer.from_pretrained(
                                  checkpoint))
@@ -254,23 +255,24 @@ def test_tool_output_inside_a_response_is_not_scored(tmp_path, checkpoint):
 # -- the reference: live copy or precomputed log-probs ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_precomputed_reference_gives_the_live_losses_and_weights(tmp_path, checkpoint, dtype):
+@pytest.mark.parametrize("dtype,lora", [("float32", False), ("bfloat16", False), ("float32", True)])
+def test_precomputed_reference_gives_the_live_losses_and_weights(tmp_path, checkpoint, dtype, lora):
     """4 steps each way on the same pairs (FP32 head, a tool-turn pair included): the precomputed run holds no
     reference model, its dataset carries the reference log-probs, equal to the live reference's; in float32 its
     losses, margins and weights are the live run's. bf16: TRL would precompute inside its __init__, before the FP32 head is installed, so
     the reference log-probs would carry the bf16 head's rounding, which the live reference does not have (measured:
-    up to 1.9e-3 nats, 3e-5 relative, on these pairs; the check below allows 1e-6)."""
+    up to 1.9e-3 nats, 3e-5 relative, on these pairs; the check below allows 1e-6). LoRA: both references are the
+    model with its new adapter off."""
     rows = [check_dpo_row(r, "row") for r in rows_in("conversational")[:7]] + [check_dpo_row(TOOL_PAIR, "row")]
     results = {}
     for reference in ("live", "precomputed"):
-        trainer = _trainer(tmp_path / reference, checkpoint, rows, reference=reference, dtype=dtype)
+        trainer = _trainer(tmp_path / reference, checkpoint, rows, reference=reference, dtype=dtype, lora=lora)
         if reference == "precomputed":
             assert trainer.ref_model is None and "ref_chosen_logps" in trainer.train_dataset.column_names
             live_ref = results["live"][2]
             assert trainer.train_dataset["ref_chosen_logps"] == pytest.approx(live_ref, abs=1e-6, rel=1e-6)
         else:
-            assert trainer.ref_model is not None
+            assert (trainer.ref_model is None) == lora
         ref_logps = None
         if reference == "live":  # the live reference's own numbers for every row, in order, for the check above
             # in the precompute's batches (4 rows in order, so the same padded shapes: bf16 sums depend on them)
@@ -278,7 +280,7 @@ def test_precomputed_reference_gives_the_live_losses_and_weights(tmp_path, check
             for start in range(0, len(rows), 4):
                 batch = trainer.data_collator([trainer.train_dataset[i] for i in range(start, start + 4)])
                 with torch.no_grad():
-                    ref_logps += trainer.compute_ref_log_probs(trainer.ref_model, batch)[0].tolist()
+                    ref_logps += trainer.compute_ref_log_probs(trainer.ref_model or trainer.model, batch)[0].tolist()
         trainer.train()
         history = [e for e in trainer.state.log_history if "loss" in e]
         results[reference] = (history, {k: v.clone() for k, v in trainer.model.state_dict().items()}, ref_logps)
