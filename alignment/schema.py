@@ -165,5 +165,8 @@ class TrainOptions:
 class EvalOptions:
     # Held-out sets: name -> {task, n, ...builder kwargs}, e.g. {"retrieval@32": {task: retrieval, n: 50, n_pairs: 32}}
     sets: dict[str, dict] = field(default_factory=dict)
+    # Your own held-out sets: name -> {path: .jsonl/.parquet file, verifier: reward spec, n, max_new_tokens}; rows
+    # hold a prompt and the verifier's fields (checked before training; data_recipes.evaluation.load_eval_files).
+    files: dict[str, dict] = field(default_factory=dict)
     max_new_tokens: int = 16
     batch_size: int = 32

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import random
 import zlib
 from dataclasses import dataclass
@@ -344,6 +345,7 @@ class Round:
         zero_variance  (N / group_size,) bool: zero_variance_groups(rewards, group_size, tolerance)
         lengths        N ints: completion tokens (the completion-mask sums, i.e. the tokens the loss sees)
         success        N floats from the trainer's `success_fn`, or None without one
+        slots          N ints: each completion's `pool_slot` (with a `pool`), else None
     """
 
     batch: dict
@@ -353,6 +355,7 @@ class Round:
     lengths: list[int]
     success: list[float] | None
     group_size: int
+    slots: list[int] | None = None
 
     @property
     def kept(self) -> torch.Tensor:
@@ -375,9 +378,14 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
     Arguments beyond TRL's: `loss`, `sampling` (what the rollout worker samples with; build the `GRPOConfig` from
     the same two through `grpo_trl_settings`), `rollout` (a worker; None: TRL's own generation), `advantages`,
     `dynamic_sampling`, `rollout_correction`, `length_monitor` (`update(step, rewards, lengths, success) -> dict`),
-    `success_fn(row, completion) -> bool` (row: the dataset row; completion: as TRL gives it to reward functions, a
-    string or, for conversational prompts, a list of messages: the caller adapts it, e.g. with
-    `rewards.completion_text`), and `ref_model`: the KL reference when `loss.uses_kl`, a model from
+    `success_fn(rows, completions) -> list[float]` (one success in [0, 1] per completion; rows: the dataset rows;
+    completions: as TRL gives them to reward functions, strings or, for conversational prompts, lists of messages,
+    and plain strings for a pool refresh's measurement: the caller adapts them, e.g. with `rewards.completion_text`),
+    `pool`: a live prompt pool (`data_recipes.prompt_pool.LivePool`'s interface: the dataset rows carry a
+    `pool_slot`, the prompt rolled out is `pool.row(slot)`, each group's success is `observe`d, and at the steps
+    `pool.due(step)` says `pool.refresh(measure)` swaps out-of-band prompts for re-measured ones, `measure` being
+    k rollouts per row scored by `success_fn`, split over the ranks; its state is saved in every checkpoint as
+    `pool_state.json` and restored on resume; `pool_k`: the k of that measurement), and `ref_model`: the KL reference when `loss.uses_kl`, a model from
     `alignment.modeling.load_model` (packing-safe, FP32 head). Given one, TRL loads none; without one, a full
     (non-PEFT) policy gets TRL's reference, rebuilt from `config._name_or_path` as a stock transformers model and
     then made packing-safe; a PEFT policy needs none (TRL scores the reference with the adapter disabled, or with a
@@ -402,7 +410,11 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
                  rollout=None, advantages: AdvantageOptions | None = None,
                  dynamic_sampling: DynamicSamplingOptions | None = None,
                  rollout_correction: RolloutCorrectionOptions | None = None, length_monitor=None,
-                 success_fn=None, ref_model=None, seed_groups: bool = False, **kwargs):
+                 success_fn=None, ref_model=None, seed_groups: bool = False, pool=None, pool_k: int = 8,
+                 **kwargs):
+        if pool is not None and (success_fn is None or rollout is None):
+            raise ValueError("a live prompt pool measures success through the rollout worker: give success_fn and "
+                             "rollout too")
         trl_beta = 0.0 if args is None else args.beta  # TRL's default GRPOConfig has beta 0
         if (trl_beta != 0) != loss.uses_kl:
             raise ValueError(f"GRPOConfig.beta = {trl_beta} disagrees with the loss (uses_kl = {loss.uses_kl}): TRL "
@@ -444,7 +456,7 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
         self.dynamic = dynamic_sampling or DynamicSamplingOptions(enabled=False)
         self.correction = rollout_correction or RolloutCorrectionOptions()
         self.length_monitor, self.success_fn = length_monitor, success_fn
-        self.seed_groups = seed_groups
+        self.seed_groups, self.pool, self.pool_k = seed_groups, pool, pool_k
         self._synced_step = None
         self._round_key = None  # (mode, step, round within the step): names a round for seed_groups and refills
 
@@ -470,9 +482,7 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
         if self.rollout is None:
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
                                                  has_tool_images)
-        if self._synced_step != self.state.global_step:
-            self.rollout.sync_weights(self.accelerator.unwrap_model(self.model))
-            self._synced_step = self.state.global_step
+        self._sync_rollout()
         # TRL's sampler repeats each prompt `num_generations` times in a row: generate each group with n = G
         n = num_generations
         grouped = len(prompt_ids) % n == 0 and all(
@@ -519,6 +529,8 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
         """
         mode = "train" if self.model.training else "eval"
         G = self.num_generations if mode == "train" else self.num_generations_eval
+        if self.pool is not None:  # the slot's prompt now (a refresh may have replaced the one the sampler read)
+            inputs = [self.pool.row(row["pool_slot"]) if "pool_slot" in row else row for row in inputs]
         key = (mode, self.state.global_step)
         self._round_key = (*key, self._round_key[2] + 1 if self._round_key and self._round_key[:2] == key else 0)
         batch = super()._generate_and_score_completions(inputs)
@@ -536,15 +548,20 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
         local = slice(self.accelerator.process_index * n_local, (self.accelerator.process_index + 1) * n_local)
         batch["advantages"] = advantages[local].to(batch["advantages"].device)
         lengths = self.accelerator.gather(batch["completion_mask"].sum(1)).tolist()
-        success = None
+        success = slots = None
         if self.success_fn is not None:
-            success = gather_object([float(self.success_fn(row, c)) for row, c in zip(inputs, completions[local])])
+            success = gather_object([float(s) for s in self.success_fn(inputs, completions[local])])
+        if self.pool is not None:
+            slots = gather_object([row.get("pool_slot", -1) for row in inputs])
         return Round(batch=batch, rewards=rewards, advantages=advantages,
                      zero_variance=zero_variance_groups(rewards, G, self.dynamic.tolerance), lengths=lengths,
-                     success=success, group_size=G)
+                     success=success, group_size=G, slots=slots)
 
     def _generate_and_score_completions(self, inputs):
         mode = "train" if self.model.training else "eval"
+        if mode == "train" and self.pool is not None and self.pool.due(self.state.global_step):
+            for key, value in self.pool.refresh(self._measure, self.state.global_step).items():
+                self._metrics[mode][key].append(value)
         first = self._round(inputs)
         batch, rounds = first.batch, [first]
         if mode == "train" and self.dynamic.enabled:
@@ -655,6 +672,50 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
         if self.length_monitor is not None and mode == "train":
             for key, value in self.length_monitor.update(self.state.global_step, rewards, lengths, success).items():
                 self._metrics[mode][key].append(value)
+        if self.pool is not None and mode == "train" and success is not None:
+            for r in rounds:
+                if r.slots is not None and min(r.slots) >= 0:
+                    self.pool.observe(r.slots, r.success, r.group_size)
+            for key, value in self.pool.distribution().items():  # the pool's rate distribution, every step
+                self._metrics[mode][key].append(value)
+
+    # -- the live prompt pool ----------------------------------------------------------------------------------
+
+    def _sync_rollout(self) -> None:
+        if self._synced_step != self.state.global_step:
+            self.rollout.sync_weights(self.accelerator.unwrap_model(self.model))
+            self._synced_step = self.state.global_step
+
+    def _measure(self, rows: list[dict]) -> list[float]:
+        """Pass rate of each row's prompt under the current policy: `pool_k` rollouts each, scored by `success_fn`.
+        Each rank measures its contiguous block of the rows; the rates are gathered in rank order, so every rank
+        returns the same list."""
+        k, ranks, rank = self.pool_k, self.accelerator.num_processes, self.accelerator.process_index
+        per = -(-len(rows) // ranks)
+        mine = rows[rank * per:(rank + 1) * per]
+        rates = []
+        if mine:
+            self._sync_rollout()
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                batch = self.rollout.generate([row["prompt"] for row in mine], n=k, sampling=self.sampling)
+            finally:
+                self.model.train(was_training)
+            scores = self.success_fn([row for row in mine for _ in range(k)], batch.texts)
+            rates = [sum(map(float, scores[i * k:(i + 1) * k])) / k for i in range(len(mine))]
+        return gather_object(rates)
+
+    def _save_rng_state(self, output_dir):
+        super()._save_rng_state(output_dir)
+        if self.pool is not None and self.args.should_save:  # into the staged checkpoint, with the RNG states
+            self.pool.save(os.path.join(output_dir, "pool_state.json"))
+
+    def _load_rng_state(self, checkpoint):
+        super()._load_rng_state(checkpoint)
+        if self.pool is not None and checkpoint is not None and os.path.isfile(os.path.join(checkpoint,
+                                                                                            "pool_state.json")):
+            self.pool.load(os.path.join(checkpoint, "pool_state.json"))
 
     # -- loss --------------------------------------------------------------------------------------------------
 

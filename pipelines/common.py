@@ -2,7 +2,8 @@
 
     stage_main     the command line: load + validate the YAML, `check` the inputs, `run`; bad input -> one `error:`
                    line naming file and key, exit code 2, nothing written
-    check_*        input checks that need no model: files, built-in task options, reward specs, the start checkpoint
+    check_*        input checks that need no model: files, built-in task options, reward specs, the start checkpoint,
+                   your evaluation files (`check_eval_files`, run for every stage)
     check_launch   at run time: the DeepSpeed file's package is installed and the combination is one that is built
     finished       a finished stage's metrics (nothing to do), or None after checking the output dir can be resumed
     claim          take the output directory: record the config (after the inputs loaded), point TensorBoard there
@@ -68,6 +69,7 @@ def stage_main(argv, *, stage: str) -> int:
     try:
         cfg = load_config(args.config, module.Config, overrides)
         module.check(cfg, args.config, produced=set())
+        check_eval_files(cfg, args.config)
         check_launch(cfg, args.config)
         module.run(cfg, overwrite=args.overwrite) if trains else module.run(cfg)
     except (ConfigError, DataError, RewardError, ValueError, FileNotFoundError, ImportError) as err:
@@ -272,10 +274,26 @@ def _path_key(cfg) -> str:
 
 
 def evaluate_sets(model, tokenizer, sets: dict, opts) -> dict:
-    """Held-out accuracy per set (`data_recipes.evaluation.evaluate`) with the stage's `eval` options."""
-    from data_recipes.evaluation import evaluate
+    """Held-out accuracy per set with the stage's `eval` options: the built-in `sets` (`data_recipes.evaluation.
+    evaluate`), then each of `opts.files` scored by its verifier (`evaluate_files`; the files were checked by
+    `check_eval_files` before the stage started)."""
+    from data_recipes.evaluation import evaluate, evaluate_files, load_eval_files
 
-    return evaluate(model, tokenizer, sets, opts.max_new_tokens, opts.batch_size)
+    metrics = evaluate(model, tokenizer, sets, opts.max_new_tokens, opts.batch_size)
+    if getattr(opts, "files", None):
+        metrics.update(evaluate_files(model, tokenizer, load_eval_files(opts.files), opts.max_new_tokens,
+                                      opts.batch_size))
+    return metrics
+
+
+def check_eval_files(cfg, source: str) -> None:
+    """A stage's `eval.files` (every stage with an `eval` section): entries, verifier specs and every row against
+    the fields its verifier reads, before any model loads."""
+    files = getattr(getattr(cfg, "eval", None), "files", None)
+    if files:
+        from data_recipes.evaluation import load_eval_files
+
+        load_eval_files(files, source, "eval.files")
 
 
 def cached_eval_before(out: Path, evaluate_fn) -> dict:

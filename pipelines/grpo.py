@@ -3,9 +3,13 @@
     make grpo                                  # python -m pipelines grpo --config configs/tiny/grpo.yaml (after make sft)
     python -m pipelines grpo --config CONFIG [--set loss.name=cispo ...] [--overwrite]
 
-Reads top to bottom: config -> tokenizer + packing-safe policy -> held-out evaluation -> prompt pool (the policy
-samples k answers per candidate prompt through the rollout worker; prompts whose verifier pass rate lies inside
-(lo, hi) are kept and written to `<output_dir>/prompt_pool.jsonl` with their rates) -> TRL GRPOTrainer subclass
+Reads top to bottom: config -> candidate prompts (built-in tasks and/or your `prompts.files`, every row checked
+against the fields the reward and verifier handlers read) -> tokenizer + packing-safe policy -> held-out evaluation
+(built-in `eval.sets` and your `eval.files`) -> prompt pool (the policy samples k answers per candidate prompt
+through the rollout worker; prompts whose success rate by `prompts.verifier` lies inside (lo, hi) are kept and
+written to `<output_dir>/prompt_pool.jsonl` with their rates; with `prompts.refresh.every` > 0 the rest go to
+`prompt_pool_reserve.jsonl` and the pool is refreshed during training: data_recipes.prompt_pool.LivePool) -> TRL
+GRPOTrainer subclass
 (`MiniMaxGRPOTrainer`: rollout worker with the repetition early stop, rewards from `rewards.build_reward`, balanced
 group advantages, zero-variance groups dropped and refilled, the modified GRPO or CISPO loss from
 `alignment.losses`) -> evaluation again -> atomic `<output_dir>/final` + metrics.json / summary.md / curves.png /
@@ -16,8 +20,8 @@ trains on it (alignment.trainers.MiniMaxGRPOTrainer: gathered rewards, global dy
 metrics); the prompt pool is scored by the main process alone, with the starting policy, and read by every rank.
 vLLM rollouts are one process only for now (no engine per rank, no sync from ZeRO-3 partitions yet).
 
-Where it departs from the paper [01 §5.4.2, M1 §3-5]: prompts are the built-in arithmetic task (the paper's RL
-prompts are "mainly math") from a different random stream than SFT's; pass rates are measured by the policy itself,
+Where it departs from the paper [01 §5.4.2, M1 §3-5]: the shipped tiny prompts are the built-in arithmetic task
+(the paper's RL prompts are "mainly math") from a different random stream than SFT's; pass rates are measured by the policy itself,
 not a stronger model; the clip / drop thresholds, KL coefficient, group size and early-stop K are our defaults
 (the papers give none, or give numbers for 40K-token rollouts); batch sizes and LR are scaled to the tiny model.
 """
@@ -38,8 +42,9 @@ from alignment.rollout.base import SamplingOptions
 from alignment.rollout.vllm_backend import ENGINE_PATCHES  # vLLM itself is imported on first use
 from alignment.schema import EvalOptions, TokenizerOptions, TrainOptions
 from alignment.trainers import AdvantageOptions, DynamicSamplingOptions, RolloutCorrectionOptions
-from data_recipes.prompt_pool import PoolOptions
-from pipelines.common import (cached_eval_before, check_builtin, check_model, check_reward, check_tokenizer, claim,
+from data_recipes.prompt_pool import PoolOptions, load_pool_files, pool_row
+from pipelines.common import (cached_eval_before, check_builtin, check_files, check_model, check_reward,
+                              check_tokenizer, claim,
                               evaluate_sets, finish, finished, series_ends, short, stage_main, stage_tokenizer,
                               train_resuming)
 
@@ -96,9 +101,11 @@ class Config:
     # Reward handlers (rewards.build_reward spec): {name: {weight, clip, ...options}}.
     reward: dict[str, dict] = field(default_factory=lambda: {"correctness": {"weight": 1.0}})
     num_generations: int = 8  # G, completions per prompt (one group)
-    # μ: optimizer steps per rollout batch. > 1 makes the later steps off-policy (ratio != 1), which is where the
-    # clip / drop rules act; 1 is purely on-policy (ratio = 1, nothing to clip).
-    updates_per_batch: int = 1
+    # μ: optimizer steps per rollout batch (TRL's num_iterations), as PPO-style training does. > 1 makes the later
+    # steps off-policy (ratio != 1), which is where the clip rule and change 1 (drop A < 0 tokens with a large
+    # ratio) act [01 §5.4.2]; their shares are logged (`dropped`, `clip_low`, `clip_high`). 1 is purely on-policy
+    # (ratio = 1: nothing is ever clipped or dropped, the MiniMax change is inert), so the default is 2.
+    updates_per_batch: int = 2
     # training.batch_size counts completions per optimizer micro-step (a multiple of num_generations).
     training: TrainOptions = field(default_factory=TrainOptions)
     eval: EvalOptions = field(default_factory=EvalOptions)
@@ -128,14 +135,39 @@ def main(argv: list[str] | None = None, stage: str = "grpo") -> int:
     return stage_main(argv, stage=stage)
 
 
+def verifier_spec(cfg: Config) -> dict:
+    """The reward spec that measures success (pass rates): `prompts.verifier`, else the stage's `reward`."""
+    return cfg.prompts.verifier if cfg.prompts.verifier is not None else cfg.reward
+
+
+def candidates(cfg: Config) -> list[dict]:
+    """The candidate prompts: built-in task rows (prompts.builtin, seed prompts.seed), then every row of
+    prompts.files, each as a pool row (`prompt` + fields) checked against the fields the reward and the verifier
+    read (`rewards.spec_fields`): a DataError names file, row, column and handler."""
+    from data_recipes import build_sft_mix
+    from rewards import spec_fields
+
+    reads = list({(h, f, c): (h, f, c, k) for spec in (cfg.reward, verifier_spec(cfg))
+                  for h, f, c, k in spec_fields(spec)}.values())
+    built = build_sft_mix(cfg.prompts.builtin, [], cfg.prompts.seed) if cfg.prompts.builtin else []
+    rows = [pool_row(dict(r), f"prompts.builtin row {i + 1} (task '{r['task']}')", reads)
+            for i, r in enumerate(built)]
+    return rows + load_pool_files(cfg.prompts.files, reads)
+
+
 def check(cfg: Config, source: str, produced: set) -> None:
-    """Inputs, before any work: a trained starting checkpoint, the prompt-pool and reward specs, the eval sets, and
-    vLLM (with its install hint) when the rollouts use it."""
+    """Inputs, before any work: a trained starting checkpoint, the prompt-pool, verifier and reward specs, every
+    row of the prompt files against the fields those handlers read, the eval sets, and vLLM (with its install hint)
+    when the rollouts use it."""
     check_model(cfg, source, produced, checkpoint=True, what="GRPO")
     check_tokenizer(cfg, source, produced)
     check_builtin(cfg.prompts.builtin, source, "prompts.builtin")
     check_builtin(cfg.prompts.exclude_builtin, source, "prompts.exclude_builtin")
+    check_files(cfg.prompts.files, source, "prompts.files")
     check_reward(cfg.reward, source, "reward", produced)
+    if cfg.prompts.verifier is not None:
+        check_reward(cfg.prompts.verifier, source, "prompts.verifier", produced)
+    candidates(cfg)  # the rows themselves (DataError: file, row, column, handler)
     check_builtin(cfg.eval.sets, source, "eval.sets", registry="eval")
     if cfg.rollout.backend == "vllm":
         from alignment.rollout.vllm_backend import import_vllm
@@ -153,9 +185,8 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     from alignment.rollout import build_rollout
     from alignment.trainers import MiniMaxGRPOTrainer
     from data_recipes import build_sft_mix, heldout_sets
-    from data_recipes.prompt_pool import build_prompt_pool, exclude_prompts, load_pool
-    from rewards import LengthBiasMonitor, completion_text, trl_reward_funcs
-    from rewards.verifiers import VERIFIERS, verify
+    from data_recipes.prompt_pool import LivePool, build_prompt_pool, exclude_prompts, load_pool
+    from rewards import LengthBiasMonitor, Verifier, trl_reward_funcs
 
     if (done := finished(cfg, overwrite)) is not None:
         return done
@@ -164,13 +195,14 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
                                   "ZeRO-3 partitions is not built yet); use backend: transformers across ranks")
     set_seed(cfg.seed)
 
-    candidates = [dict(r) for r in build_sft_mix(cfg.prompts.builtin, [], cfg.prompts.seed)]
-    n_candidates = len(candidates)
+    rows = candidates(cfg)
+    n_candidates = len(rows)
     if cfg.prompts.exclude_builtin:  # "prompts not seen in SFT" [01 §5.4.2]
         seen = build_sft_mix(cfg.prompts.exclude_builtin, [], cfg.prompts.exclude_seed)
-        candidates = exclude_prompts(candidates, [dict(r) for r in seen])
-        if not candidates:
+        rows = exclude_prompts(rows, [dict(r) for r in seen])
+        if not rows:
             raise ConfigError("prompts: every candidate prompt occurs in prompts.exclude_builtin (the SFT mix)")
+    verifier = Verifier(verifier_spec(cfg))
     heldout = heldout_sets(cfg.eval.sets, cfg.seed)
     reward_funcs, reward_weights = trl_reward_funcs(cfg.reward)
     tokenizer = stage_tokenizer(cfg)
@@ -189,17 +221,27 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     # scores the candidates (the model is whole before its trainer shards it) and writes the pool, every rank reads
     # it: the pool one process would build.
     pool_path, pool_stats_path = out / "prompt_pool.jsonl", out / "prompt_pool_stats.json"
+    refresh = cfg.prompts.refresh.every > 0
+    reserve_path = out / "prompt_pool_reserve.jsonl" if refresh else None
     if is_main() and not (pool_path.is_file() and pool_stats_path.is_file()):
-        _, pool_stats = build_prompt_pool(worker, candidates, cfg.prompts, cfg.sampling, pool_path)
-        pool_stats["candidates"], pool_stats["excluded_seen_in_sft"] = n_candidates, n_candidates - len(candidates)
+        _, pool_stats = build_prompt_pool(worker, rows, cfg.prompts, cfg.sampling, pool_path, score=verifier,
+                                          reserve_path=reserve_path)
+        pool_stats["candidates"], pool_stats["excluded_seen_in_sft"] = n_candidates, n_candidates - len(rows)
         write_json_atomic(pool_stats_path, pool_stats)
     barrier()
     pool, pool_stats = load_pool(pool_path), json.loads(pool_stats_path.read_text())
+    live = None
+    if refresh:  # the slots' prompts change during training; the sampler indexes slots (LivePool)
+        live = LivePool([dict(r) for r in pool], [dict(r) for r in load_pool(reserve_path)], cfg.prompts.lo,
+                        cfg.prompts.hi, cfg.prompts.refresh.every, cfg.prompts.refresh.measure)
+        pool = live.dataset()
     print(f"[{cfg.title}] prompt pool: kept {pool_stats['kept']} of {pool_stats['scored']} prompts with pass rate in "
           f"({cfg.prompts.lo}, {cfg.prompts.hi}) (mean pass rate {pool_stats['mean_pass_rate_all']:.3f} -> "
           f"{pool_stats['mean_pass_rate_kept']:.3f})")
 
-    success_fn = (lambda row, c: verify(row, completion_text(c))) if set(pool["task"]) <= set(VERIFIERS) else None
+    def success_fn(rows, completions):  # each completion's success in [0, 1] by the verifier spec
+        return verifier([r["prompt"] for r in rows], completions, rows)
+
     monitor = LengthBiasMonitor(window=cfg.length_monitor_window, min_steps=min(5, cfg.length_monitor_window)) \
         if cfg.length_monitor_window >= 2 else None
     trainer = MiniMaxGRPOTrainer(
@@ -212,6 +254,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
         loss=cfg.loss, sampling=cfg.sampling, rollout=worker, advantages=cfg.advantages,
         dynamic_sampling=cfg.dynamic_sampling, rollout_correction=cfg.rollout_correction,
         length_monitor=monitor, success_fn=success_fn, seed_groups=cfg.rollout.seed_groups,
+        pool=live, pool_k=cfg.prompts.k,
     )
     result, last = train_resuming(trainer, cfg)
     after = computed_once(trainer.model, lambda: evaluate_sets(trainer.model, tokenizer, heldout, cfg.eval))
@@ -221,11 +264,19 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     notes = {"prompt pool": f"{pool_stats['kept']} of {pool_stats['scored']} prompts kept "
                             f"(pass rate in ({cfg.prompts.lo}, {cfg.prompts.hi}))",
              "reward": f"{ends.get('reward/first')} -> {ends.get('reward/last')}"}
+    if live is not None:
+        d = live.distribution()
+        notes["pool refresh"] = (f"every {cfg.prompts.refresh.every} steps: {live.counts['retired']} prompts retired "
+                                 f"for re-measured ones ({live.counts['measured']} measured); at the end the active "
+                                 f"prompts' latest rates: mean {d['pool/rate_mean']:.3f}, "
+                                 f"{d['pool/in_band_frac']:.0%} in band, {d['pool/solved_frac']:.0%} solved")
+        pool_stats = {**pool_stats, "refresh": {**live.counts, **d}}
     if monitor is not None:  # rewards/monitor.py: length growing while success does not [M1 §4]
         notes["length-bias alarm"] = monitor.summary()
     return finish(cfg, trainer, result, last, tokenizer, before, after, notes=notes, extra={"prompt_pool": pool_stats},
                   curve_keys=("reward", "success_rate", "dynamic/kept_frac", "kl", "entropy",
-                              "completions/mean_length", "dropped", "mismatch/prob_corr", "mismatch/logp_abs_mean",
+                              "completions/mean_length", "dropped", "clip_high", "clip_low", "pool/rate_mean",
+                              "pool/in_band_frac", "mismatch/prob_corr", "mismatch/logp_abs_mean",
                               "rollout/tokens_per_s", "rollout/sync_s"))
 
 

@@ -40,7 +40,7 @@ from typing import Literal
 from alignment.config import ConfigError, from_dict, load_config, read_yaml
 from alignment.distributed import is_main
 from alignment.reporting import write_json_atomic
-from pipelines.common import check_launch
+from pipelines.common import check_eval_files, check_launch
 from pipelines.stages import KINDS, stage_module
 
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -153,6 +153,7 @@ def plan(path: str | Path) -> list[Stage]:
         try:
             cfg = load_config(spec.config, module.Config, overrides)
             module.check(cfg, spec.config, produced={s.final for s in stages})
+            check_eval_files(cfg, spec.config)
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
         except ImportError as err:  # a stage's extra (vLLM) missing: still say which stage needs it

@@ -134,9 +134,9 @@ def test_round_returns_rewards_advantages_and_kept_groups_that_agree(tmp_path, t
 
     seen = []
 
-    def success(row, completion):
-        seen.append(completion)
-        return row["kind"] == "varied"
+    def success(rows, completions):
+        seen.extend(completions)
+        return [row["kind"] == "varied" for row in rows]
 
     trainer = make_trainer(tmp_path, load_model(TINY), tokenizer, data, [kind_score, even_if_varied],
                            DynamicSamplingOptions(enabled=False), success_fn=success, reward_weights=[1.0, 0.5])
