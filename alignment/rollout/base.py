@@ -33,8 +33,10 @@ class SamplingOptions:
     top_k: int = 0  # 0: off
     max_new_tokens: int = 32
     # MiniMax-M1 §3 early truncation: stop a completion once `repetition_stop_k` consecutive sampled tokens each had
-    # probability > `repetition_stop_p` (M1: 3,000 tokens at 0.99, for 40K-token rollouts; None disables).
-    repetition_stop_k: int | None = None
+    # probability > `repetition_stop_p`. On by default at M1's 3,000 tokens at 0.99 (for 40K-token rollouts; scale it
+    # to the completion lengths of a config, e.g. 12 for the tiny ~10-token answers); None disables. The
+    # transformers backend ends the completion's generation at that token; vLLM cuts it (in-engine stop: later).
+    repetition_stop_k: int | None = 3000
     repetition_stop_p: float = 0.99
 
     def __post_init__(self):
