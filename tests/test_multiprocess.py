@@ -78,6 +78,8 @@ prompts: {{builtin: {{arithmetic: {{n: 40, max_operand: 10}}}}, seed: 1, k: 4, l
 sampling: {{temperature: 1.0, max_new_tokens: 10, repetition_stop_k: 12, repetition_stop_p: 0.99}}
 rollout: {{backend: transformers, batch_size: 64, seed_groups: true}}
 num_generations: 4
+# one update per rollout batch (the default is 2): a rollout every step, so these 6 steps see refill rounds
+updates_per_batch: 1
 reward: {{correctness: {{weight: 1.0}}}}
 loss: {{name: grpo, kl: minimax, beta: 0.0}}
 dynamic_sampling: {{enabled: true, max_refills: 1}}

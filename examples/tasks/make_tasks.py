@@ -2,7 +2,7 @@
 
     .venv/bin/python examples/tasks/make_tasks.py
 
-- `sft.jsonl`       400 maths word problems (operands <= 15) + 200 Python function problems, as chat `messages` with
+- `sft.jsonl`       400 maths word problems (operands <= 30) + 200 Python function problems, as chat `messages` with
                     the reply (stage I data: the reply restates the sum as an equation, or writes the function)
 - `pool.jsonl`      300 maths word problems (operands <= 30) as `prompt` + `answer` (a number): the GRPO pool,
                     filtered by success rate with the `math` verifier (configs/tiny/tasks_grpo.yaml)
@@ -64,7 +64,7 @@ def main() -> None:
     taken: set = set()
     heldout_math = unique(rng, lambda r: word_problem(r, 30), 100, taken)
     pool = unique(rng, lambda r: word_problem(r, 30), 300, taken)
-    sft_math = unique(rng, lambda r: word_problem(r, 15), 400, taken)
+    sft_math = unique(rng, lambda r: word_problem(r, 30), 400, taken)
     # code: k 0..9 of each kind for SFT (with repeats of the 30 problems), k 10..29 held out
     sft_code = [code_problem(rng.randrange(3), rng.randrange(10)) for _ in range(200)]
     heldout_code = [code_problem(kind, k) for kind, k in
