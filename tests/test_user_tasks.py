@@ -156,3 +156,24 @@ def test_method_defaults_make_the_minimax_rules_live():
     assert SamplingOptions().repetition_stop_k == 3000 and SamplingOptions().repetition_stop_p == 0.99  # M1 §3
     tiny = load_config("configs/tiny/grpo.yaml", GRPOConfig)
     assert tiny.updates_per_batch >= 2 and tiny.sampling.repetition_stop_k < tiny.sampling.max_new_tokens
+
+
+def test_example_task_pipeline_validates():
+    """configs/tiny/tasks/: the pipeline plans (every stage's checks, the task files' rows against the verifiers'
+    fields), each stage YAML names its command, and the committed files are what make_tasks.py writes."""
+    import subprocess
+    import sys
+
+    from pipelines.run import plan
+
+    stages = plan("configs/tiny/tasks/pipeline.yaml")
+    assert [s.spec.name for s in stages] == ["sft", "grpo"]
+    assert stages[1].cfg.prompts.files == ["examples/tasks/pool.jsonl"] and stages[1].cfg.prompts.refresh.every > 0
+    for stage in ("sft", "grpo"):
+        path = f"configs/tiny/tasks/{stage}.yaml"
+        assert f"python -m pipelines {stage} --config {path}" in Path(path).read_text().split("\n\n")[0]
+    before = {p.name: p.read_bytes() for p in Path("examples/tasks").glob("*.jsonl")}
+    subprocess.run([sys.executable, "examples/tasks/make_tasks.py"], check=True)
+    assert {p.name: p.read_bytes() for p in Path("examples/tasks").glob("*.jsonl")} == before
+    assert {k: v.count(b"\n") for k, v in before.items()} == {"sft.jsonl": 600, "pool.jsonl": 300,
+                                                             "heldout_math.jsonl": 100, "heldout_code.jsonl": 50}

@@ -5,7 +5,7 @@
 - `sft.jsonl`       400 maths word problems (operands <= 30) + 200 Python function problems, as chat `messages` with
                     the reply (stage I data: the reply restates the sum as an equation, or writes the function)
 - `pool.jsonl`      300 maths word problems (operands <= 30) as `prompt` + `answer` (a number): the GRPO pool,
-                    filtered by success rate with the `math` verifier (configs/tiny/tasks_grpo.yaml)
+                    filtered by success rate with the `math` verifier (configs/tiny/tasks/grpo.yaml)
 - `heldout_math.jsonl` 100 maths word problems (operands <= 30), `prompt` + `answer`, none in the files above
 - `heldout_code.jsonl`  50 Python function problems, `prompt` + `tests` (three asserts each), none in sft.jsonl
 
