@@ -9,6 +9,7 @@
 #   make bench     GPU machine only: fast path vs stock transformers (bench/README.md); BENCH_PY=python3 there
 #   make bench-rollout  GPU machine only (+ vLLM): rollout speed, weight sync and train/rollout mismatch, vLLM vs HF
 #   make bench-released GPU machine only (+ vLLM): the trainer vs vLLM's MiniMaxText01 on released-layout files
+#   make bench-cp  GPU machine only: the context-parallel code path at world size 1 and one rank's compute of R
 #   make bench-sandbox  CPU: programs/s of the code reward's jail (bubblewrap) for 1, 2, 4 workers
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -39,7 +40,7 @@ NPROC ?= 1
 TORCHRUN_ARGS ?= --standalone
 LAUNCH := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run $(TORCHRUN_ARGS) --nproc-per-node $(NPROC))
 
-.PHONY: setup jail-tool base demo readme-report pipeline sft long-sft dpo long-dpo grpo rm eval-rm test bench bench-rollout bench-released bench-sandbox clean help
+.PHONY: setup jail-tool base demo readme-report pipeline sft long-sft dpo long-dpo grpo rm eval-rm test bench bench-rollout bench-released bench-cp bench-sandbox clean help
 
 help:
 	@sed -n '1,12p' Makefile
@@ -126,6 +127,9 @@ bench-rollout:
 
 bench-released:
 	$(BENCH_PY) -m bench.released_vllm --out bench/results
+
+bench-cp:
+	$(BENCH_PY) -m bench.bench_context_parallel --out bench/results
 
 # CPU: the code reward's jail, programs/s for 1, 2, 4 workers (bench/results/sandbox_bench.md)
 bench-sandbox: setup

@@ -322,7 +322,7 @@ def context_parallel_group(size: int) -> dist.ProcessGroup | None:
         return None
     if not dist.is_initialized() or dist.get_world_size() % size:
         world = dist.get_world_size() if dist.is_initialized() else 1
-        raise ValueError(f"parallel.context: {size} needs a launch with a multiple of {size} processes, got {world} "
+        raise ValueError(f"training.context_parallel: {size} needs a launch with a multiple of {size} processes, got {world} "
                          "(make STAGE NPROC=N, torchrun --nproc-per-node N)")
     groups = [dist.new_group(list(range(g, g + size))) for g in range(0, dist.get_world_size(), size)]
     return groups[dist.get_rank() // size]
