@@ -21,7 +21,7 @@ Contract for backends (`transformers_backend`, `vllm_backend`):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 
@@ -50,6 +50,49 @@ class SamplingOptions:
             raise ValueError(f"sampling.repetition_stop_k must be >= 1 or null, got {self.repetition_stop_k}")
         if not 0 < self.repetition_stop_p < 1:
             raise ValueError(f"sampling.repetition_stop_p must be in (0, 1), got {self.repetition_stop_p}")
+
+
+def _engine_patches() -> tuple[str, ...]:
+    from alignment.rollout.vllm_backend import ENGINE_PATCHES  # vLLM itself is imported on first use
+
+    return ENGINE_PATCHES
+
+
+@dataclass
+class RolloutOptions:
+    """Which rollout worker samples (`rollout:` in GRPO, `pairs.rollout:` in DPO) and its engine's settings;
+    `worker_kwargs` gives `build_rollout`'s keyword arguments."""
+
+    # `transformers`: model.generate on the training model itself (CPU/GPU). `vllm`: an in-process vLLM engine on the
+    # same GPU, weights synced in place after every optimizer step (alignment.rollout.vllm_backend; the `gpu` extra).
+    backend: Literal["transformers", "vllm"] = "transformers"
+    batch_size: int = 128  # completions generated together (vLLM: its max_num_seqs)
+    # vLLM only:
+    gpu_memory_utilization: float = 0.3  # vLLM's share of the GPU (weights + KV cache); the trainer has the rest
+    max_model_len: int = 4096  # prompt + completion tokens
+    enforce_eager: bool = False  # True: no CUDA graphs (slower decoding, faster start)
+    # trainer-matching numerics, the batched lightning prefill, one KV-cache group per layer kind (see vllm_backend;
+    # for long-context rollouts drop kv_group_per_kind: it costs softmax KV memory); [] = stock vLLM
+    engine_patches: list[str] = field(default_factory=lambda: list(_engine_patches()))
+    # further vLLM engine arguments, passed as they are (e.g. {async_scheduling: true, max_num_batched_tokens: 16384})
+    engine_kwargs: dict = field(default_factory=dict)
+    # transformers only: sample each group under its own seed (run seed, step, round, the group's index in it), one
+    # generate call per group. Rollouts then do not depend on how the prompts are split across ranks or batched: N
+    # ranks sample what one process samples (the multi-process tests rely on it). Off: one batched call per rank,
+    # one RNG stream per rank (faster on a GPU).
+    seed_groups: bool = False
+
+    def __post_init__(self):
+        if self.seed_groups and self.backend != "transformers":
+            raise ValueError("rollout.seed_groups is for the transformers backend (vLLM samples with its own "
+                             "per-request seeds, not torch's); drop it or use backend: transformers")
+
+    def worker_kwargs(self, seed: int) -> dict:
+        if self.backend != "vllm":
+            return {"batch_size": self.batch_size}
+        return {"batch_size": self.batch_size, "gpu_memory_utilization": self.gpu_memory_utilization,
+                "max_model_len": self.max_model_len, "enforce_eager": self.enforce_eager, "seed": seed,
+                "engine_patches": tuple(self.engine_patches), **self.engine_kwargs}
 
 
 @dataclass
