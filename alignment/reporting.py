@@ -13,6 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
+from alignment.timing import step_time_line
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path, directory: bool = False):
@@ -121,11 +123,12 @@ CURVE_KEYS = ("loss", "reward", "success_rate", "rewards/margins", "rewards/accu
 
 
 def pipeline_report(root: str | Path, stages: list[tuple[str, Path]]) -> Path:
-    """`<root>/report.md` (every finished stage's held-out metrics before/after, its training summary) and
+    """`<root>/report.md` (every finished stage's held-out metrics before/after, its training summary, and for an RL
+    stage its step time: `train.step_time` of its metrics.json, `alignment.timing.step_time_line`) and
     `<root>/report.png` (a row of training curves per stage), from each stage's metrics.json and log_history.json."""
     root = Path(root)
     lines = ["# Pipeline report", "", "| stage | metric | before | after | change |", "|---|---|---:|---:|---:|"]
-    curves = []
+    curves, step_times = [], []
     for name, out in stages:
         metrics_file = Path(out) / "metrics.json"
         if not metrics_file.is_file():
@@ -137,11 +140,14 @@ def pipeline_report(root: str | Path, stages: list[tuple[str, Path]]) -> Path:
             b, a = before.get(key), after.get(key)
             delta = f"{a - b:+.3f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) else ""
             lines.append(f"| {name} | {key} | {_fmt(b)} | {_fmt(a)} | {delta} |")
+        split = metrics.get("train", {}).get("step_time")
+        if split:
+            step_times += ["", f"**{name} step time**: {step_time_line(split)}"]
         history_file = Path(out) / "log_history.json"
         if history_file.is_file():
             curves.append((name, json.loads(history_file.read_text())))
     lines += ["", "Training curves: report.png; per-stage summary.md, curves.png and TensorBoard logs under each "
-              "stage's directory."]
+              "stage's directory.", *step_times]
     path = root / "report.md"
     write_text_atomic(path, "\n".join(lines) + "\n")
     _plot_stage_curves(curves, root / "report.png")

@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from accelerate.utils import gather_object
 from datasets import Dataset
+from transformers import TrainerCallback
 from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 from trl.data_utils import extract_prompt, get_dataset_column_names, is_conversational
 from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -23,6 +24,7 @@ from alignment.context_parallel import ContextParallelTraining
 from alignment.losses import LossOptions, group_advantages, policy_loss, zero_variance_groups
 from alignment.modeling import FP32LMHead, make_packing_safe
 from alignment.rollout.base import SamplingOptions, importance_weights, logprob_mismatch
+from alignment.timing import StepClock, step_metrics
 from alignment.tokenizer import assistant_tokens, template_messages
 
 
@@ -374,6 +376,14 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
       dropped, the batch refilled from further prompts), the train-vs-rollout log-prob mismatch (optional
       importance-sampling correction), and the reward / success-rate / length-bias metrics.
     - `_compute_loss`: TRL's log-prob forward, then the named loss from `alignment.losses` (modified GRPO or CISPO).
+    - timing: every optimizer step logs its wall time per phase (`time/rollout_s`, `time/sync_s`, `time/reward_s`,
+      `time/ref_logprobs_s`, `time/old_logprobs_s`, `time/other_s`, `time/train_s`), its total `time/step_s`,
+      `time/rollout_frac`, `time/tokens_per_s` and `rollout/generated_tokens` (`alignment.timing`), measured at the
+      hooks that do the work (`_generate_single_turn`, `_sync_rollout`, `_calculate_rewards`, the no-grad
+      `_get_per_token_logps_and_entropies`, `_prepare_inputs`) between the Trainer's `on_step_begin` and
+      `on_step_end`. Across ranks the times are the max over ranks, the tokens their sum. The rollout worker's own
+      clock (`rollout/seconds`, `rollout/tokens_per_s` of a generate call) is not logged: `time/*` is the one home.
+      (TRL's own `step_time`, its time inside `training_step`, is logged as TRL logs it.)
 
     Arguments beyond TRL's: `loss`, `sampling` (what the rollout worker samples with; build the `GRPOConfig` from
     the same two through `grpo_trl_settings`), `rollout` (a worker; None: TRL's own generation), `advantages`,
@@ -459,6 +469,8 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
         self.seed_groups, self.pool, self.pool_k = seed_groups, pool, pool_k
         self._synced_step = None
         self._round_key = None  # (mode, step, round within the step): names a round for seed_groups and refills
+        self._clock = StepClock(cuda=self.accelerator.device.type == "cuda")
+        self.add_callback(_StepTimes(self))
 
     def _prepare_ref_model(self, ref_model):
         """What TRL's __init__ does to the reference it loads, done to the given one: dropout off (if asked), the
@@ -480,29 +492,39 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if self.rollout is None:
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
-                                                 has_tool_images)
-        self._sync_rollout()
+            with self._clock.phase("rollout"):
+                completion_ids, logprobs = super()._generate_single_turn(prompt_ids, images, multimodal_fields,
+                                                                         num_generations, has_tool_images)
+            self._clock.count_tokens(sum(map(len, completion_ids)))
+            return completion_ids, logprobs
+        self._sync_rollout()  # timed as `sync`, before the rollout's clock starts
         # TRL's sampler repeats each prompt `num_generations` times in a row: generate each group with n = G
         n = num_generations
         grouped = len(prompt_ids) % n == 0 and all(
             prompt_ids[i] == prompt_ids[i - i % n] for i in range(len(prompt_ids)))
         unique = prompt_ids[::n] if grouped else prompt_ids
-        if not self.seed_groups:
-            batches = [self.rollout.generate([list(p) for p in unique], n=n if grouped else 1, sampling=self.sampling)]
-        else:
-            if not grouped:
-                raise ValueError("seed_groups needs TRL's grouped prompts (each prompt repeated num_generations times)")
-            first = self.accelerator.process_index * len(unique)  # this rank's block of the round's groups
-            batches = [self._seeded(first + j, lambda p=p: self.rollout.generate([list(p)], n=n,
-                                                                                  sampling=self.sampling))
-                       for j, p in enumerate(unique)]
+        with self._clock.phase("rollout"):
+            if not self.seed_groups:
+                batches = [self.rollout.generate([list(p) for p in unique], n=n if grouped else 1,
+                                                 sampling=self.sampling)]
+            else:
+                if not grouped:
+                    raise ValueError("seed_groups needs TRL's grouped prompts (each prompt repeated num_generations "
+                                     "times)")
+                first = self.accelerator.process_index * len(unique)  # this rank's block of the round's groups
+                batches = [self._seeded(first + j, lambda p=p: self.rollout.generate([list(p)], n=n,
+                                                                                      sampling=self.sampling))
+                           for j, p in enumerate(unique)]
+        completion_ids = [c for b in batches for c in b.completion_ids]
+        self._clock.count_tokens(sum(map(len, completion_ids)))
         mode = "train" if self.model.training else "eval"
-        # the rollout's own metrics (stop reasons, speed) averaged over this rank's calls, then over the ranks
-        local = {key: sum(b.metrics[key] for b in batches) / len(batches) for key in batches[0].metrics}
+        # the rollout's own metrics (stop reasons) averaged over this rank's calls, then over the ranks; not its
+        # clock (`_WORKER_CLOCK`): the step's timing is the `time/*` metrics
+        local = {key: sum(b.metrics[key] for b in batches) / len(batches) for key in batches[0].metrics
+                 if key not in _WORKER_CLOCK}
         for key, value in _mean_over_ranks(local).items():
             self._metrics[mode][key].append(value)
-        return [c for b in batches for c in b.completion_ids], [lp for b in batches for lp in b.logprobs]
+        return completion_ids, [lp for b in batches for lp in b.logprobs]
 
     def _seeded(self, group: int, generate):
         """`generate()` under a seed of its own for the round's `group`-th group (`seed_groups`), leaving the global
@@ -550,7 +572,9 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
         lengths = self.accelerator.gather(batch["completion_mask"].sum(1)).tolist()
         success = slots = None
         if self.success_fn is not None:
-            success = gather_object([float(s) for s in self.success_fn(inputs, completions[local])])
+            with self._clock.phase("reward"):
+                mine = [float(s) for s in self.success_fn(inputs, completions[local])]
+            success = gather_object(mine)
         if self.pool is not None:
             slots = gather_object([row.get("pool_slot", -1) for row in inputs])
         return Round(batch=batch, rewards=rewards, advantages=advantages,
@@ -683,7 +707,8 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
 
     def _sync_rollout(self) -> None:
         if self._synced_step != self.state.global_step:
-            self.rollout.sync_weights(self.accelerator.unwrap_model(self.model))
+            with self._clock.phase("sync"):
+                self.rollout.sync_weights(self.accelerator.unwrap_model(self.model))
             self._synced_step = self.state.global_step
 
     def _measure(self, rows: list[dict]) -> list[float]:
@@ -699,10 +724,13 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
             was_training = self.model.training
             self.model.eval()
             try:
-                batch = self.rollout.generate([row["prompt"] for row in mine], n=k, sampling=self.sampling)
+                with self._clock.phase("rollout"):
+                    batch = self.rollout.generate([row["prompt"] for row in mine], n=k, sampling=self.sampling)
             finally:
                 self.model.train(was_training)
-            scores = self.success_fn([row for row in mine for _ in range(k)], batch.texts)
+            self._clock.count_tokens(sum(map(len, batch.completion_ids)))
+            with self._clock.phase("reward"):
+                scores = self.success_fn([row for row in mine for _ in range(k)], batch.texts)
             rates = [sum(map(float, scores[i * k:(i + 1) * k])) / k for i in range(len(mine))]
         return gather_object(rates)
 
@@ -716,6 +744,32 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
         if self.pool is not None and checkpoint is not None and os.path.isfile(os.path.join(checkpoint,
                                                                                             "pool_state.json")):
             self.pool.load(os.path.join(checkpoint, "pool_state.json"))
+
+    # -- step timing (alignment.timing): each hook's work in its phase ------------------------------------------
+
+    def _prepare_inputs(self, generation_batch):
+        # what the phases inside it (rollout, sync, reward, log-probs) leave of building the batch is `other`
+        with self._clock.phase("other"):
+            return super()._prepare_inputs(generation_batch)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        with self._clock.phase("reward"):
+            return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        if torch.is_grad_enabled():  # the loss's own forward: part of `train`
+            return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        with self._clock.phase("ref_logprobs" if self._scores_reference(model) else "old_logprobs"):
+            return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+
+    def _scores_reference(self, model) -> bool:
+        """Whether a no-grad forward of `model` scores the KL reference: the reference model itself, or (LoRA) the
+        policy inside TRL's `use_adapter`, which disables the adapter (peft's `disable_adapter` sets
+        `_adapters_disabled`; no public flag) or activates the frozen starting adapter "ref"."""
+        if self.ref_model is not None and model is self.ref_model:
+            return True
+        policy = self.accelerator.unwrap_model(model)
+        return _is_peft(policy) and (getattr(policy, "_adapters_disabled", False) or policy.active_adapter == "ref")
 
     # -- loss --------------------------------------------------------------------------------------------------
 
@@ -803,6 +857,36 @@ def _concat_batches(batches: list[dict], pad_id: int) -> dict:
         out[key] = torch.cat(parts, dim=0)
     out["num_items_in_batch"] = out["completion_mask"].sum()
     return out
+
+
+# a rollout worker's timing of its own generate call (the vLLM backend's): left out of the logs, which time the
+# step's phases instead (`time/*`)
+_WORKER_CLOCK = ("rollout/seconds", "rollout/tokens_per_s")
+
+
+class _StepTimes(TrainerCallback):
+    """Opens the trainer's `StepClock` when an optimizer step begins and, when it ends (before the Trainer logs),
+    appends the step's `time/*` metrics (`alignment.timing.step_metrics`) over every rank."""
+
+    def __init__(self, trainer: MiniMaxGRPOTrainer):
+        self.trainer = trainer
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.trainer._clock.begin()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        t = self.trainer
+        for key, value in step_metrics(_step_times_over_ranks(t.accelerator, t._clock.end())).items():
+            t._metrics["train"][key].append(value)
+
+
+def _step_times_over_ranks(accelerator, times: dict[str, float]) -> dict[str, float]:
+    """One step's clock over every rank: each time the max over ranks (the step lasts as long as its slowest rank),
+    the generated tokens summed. Every rank's clock has the same keys in the same order."""
+    keys = list(times)
+    local = torch.tensor([[float(times[k]) for k in keys]], dtype=torch.float64, device=accelerator.device)
+    every = accelerator.gather(local)  # (ranks, keys)
+    return {k: float(every[:, i].sum() if k == "tokens" else every[:, i].max()) for i, k in enumerate(keys)}
 
 
 def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:

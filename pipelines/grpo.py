@@ -12,8 +12,9 @@ written to `<output_dir>/prompt_pool.jsonl` with their rates; with `prompts.refr
 GRPOTrainer subclass
 (`MiniMaxGRPOTrainer`: rollout worker with the repetition early stop, rewards from `rewards.build_reward`, balanced
 group advantages, zero-variance groups dropped and refilled, the modified GRPO or CISPO loss from
-`alignment.losses`) -> evaluation again -> atomic `<output_dir>/final` + metrics.json / summary.md / curves.png /
-TensorBoard.
+`alignment.losses`; every step's wall time per phase logged as `time/*`, alignment.timing) -> evaluation again ->
+atomic `<output_dir>/final` + metrics.json (with `train.step_time`, the mean step's split) / summary.md (its "step
+time" line) / curves.png / TensorBoard.
 
 Across ranks (`make grpo NPROC=N`, i.e. torchrun): each rank rolls out its block of every round's groups and
 trains on it (alignment.trainers.MiniMaxGRPOTrainer: gathered rewards, global dynamic-sampling decisions, global
@@ -147,6 +148,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     from alignment.modeling import load_model
     from alignment.reporting import write_json_atomic
     from alignment.rollout import build_rollout
+    from alignment.timing import step_time_line, step_time_split
     from alignment.trainers import MiniMaxGRPOTrainer
     from data_recipes import build_sft_mix, heldout_sets
     from data_recipes.prompt_pool import LivePool, build_prompt_pool, exclude_prompts, load_pool
@@ -237,11 +239,16 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
         pool_stats = {**pool_stats, "refresh": {**live.counts, **d}}
     if monitor is not None:  # rewards/monitor.py: length growing while success does not [M1 §4]
         notes["length-bias alarm"] = monitor.summary()
+    # where a step's time goes (the trainer's time/* metrics), over every logged step of the stage
+    split = step_time_split(trainer.state.log_history)
+    if split is not None:
+        notes["step time"] = step_time_line(split)
     return finish(cfg, trainer, result, last, tokenizer, before, after, notes=notes, extra={"prompt_pool": pool_stats},
+                  train={"step_time": split} if split is not None else None,
                   curve_keys=("reward", "success_rate", "dynamic/kept_frac", "kl", "entropy",
                               "completions/mean_length", "dropped", "clip_high", "clip_low", "pool/rate_mean",
                               "pool/in_band_frac", "mismatch/prob_corr", "mismatch/logp_abs_mean",
-                              "rollout/tokens_per_s", "rollout/sync_s"))
+                              "time/step_s", "time/rollout_frac", "time/tokens_per_s", "time/sync_s"))
 
 
 def _trl_args(cfg: Config, checkpoints: Path, reward_weights: list[float]):

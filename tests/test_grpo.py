@@ -3,6 +3,8 @@ the stage pipeline end to end (prompt pool -> train -> before/after metrics), an
 
 import json
 import random
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,9 +15,11 @@ from trl.trainer import grpo_trainer as trl_grpo
 
 from alignment.config import ConfigError, load_config
 from alignment.losses import LossOptions, group_advantages, zero_variance_groups
-from alignment.modeling import PackedLightningAttention, load_model
+from alignment.reporting import pipeline_report
+from alignment.modeling import LoraOptions, PackedLightningAttention, apply_lora, load_model
 from alignment.rollout import SamplingOptions, build_rollout
 from data_recipes.tokenizer import builtin_tokenizer
+from alignment.timing import PHASES
 from alignment.trainers import DynamicSamplingOptions, MiniMaxGRPOTrainer, Round, grpo_trl_settings
 from data_recipes.tasks import arithmetic_examples
 from pipelines.grpo import Config as GRPOStageConfig, _trl_args, run
@@ -65,12 +69,12 @@ def grpo_args(tmp_path, **kw):
 
 
 def make_trainer(tmp_path, model, tokenizer, dataset, reward, dynamic, loss=None, success_fn=None, ref_model=None,
-                 **kw):
+                 rollout=None, **kw):
     return MiniMaxGRPOTrainer(
         model=model, reward_funcs=reward, args=grpo_args(tmp_path, **kw), train_dataset=dataset,
         processing_class=tokenizer, loss=loss or LossOptions(kl="none"), sampling=SamplingOptions(max_new_tokens=12),
-        rollout=build_rollout("transformers", model, tokenizer), dynamic_sampling=dynamic, success_fn=success_fn,
-        ref_model=ref_model)
+        rollout=rollout or build_rollout("transformers", model, tokenizer), dynamic_sampling=dynamic,
+        success_fn=success_fn, ref_model=ref_model)
 
 
 def flat_or_varied(n: int) -> Dataset:
@@ -246,6 +250,84 @@ def test_tiny_grpo_run_climbs_its_reward_with_all_changes_on(tmp_path, tokenizer
     assert max(gap) < 1e-2  # transformers rollouts sample from the trained model itself
 
 
+class SlowWorker:
+    """A rollout worker whose generate and weight sync each take a known extra time (a sleep), and whose batches
+    carry a clock of their own, as the vLLM worker's do."""
+
+    def __init__(self, worker, generate_s: float, sync_s: float):
+        self.worker, self.generate_s, self.sync_s = worker, generate_s, sync_s
+
+    def generate(self, prompts, n, sampling):
+        time.sleep(self.generate_s)
+        batch = self.worker.generate(prompts, n, sampling)
+        batch.metrics.update({"rollout/seconds": 1.0, "rollout/tokens_per_s": 1.0})
+        return batch
+
+    def sync_weights(self, model):
+        time.sleep(self.sync_s)
+        self.worker.sync_weights(model)
+
+
+def slow_kind_reward(prompts, completions, kind, **_):
+    """`kind_reward` after 0.05 s: scoring time the step must attribute to `reward`."""
+    time.sleep(0.05)
+    return kind_reward(prompts, completions, kind)
+
+
+def test_every_step_logs_where_its_time_goes(tmp_path, tokenizer):
+    """Each step's `time/*` metrics: every phase on every step, the phases adding up to the step, and the known
+    sleeps of the rollout (0.03 s per round), the weight sync (0.02 s per step) and the reward (0.05 s per round)
+    found in their own phases; the KL reference and the rollout-correction log-probs timed apart."""
+    random.seed(0)
+    torch.manual_seed(0)
+    model = load_model(TINY, seed=0)
+    worker = SlowWorker(build_rollout("transformers", model, tokenizer), generate_s=0.03, sync_s=0.02)
+    trainer = make_trainer(tmp_path, model, tokenizer, flat_or_varied(40), slow_kind_reward,
+                           DynamicSamplingOptions(enabled=True, max_refills=2), rollout=worker,
+                           loss=LossOptions(kl="minimax", beta=0.04), ref_model=load_model(TINY, seed=0), beta=0.04,
+                           max_steps=3)
+    trainer.train()
+    steps = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(steps) == 3
+    for e in steps:
+        parts = [e[f"time/{p}_s"] for p in PHASES]
+        assert all(t >= 0 for t in parts) and e["time/step_s"] > 0, e
+        # exclusive phases: they add up to the step (float rounding aside), none counted twice
+        assert sum(parts) == pytest.approx(e["time/step_s"], rel=1e-6, abs=1e-9)
+        assert 0 <= e["time/rollout_frac"] <= 1
+        assert e["time/rollout_frac"] == pytest.approx(e["time/rollout_s"] / e["time/step_s"])
+        rounds = 1 + e["dynamic/refills"]  # each round: one generate call, one reward call
+        assert e["time/rollout_s"] >= 0.03 * rounds and e["time/reward_s"] >= 0.05 * rounds, e
+        assert e["time/sync_s"] >= 0.02  # one sync per optimizer step, not inside `rollout`
+        assert e["time/ref_logprobs_s"] > 0 and e["time/old_logprobs_s"] > 0 and e["time/train_s"] > 0
+        # every generated token counted: TRL's mean completion length per round x 16 completions x rounds
+        assert e["rollout/generated_tokens"] == pytest.approx(e["completions/mean_length"] * 16 * rounds)
+        assert e["time/tokens_per_s"] == pytest.approx(e["rollout/generated_tokens"] / e["time/rollout_s"])
+    # the worker's own clock is not logged beside the step's (its other metrics are)
+    assert not any("rollout/seconds" in e or "rollout/tokens_per_s" in e for e in trainer.state.log_history)
+    assert all("rollout/stop_length" in e for e in steps)
+
+
+def test_reference_forward_is_told_from_the_policy_forward_under_lora():
+    """With LoRA TRL scores the reference with the policy itself, inside `use_adapter` (adapter off, or the frozen
+    "ref" adapter): those no-grad forwards are `ref_logprobs`, the others `old_logprobs`."""
+    from trl.trainer.utils import use_adapter
+
+    policy = apply_lora(load_model(TINY, seed=0), LoraOptions())
+    trainer = SimpleNamespace(ref_model=None, accelerator=SimpleNamespace(unwrap_model=lambda m: m))
+    scores_reference = MiniMaxGRPOTrainer._scores_reference.__get__(trainer)
+    assert not scores_reference(policy)
+    with use_adapter(policy, adapter_name=None):
+        assert scores_reference(policy)
+    assert not scores_reference(policy)
+    policy.add_adapter("ref", policy.peft_config["default"])
+    with use_adapter(policy, adapter_name="ref"):
+        assert scores_reference(policy)
+    assert not scores_reference(policy)
+    trainer.ref_model = ref = load_model(TINY, seed=0)
+    assert scores_reference(ref) and not scores_reference(policy)
+
+
 def stage_yaml(tmp_path, checkpoint, extra=""):
     path = tmp_path / "grpo.yaml"
     path.write_text(f"""
@@ -275,6 +357,23 @@ def test_stage_end_to_end(tmp_path, checkpoint):
     saved = json.loads((out / "metrics.json").read_text())
     assert "arithmetic/accuracy" in saved["before"] and "arithmetic/accuracy" in saved["after"]
     assert saved["train"]["global_step"] == 4 and saved["prompt_pool"]["kept"] > 0
+    # the step-time split: updates_per_batch 2 (the default) generates on steps 1 and 3 only
+    history = [e for e in json.loads((out / "log_history.json").read_text()) if "time/step_s" in e]
+    assert [e["step"] for e in history] == [1, 2, 3, 4]
+    assert [e["time/rollout_s"] > 0 for e in history] == [True, False, True, False]
+    assert [e["step"] for e in history if "time/tokens_per_s" in e] == [1, 3]
+    split = saved["train"]["step_time"]
+    assert split["steps"] == 4 and set(split["mean_s"]) == {*PHASES, "step"}
+    assert split["mean_s"]["step"] == pytest.approx(sum(e["time/step_s"] for e in history) / 4)
+    assert sum(split["share"].values()) == pytest.approx(1.0)  # the phases add up to the steps
+    assert 0 < split["share"]["rollout"] < 1 and split["tokens_per_s"] > 0
+    assert split["tokens_per_s"] == pytest.approx(sum(e["rollout/generated_tokens"] for e in history)
+                                                  / sum(e["time/rollout_s"] for e in history))
+    assert {"time/step_s/last", "time/rollout_frac/last"} <= set(saved["train"])
+    summary = (out / "summary.md").read_text()
+    assert "**step time**: " in summary and "generated tokens/s" in summary
+    report = pipeline_report(tmp_path, [("grpo", out)]).read_text()  # the pipeline report quotes it too
+    assert "**grpo step time**: " in report
     pool = [json.loads(line) for line in (out / "prompt_pool.jsonl").read_text().splitlines()]
     assert pool and all(0 < p["pass_rate"] < 0.9 for p in pool)
     assert len(pool) == saved["prompt_pool"]["kept"]

@@ -490,10 +490,9 @@ class VLLMRollout:
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True) if self.tokenizer else [""] * len(
             completions)
         generated = sum(len(c) for c in completions)
+        # the engine's own speed for this call (bench_rollout reads it; the GRPO trainer times its steps itself)
         metrics = {**stop_metrics(reasons), "rollout/seconds": seconds,
                    "rollout/tokens_per_s": generated / max(seconds, 1e-9)}
-        if self.last_sync_s is not None:
-            metrics["rollout/sync_s"] = self.last_sync_s
         return RolloutBatch(prompt_ids, completions, logprobs, texts, reasons, n=n, metrics=metrics)
 
     def score(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
