@@ -6,11 +6,14 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from alignment.modeling import warn_if_off_device
+
 
 @torch.no_grad()
 def generate_greedy(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int,
                     desc: str = "generate") -> list[str]:
     """Greedy completions of chat prompts (batched, left-padded; the model wrapper keeps pads out of the state)."""
+    warn_if_off_device(model, desc)
     was_training = model.training
     model.eval()
     tokenizer.padding_side = "left"

@@ -15,7 +15,9 @@ reward handlers and the bench scripts load through these two. What it changes, a
   lightning layer 0, which holds no keys, and restarts positions at 0 after the prompt.
 - Options (`ModelOptions`): LoRA via peft (attention + expert projections, never the router), FP32 LM head
   (MiniMax-M1 §3: training/inference probability correlation 0.987 -> 0.997), RoPE base override, gradient
-  checkpointing, router aux-loss coefficient.
+  checkpointing, router aux-loss coefficient, and the device the model is placed on when loaded (`model.device`:
+  the process's GPU by default, so evaluation, pair sampling and the success-rate pass run there before a trainer
+  takes the model; `warn_if_off_device` says so when a model generates on the CPU beside a GPU).
 
 The module classes are swapped in place (`module.__class__ = ...`); they add no parameters, so checkpoints keep the
 stock layout and a plain `AutoModelForCausalLM.from_pretrained(dir)` loads what this toolkit saves.
@@ -24,6 +26,8 @@ stock layout and a plain `AutoModelForCausalLM.from_pretrained(dir)` loads what 
 from __future__ import annotations
 
 import dataclasses
+import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -80,6 +84,55 @@ class ModelOptions:
     # 3.60 ms at 32K), "fla" = the same kernel with torch's element-wise ops around it, "torch" = the blockwise reference in
     # alignment.lightning, "auto" = fla_fused on CUDA when installed, else torch. Same math either way.
     lightning_kernel: Literal["auto", "torch", "fla", "fla_fused"] = "auto"
+    # Where the loader places the model: "auto" = this process's GPU (cuda:LOCAL_RANK under a launcher) when CUDA is
+    # available, else the CPU; "cpu" keeps it on the host (a model one GPU cannot hold, whose ZeRO-3 shards DeepSpeed
+    # places); or a torch device ("cuda", "cuda:1"). Under an active ZeRO-3 config the model stays where it loaded.
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ConfigError(f"model.device: {self.device!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The device `ModelOptions.device` names ("auto": this process's GPU if CUDA is available, else the CPU).
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device: {name} but this torch sees no CUDA device (torch {torch.__version__}); "
+                          "use auto or cpu")
+    return device
+
+
+def _zero3_active() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+_warned: set[str] = set()
+
+
+def warn_if_off_device(model: torch.nn.Module, what: str) -> None:
+    """Warn once per `what` when `model` is about to generate on the CPU while a GPU is there (a model loaded with
+    `device: cpu`, or moved back): generation there is tens of times slower, and looks like a stall."""
+    if what in _warned or not torch.cuda.is_available() or _zero3_active():
+        return
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type == "cpu":
+        _warned.add(what)
+        warnings.warn(f"{what}: the model is on the CPU while CUDA is available; set model.device: auto (the "
+                      "default) or cuda to run it on the GPU", stacklevel=2)
 
 
 # Checkpoints of this toolkit and the released ones hold no lightning decay buffers (`make_packing_safe`): transformers
@@ -396,6 +449,7 @@ def load_model(spec: str | Path | ModelOptions, seed: int = 0, *, head: Literal[
     through `AutoModelForSequenceClassification`.
     `tokenizer` (from `load_tokenizer`, or the built-in one): checked against the model's vocabulary, and its pad /
     EOS ids written into the model's config and generation config - the one place that sets them.
+    The model ends on `spec.device` (`resolve_device`; left where it loaded under an active ZeRO-3 config).
     """
     opts = spec if isinstance(spec, ModelOptions) else ModelOptions(path=str(spec))
     check_lightning_kernel(opts.lightning_kernel)
@@ -415,6 +469,9 @@ def load_model(spec: str | Path | ModelOptions, seed: int = 0, *, head: Literal[
         raise ValueError(f"head must be 'lm' or 'score', got {head!r}")
     if tokenizer is not None:
         _attach_tokenizer(model, tokenizer, path)
+    device = resolve_device(opts.device)
+    if device.type != "cpu" and not _zero3_active():
+        model.to(device)
     return model
 
 

@@ -31,7 +31,7 @@ from typing import Literal
 import datasets
 import torch
 
-from alignment.rollout.base import RolloutWorker, SamplingOptions
+from alignment.rollout.base import RolloutOptions, RolloutWorker, SamplingOptions
 from data_recipes.io import prompt_of
 
 STATS_FILE = "pair_stats.json"
@@ -56,7 +56,10 @@ class PairOptions:
     # answer, or the mistake, the policy is most likely to give when decoding greedily: a hard negative rather than
     # high-temperature noise), seeded-random among equals; "random": seeded-random among all tied samples.
     tie_break: Literal["coldest", "random"] = "coldest"
-    batch_size: int = 128  # completions per generate call of the rollout worker
+    # The worker that samples them (alignment.rollout.base.RolloutOptions, as GRPO's `rollout:`): backend
+    # transformers (the policy's own generate) or vllm (an engine on the same GPU, closed before training starts),
+    # batch_size completions per generate call.
+    rollout: RolloutOptions = field(default_factory=RolloutOptions)
     # Your own preference files, trained on beside the sampled pairs: TRL's preference rows (`prompt`, `chosen`,
     # `rejected`, all strings or all message lists; or `chosen`/`rejected` whole conversations with the prompt left
     # implicit), .jsonl / .json / .parquet; checked row by row before any model work
@@ -78,8 +81,8 @@ class PairOptions:
             raise ValueError("pairs: need at least 2 samples per prompt (len(temperatures) * samples_per_temperature)")
         if self.min_margin < 0:
             raise ValueError(f"pairs.min_margin must be >= 0, got {self.min_margin}")
-        if self.batch_size < 1:
-            raise ValueError(f"pairs.batch_size must be >= 1, got {self.batch_size}")
+        if self.rollout.batch_size < 1:
+            raise ValueError(f"pairs.rollout.batch_size must be >= 1, got {self.rollout.batch_size}")
 
     @property
     def n(self) -> int:
@@ -163,6 +166,8 @@ def sample_responses(worker: RolloutWorker, prompts: list[list[dict]], opts: Pai
     stops = [[] for _ in prompts]
     k = opts.samples_per_temperature
     for j, temperature in enumerate(opts.temperatures):
+        print(f"sampling pairs: temperature {temperature} ({j + 1} of {len(opts.temperatures)}), {len(prompts)} "
+              f"prompts x {k}", flush=True)
         sampling = SamplingOptions(temperature=temperature, top_p=opts.top_p, max_new_tokens=opts.max_new_tokens)
         with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
             torch.manual_seed(seed * 1009 + j)

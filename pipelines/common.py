@@ -167,6 +167,15 @@ def check_builtin(spec: dict, source: str, key: str, registry: str = "tasks") ->
         check(spec, TASKS, source, key, named_sets=registry == "eval")
 
 
+def check_rollout(rollout) -> None:
+    """A vLLM rollout backend (`RolloutOptions.backend`) needs vLLM and a GPU here: say so before any model work
+    (ImportError / RuntimeError with the install hint, as `import_vllm` raises them)."""
+    if rollout.backend == "vllm":
+        from alignment.rollout.vllm_backend import import_vllm
+
+        import_vllm()
+
+
 def check_launch(cfg, source: str) -> None:
     """What only matters once a stage runs here (not part of `check`, which validates configs on any machine): a
     `training.deepspeed` file needs DeepSpeed installed (the `deepspeed` extra), and LoRA under ZeRO-3 is refused

@@ -36,7 +36,7 @@ from alignment.modeling import ModelOptions
 from alignment.schema import DataSource, EvalOptions, TokenizerOptions, TrainOptions
 from data_recipes.dpo_pairs import PairOptions
 from pipelines.common import (cached_eval_before, check_builtin, check_files, check_model, check_reward,
-                              check_tokenizer, claim, evaluate_sets, finish, finished, series_ends, short,
+                              check_rollout, check_tokenizer, claim, evaluate_sets, finish, finished, series_ends, short,
                               stage_main, stage_tokenizer, train_resuming)
 
 DESCRIPTION = ("Reward-scored pairs sampled from the starting checkpoint (pairs.reward: rule verifiers and/or a "
@@ -139,6 +139,7 @@ def check(cfg: Config, source: str, produced: set) -> None:
         check_files(cfg.prompts.files, source, "prompts.files")
         check_builtin(cfg.prompts.builtin, source, "prompts.builtin")
         check_reward(cfg.pairs.reward, source, "pairs.reward", produced)
+        check_rollout(cfg.pairs.rollout)
     check_files(cfg.pairs.files, source, "pairs.files")
     preference_files(cfg.pairs)  # every row: a bad one fails here, naming file, row and key
     check_builtin(cfg.eval.sets, source, "eval.sets", registry="eval")
@@ -216,9 +217,14 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     sampled, pair_stats = [], None
     if cfg.pairs.sample:
         if is_main() and not (pairs_path / "pair_stats.json").is_file():
-            worker = build_rollout("transformers", model, tokenizer, batch_size=cfg.pairs.batch_size)
-            build_dpo_pairs(worker, prompts, cfg.pairs, cfg.seed, policy=cfg.model.path, out_path=pairs_path,
-                            reward=reward)
+            rollout = cfg.pairs.rollout
+            worker = build_rollout(rollout.backend, model, tokenizer, **rollout.worker_kwargs(cfg.seed))
+            try:
+                build_dpo_pairs(worker, prompts, cfg.pairs, cfg.seed, policy=cfg.model.path, out_path=pairs_path,
+                                reward=reward)
+            finally:
+                if hasattr(worker, "close"):  # a vLLM engine gives its share of the GPU back to the trainer
+                    worker.close()
         barrier()
         sampled, pair_stats = load_pairs(pairs_path)
         sampled = sampled.select_columns(["prompt", "chosen", "rejected"]).to_list()

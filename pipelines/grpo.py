@@ -43,9 +43,8 @@ from alignment.schema import EvalOptions, TokenizerOptions, TrainOptions
 from alignment.trainers import AdvantageOptions, DynamicSamplingOptions, RolloutCorrectionOptions
 from data_recipes.prompt_pool import PoolOptions, load_pool_files, pool_row
 from pipelines.common import (cached_eval_before, check_builtin, check_files, check_model, check_reward,
-                              check_tokenizer, claim,
-                              evaluate_sets, finish, finished, series_ends, short, stage_main, stage_tokenizer,
-                              train_resuming)
+                              check_rollout, check_tokenizer, claim, evaluate_sets, finish, finished, series_ends, short,
+                              stage_main, stage_tokenizer, train_resuming)
 
 DESCRIPTION = ("With success-rate prompt filtering. Writes <output_dir>/prompt_pool.jsonl, final/ (the checkpoint), "
                "metrics.json, summary.md, curves.png and TensorBoard logs; a re-run resumes from the last checkpoint "
@@ -134,10 +133,7 @@ def check(cfg: Config, source: str, produced: set) -> None:
         check_reward(cfg.prompts.verifier, source, "prompts.verifier", produced)
     candidates(cfg)  # the rows themselves (DataError: file, row, column, handler)
     check_builtin(cfg.eval.sets, source, "eval.sets", registry="eval")
-    if cfg.rollout.backend == "vllm":
-        from alignment.rollout.vllm_backend import import_vllm
-
-        import_vllm()
+    check_rollout(cfg.rollout)
 
 
 def run(cfg: Config, overwrite: bool = False) -> dict:

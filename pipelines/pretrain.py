@@ -57,13 +57,14 @@ def lm_loss(model, ids, mask):
 
 
 @torch.no_grad()
-def answer_accuracy(model, tokenizer, docs, device="cpu") -> float:
+def answer_accuracy(model, tokenizer, docs, device="cpu", bf16: bool = False) -> float:
     """Share of answers whose every token is the argmax given the text before it (teacher-forced exact match)."""
     ids, mask, answers = encode(tokenizer, docs)
     ids, mask = ids.to(device), mask.to(device)
     was_training = model.training
     model.eval()
-    predicted = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        predicted = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
     model.train(was_training)
     hits = [bool((predicted[r, a - 1: b - 1] == ids[r, a:b]).all()) for r, a, b in answers.tolist()]
     return sum(hits) / len(hits)
@@ -79,7 +80,8 @@ def heldout_accuracy(model, tokenizer, args, device="cpu") -> dict:
     if args.arithmetic_share > 0:
         sets.update({f"arithmetic@{m}": arithmetic_documents(64, seed=m, lines=4, max_operand=m, split="heldout")
                      for m in (20, 30)})
-    return {name: round(answer_accuracy(model, tokenizer, docs, device), 4) for name, docs in sets.items()}
+    return {name: round(answer_accuracy(model, tokenizer, docs, device, getattr(args, "bf16", False)), 4)
+            for name, docs in sets.items()}
 
 
 def training_documents(rng: random.Random, args) -> list[tuple[str, list]]:
@@ -115,6 +117,8 @@ def main(argv=None):
     ap.add_argument("--log-every", type=int, default=50, help="steps between loss log entries")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--bf16", action="store_true",
+                    help="bf16 autocast around the forward (fp32 weights and optimizer): for models of 100M+ on a GPU")
     args = ap.parse_args(argv)
 
     from tqdm import tqdm
@@ -144,7 +148,8 @@ def main(argv=None):
     bar = tqdm(range(1, args.steps + 1), desc="pretrain", mininterval=5)
     for step in bar:
         ids, mask, _ = encode(tokenizer, training_documents(rng, args))
-        loss = lm_loss(model, ids.to(args.device), mask.to(args.device))
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = lm_loss(model, ids.to(args.device), mask.to(args.device))
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -79,15 +79,13 @@ class RewardModel:
 
     def __init__(self, path: str | Path, batch_size: int = 64, device: str | None = None, dtype: str = "float32",
                  max_length: int | None = None):
-        import torch
-
         from alignment.modeling import ModelOptions, load_model, load_tokenizer
 
         path = Path(path)
         self.path, self.batch_size, self.max_length = path, batch_size, max_length
         self.tokenizer = load_tokenizer(path, key=f"reward model '{path}'")
-        self.model = load_model(ModelOptions(path=str(path), dtype=dtype), head="score", tokenizer=self.tokenizer)
-        self.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = load_model(ModelOptions(path=str(path), dtype=dtype, device=device or "auto"), head="score",
+                                tokenizer=self.tokenizer)
         self.model.eval()
         self.pad_token_id = self.model.config.pad_token_id
 

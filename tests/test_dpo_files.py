@@ -381,13 +381,16 @@ def test_sampled_pairs_are_scored_by_the_verifier_plus_the_reward_model(tmp_path
 def test_shipped_pipelines_score_dpo_pairs_with_their_rm_stage(tmp_path):
     """configs/548m and configs/minimax_text_01: an rm stage before DPO (from stage I, not a policy stage, so long
     SFT still starts from SFT), and both DPO stages' reward_model reads that stage's final/ (the 548M ones beside
-    the verifier). The 548M GRPO stage needs vLLM, so the plan is taken without it; the released pipeline's full
-    --check is tests/test_released.py's."""
+    the verifier). The 548M GRPO stage and pair sampling need vLLM, so the plan is taken without the one and with the
+    transformers backend for the other; the released pipeline's full --check is tests/test_released.py's."""
     from alignment.config import read_yaml
     from pipelines.run import plan
 
     spec = read_yaml("configs/548m/pipeline.yaml")
     spec["stages"] = [s for s in spec["stages"] if s["kind"] != "grpo"]
+    for s in spec["stages"]:
+        if s["kind"] == "dpo":
+            s["set"]["pairs.rollout.backend"] = "transformers"
     path = tmp_path / "pipeline.yaml"
     path.write_text(json.dumps(spec))  # JSON is YAML
     stages = {s.spec.name: s for s in plan(path)}

@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 
 import torch
+from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from alignment.modeling import warn_if_off_device
 from alignment.rollout.base import RolloutBatch, SamplingOptions, encode_prompts, eos_ids, stop_metrics
 
 
@@ -73,9 +75,13 @@ class TransformersRollout:
 
     @torch.no_grad()
     def generate(self, prompts: list, n: int, sampling: SamplingOptions) -> RolloutBatch:
+        warn_if_off_device(self.model, "rollout")
         prompt_ids = [ids for ids in encode_prompts(self.tokenizer, prompts) for _ in range(n)]
         completions, logprobs, reasons = [], [], []
-        for start in range(0, len(prompt_ids), self.batch_size):
+        starts = range(0, len(prompt_ids), self.batch_size)
+        # a bar when the call takes several batches (pair sampling, the success-rate pass), so a slow one shows
+        for start in tqdm(starts, desc=f"sampling {len(prompt_ids)} completions", leave=False, mininterval=10,
+                          disable=len(starts) <= 1):
             c, lp, r = self._generate_batch(prompt_ids[start : start + self.batch_size], sampling)
             completions += c
             logprobs += lp
