@@ -52,10 +52,8 @@ class SamplingOptions:
             raise ValueError(f"sampling.repetition_stop_p must be in (0, 1), got {self.repetition_stop_p}")
 
 
-def _engine_patches() -> tuple[str, ...]:
-    from alignment.rollout.vllm_backend import ENGINE_PATCHES  # vLLM itself is imported on first use
-
-    return ENGINE_PATCHES
+# the vLLM engine patches of alignment.rollout.vllm_backend, by name; the default is all of them
+ENGINE_PATCHES = ("numerics", "batched_prefill", "kv_group_per_kind")
 
 
 @dataclass
@@ -73,7 +71,7 @@ class RolloutOptions:
     enforce_eager: bool = False  # True: no CUDA graphs (slower decoding, faster start)
     # trainer-matching numerics, the batched lightning prefill, one KV-cache group per layer kind (see vllm_backend;
     # for long-context rollouts drop kv_group_per_kind: it costs softmax KV memory); [] = stock vLLM
-    engine_patches: list[str] = field(default_factory=lambda: list(_engine_patches()))
+    engine_patches: list[str] = field(default_factory=lambda: list(ENGINE_PATCHES))
     # further vLLM engine arguments, passed as they are (e.g. {async_scheduling: true, max_num_batched_tokens: 16384})
     engine_kwargs: dict = field(default_factory=dict)
     # transformers only: sample each group under its own seed (run seed, step, round, the group's index in it), one

@@ -69,10 +69,10 @@ import torch
 
 from alignment.lightning import lightning_slopes
 from alignment.released import DECAY_BUFFERS, head_dim, rotary_dim
-from alignment.rollout.base import RolloutBatch, SamplingOptions, encode_prompts, eos_ids, stop_metrics
+from alignment.rollout.base import (ENGINE_PATCHES, RolloutBatch, SamplingOptions, encode_prompts, eos_ids,
+                                    stop_metrics)
 
 VLLM_HINT = "the vLLM rollout backend needs vLLM and a CUDA GPU: pip install -e '.[gpu]'"
-ENGINE_PATCHES = ("numerics", "batched_prefill", "kv_group_per_kind")  # the default: all of them
 # lightning-layer buffers older checkpoints carry; vLLM's loader has no parameter for them (they are recomputed)
 LIGHTNING_BUFFERS = tuple(f".{name}" for name in DECAY_BUFFERS)
 
