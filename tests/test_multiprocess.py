@@ -67,7 +67,7 @@ pairs:
   max_new_tokens: 12
   min_margin: 0.5
   reward: {{correctness: {{weight: 1.0}}}}
-  batch_size: 64
+  rollout: {{batch_size: 64}}
 dpo: {{beta: 0.5, sft_weight: 0.0, max_length: 256}}
 training: {{max_steps: 2, learning_rate: 1.0e-4, batch_size: {per['dpo']}, logging_steps: 1, save_steps: 1, adam_epsilon: 1.0e-8}}
 eval: {{sets: {{arithmetic: {{n: 16, max_operand: 10}}}}, max_new_tokens: 16, batch_size: 16}}
