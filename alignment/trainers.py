@@ -719,8 +719,9 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
         per = -(-len(rows) // ranks)
         mine = rows[rank * per:(rank + 1) * per]
         rates = []
+        # every rank syncs, rows or not: under ZeRO-3 the sync gathers partitions, a collective all ranks join
+        self._sync_rollout()
         if mine:
-            self._sync_rollout()
             was_training = self.model.training
             self.model.eval()
             try:
