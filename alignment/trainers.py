@@ -6,6 +6,7 @@ import copy
 import os
 import random
 import zlib
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,6 +25,7 @@ from alignment.context_parallel import ContextParallelTraining
 from alignment.losses import LossOptions, group_advantages, policy_loss, zero_variance_groups
 from alignment.modeling import FP32LMHead, make_packing_safe
 from alignment.rollout.base import SamplingOptions, importance_weights, logprob_mismatch
+from alignment.routing import layout_routes, record_routes, replay_routes, route_mismatch
 from alignment.timing import StepClock, step_metrics
 from alignment.tokenizer import assistant_tokens, template_messages
 
@@ -376,6 +378,17 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
       dropped, the batch refilled from further prompts), the train-vs-rollout log-prob mismatch (optional
       importance-sampling correction), and the reward / success-rate / length-bias metrics.
     - `_compute_loss`: TRL's log-prob forward, then the named loss from `alignment.losses` (modified GRPO or CISPO).
+    - router replay (`router_replay=True`, `rollout.router_replay`; needs a worker that records routes, e.g.
+      `TransformersRollout(record_routes=True)`): the rollout's per-completion routes (which experts every MoE layer
+      used at every prompt and completion position) ride in the batch as `prompt_routes` (B, P, L, K, left-padded
+      like `prompt_ids`) and `completion_routes` (B, C, L, K, right-padded), -1 at padding, gathered / selected /
+      re-padded with the other per-row tensors; the π_old pass and the loss's forward (and its gradient-checkpoint
+      recompute) run under `alignment.routing.replay_routes`, so the trainer routes every token as the rollout did
+      (gate weights still from the current router: it keeps its gradient). TRL's own π_old pass (generation and
+      updates misaligned) routes by itself and is redone under replay; the KL reference routes by its own router
+      (it is another model). Whenever the batch carries routes, `rollout/route_mismatch` is logged: the share of
+      the rollout's (token, layer, k) routing decisions that the trainer's own routers, in the π_old pass, would
+      not have made. Not in MiniMax-01 / M1: it targets the train/inference gap of M1 §3 for MoE routing.
     - timing: every optimizer step logs its wall time per phase (`time/rollout_s`, `time/sync_s`, `time/reward_s`,
       `time/ref_logprobs_s`, `time/old_logprobs_s`, `time/other_s`, `time/train_s`), its total `time/step_s`,
       `time/rollout_frac`, `time/tokens_per_s` and `rollout/generated_tokens` (`alignment.timing`), measured at the
@@ -421,7 +434,10 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
                  dynamic_sampling: DynamicSamplingOptions | None = None,
                  rollout_correction: RolloutCorrectionOptions | None = None, length_monitor=None,
                  success_fn=None, ref_model=None, seed_groups: bool = False, pool=None, pool_k: int = 8,
-                 **kwargs):
+                 router_replay: bool = False, **kwargs):
+        if router_replay and rollout is None:
+            raise ValueError("router_replay replays the rollout worker's routes: give a rollout worker that records "
+                             "them (TransformersRollout(record_routes=True)); TRL's own generation records none")
         if pool is not None and (success_fn is None or rollout is None):
             raise ValueError("a live prompt pool measures success through the rollout worker: give success_fn and "
                              "rollout too")
@@ -467,6 +483,11 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
         self.correction = rollout_correction or RolloutCorrectionOptions()
         self.length_monitor, self.success_fn = length_monitor, success_fn
         self.seed_groups, self.pool, self.pool_k = seed_groups, pool, pool_k
+        self.router_replay = router_replay
+        # the routes of the generation in progress: TRL's `_generate_and_score_completions` builds the batch from
+        # what `_generate_single_turn` returns (ids, log-probs) and has no slot for more per-completion data, so
+        # `_round` takes them from here right after that call
+        self._pending_routes = None
         self._synced_step = None
         self._round_key = None  # (mode, step, round within the step): names a round for seed_groups and refills
         self._clock = StepClock(cuda=self.accelerator.device.type == "cuda")
@@ -524,6 +545,8 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
                  if key not in _WORKER_CLOCK}
         for key, value in _mean_over_ranks(local).items():
             self._metrics[mode][key].append(value)
+        recorded = all(b.routes is not None for b in batches)
+        self._pending_routes = [r for b in batches for r in b.routes] if recorded else None
         return completion_ids, [lp for b in batches for lp in b.logprobs]
 
     def _seeded(self, group: int, generate):
@@ -555,7 +578,13 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
             inputs = [self.pool.row(row["pool_slot"]) if "pool_slot" in row else row for row in inputs]
         key = (mode, self.state.global_step)
         self._round_key = (*key, self._round_key[2] + 1 if self._round_key and self._round_key[:2] == key else 0)
+        self._pending_routes = None
         batch = super()._generate_and_score_completions(inputs)
+        routes, self._pending_routes = self._pending_routes, None
+        if routes is not None:  # into TRL's layout, beside prompt_ids / completion_ids
+            batch["prompt_routes"], batch["completion_routes"] = (t.to(batch["prompt_ids"].device) for t in
+                layout_routes(routes, batch["prompt_mask"].sum(1).tolist(), batch["prompt_ids"].size(1),
+                              batch["completion_ids"].size(1)))
         n_local = len(inputs)
         n = n_local * self.accelerator.num_processes
         recorded = [self._logs["rewards"][name] for name in self.reward_func_names] + [self._logs["completion"]]
@@ -650,28 +679,37 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
         out = {}
         for key, value in batch.items():
             if isinstance(value, torch.Tensor) and value.dim() > 0:
-                if value.dim() == 2:
+                if value.dim() >= 2:
                     value = self.accelerator.pad_across_processes(
-                        value, dim=1, pad_index=pad_id if key in ("prompt_ids", "completion_ids") else 0,
-                        pad_first=key in _LEFT_PADDED)
-                value = self.accelerator.gather(value)
+                        value, dim=1, pad_index=_pad_value(key, pad_id), pad_first=key in _LEFT_PADDED)
+                if value.dtype == torch.int16:  # routes: gloo gathers no int16
+                    value = self.accelerator.gather(value.int()).to(torch.int16)
+                else:
+                    value = self.accelerator.gather(value)
             out[key] = value
         return out
 
     def _rollout_correction(self, batch: dict, mode: str) -> dict:
-        """Log train-vs-rollout log-prob mismatch; optionally attach truncated IS weights for the loss."""
+        """Log train-vs-rollout log-prob mismatch (and, with routes, routing mismatch); optionally attach truncated
+        IS weights for the loss."""
         rollout_logp = batch.get("sampling_per_token_logps")
         if rollout_logp is None:
             return batch
+        routes = _batch_routes(batch)
+        if self.router_replay and routes is None:
+            raise RuntimeError("router_replay is on but the rollout worker returned no routes (RolloutBatch.routes "
+                               "is None): build it with record_routes=True (the vLLM worker records none yet)")
         old = batch.get("old_per_token_logps")
-        if old is None:  # π_old = the current model at rollout time (no update yet): one no-grad forward
-            input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-            attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-            with torch.no_grad():
-                old, _, _ = self._get_per_token_logps_and_entropies(
-                    self.model, input_ids, attention, batch["completion_ids"].size(1),
-                    batch_size=self.args.per_device_train_batch_size)
+        # π_old = the current model at rollout time (no update yet): one no-grad forward, under the rollout's routes
+        # when replaying (TRL's own π_old pass, when it ran, routed by the model's own top-k: redone)
+        if old is None or self.router_replay:
+            old, own = self._old_logps(batch, routes)
             batch["old_per_token_logps"] = old
+            if own is not None:
+                counts = torch.stack(route_mismatch(routes, own)).float()[None]
+                total = self.accelerator.gather(counts)  # (ranks, 2): differing, decisions
+                self._metrics[mode]["rollout/route_mismatch"].append(
+                    float(total[:, 0].sum() / total[:, 1].sum().clamp(min=1.0)))
         mask = batch["completion_mask"]
         # the metrics over every rank's rows (correlations do not average over ranks)
         every = self._gather_rows({"old": old, "rollout": rollout_logp, "mask": mask}, 0)
@@ -683,6 +721,28 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
             total = self.accelerator.gather(torch.stack([(weights * mask).sum(), mask.sum()]).float()[None])
             self._metrics[mode]["mismatch/is_weight_mean"].append(float(total[:, 0].sum() / total[:, 1].sum()))
         return batch
+
+    def _old_logps(self, batch: dict, routes: torch.Tensor | None):
+        """π_old's (B, C) log-probs of the batch's completions (no grad, in chunks of the per-device batch), under
+        `routes` (B, P + C, L, K) when replaying, and the (B, P + C, L, K) experts the model's own routers chose
+        meanwhile (None without routes)."""
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        size = self.args.per_device_train_batch_size
+        logps, own = [], []
+        for start in range(0, input_ids.size(0), size):
+            rows = slice(start, start + size)
+            if routes is None:
+                routing = nullcontext()
+            else:
+                routing = replay_routes(self.model, routes[rows]) if self.router_replay else record_routes(self.model)
+            with torch.no_grad(), routing as log:
+                logp, _, _ = self._get_per_token_logps_and_entropies(
+                    self.model, input_ids[rows], attention[rows], batch["completion_ids"].size(1), batch_size=size)
+            logps.append(logp)
+            if log is not None:
+                own.append(log.routes(logp.size(0)))
+        return torch.cat(logps), torch.cat(own) if own else None
 
     def _log_round_metrics(self, rounds: list[Round], mode: str) -> None:
         """Success rate and the length-bias monitor over every completion generated for this batch (dropped
@@ -778,9 +838,12 @@ class MiniMaxGRPOTrainer(SafeCheckpoints, GRPOTrainer):
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        logp, entropy, aux_loss = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention, completion_ids.size(1), compute_entropy=True,
-            compute_aux_loss=self.aux_loss_enabled)  # (B, T) each
+        routes = _batch_routes(inputs) if self.router_replay else None
+        # the rollout's experts for every position (the backward's checkpoint recompute gets them too)
+        with nullcontext() if routes is None else replay_routes(model, routes, log_own=False):
+            logp, entropy, aux_loss = self._get_per_token_logps_and_entropies(
+                model, input_ids, attention, completion_ids.size(1), compute_entropy=True,
+                compute_aux_loss=self.aux_loss_enabled)  # (B, T) each
         mask = inputs["completion_mask"].to(logp.dtype)
         old_logp = inputs.get("old_per_token_logps")
         old_logp = logp.detach() if old_logp is None else old_logp
@@ -836,7 +899,22 @@ def _select_groups(batch: dict, group_keep: torch.Tensor, G: int) -> dict | None
 
 
 # per-row tensors and how to pad them when batches of different widths are concatenated
-_LEFT_PADDED = {"prompt_ids", "prompt_mask"}
+_LEFT_PADDED = {"prompt_ids", "prompt_mask", "prompt_routes"}
+
+
+def _pad_value(key: str, pad_id: int) -> int:
+    """The fill for a per-row tensor widened to a common width: the pad token for ids, -1 (route by the model's own
+    top-k) for routes, else 0 (masks, log-probs)."""
+    if key in ("prompt_ids", "completion_ids"):
+        return pad_id
+    return -1 if key in ("prompt_routes", "completion_routes") else 0
+
+
+def _batch_routes(batch: dict) -> torch.Tensor | None:
+    """The rollout's (B, P + C, L, K) routes of a batch's prompt + completion rows, or None (none recorded)."""
+    if batch.get("prompt_routes") is None:
+        return None
+    return torch.cat([batch["prompt_routes"], batch["completion_routes"]], dim=1)
 
 
 def _concat_batches(batches: list[dict], pad_id: int) -> dict:
@@ -847,12 +925,12 @@ def _concat_batches(batches: list[dict], pad_id: int) -> dict:
             out[key] = first
             continue
         parts = [b[key] for b in batches]
-        if first.dim() == 2:
+        if first.dim() >= 2:
             width = max(p.size(1) for p in parts)
-            fill = pad_id if key in ("prompt_ids", "completion_ids") else 0
+            fill = _pad_value(key, pad_id)
             padded = []
             for p in parts:
-                extra = p.new_full((p.size(0), width - p.size(1)), fill)
+                extra = p.new_full((p.size(0), width - p.size(1), *p.shape[2:]), fill)
                 padded.append(torch.cat([extra, p] if key in _LEFT_PADDED else [p, extra], dim=1))
             parts = padded
         out[key] = torch.cat(parts, dim=0)

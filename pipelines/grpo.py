@@ -216,7 +216,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
         loss=cfg.loss, sampling=cfg.sampling, rollout=worker, advantages=cfg.advantages,
         dynamic_sampling=cfg.dynamic_sampling, rollout_correction=cfg.rollout_correction,
         length_monitor=monitor, success_fn=success_fn, seed_groups=cfg.rollout.seed_groups,
-        pool=live, pool_k=cfg.prompts.k,
+        pool=live, pool_k=cfg.prompts.k, router_replay=cfg.rollout.router_replay,
     )
     result, last = train_resuming(trainer, cfg)
     after = computed_once(trainer.model, lambda: evaluate_sets(trainer.model, tokenizer, heldout, cfg.eval))

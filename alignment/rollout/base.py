@@ -16,6 +16,11 @@ Contract for backends (`transformers_backend`, `vllm_backend`):
   (TRL's fused LM head divides by the same temperature), so `logprob_mismatch` measures only numerics (kernels,
   dtype, cached decoding), the train/inference gap MiniMax-M1 §3 fixes with an FP32 LM head. (vLLM: request
   `logprobs=0` with `logprobs_mode="processed_logprobs"` and no top-k/top-p, or recompute.)
+- `routes` (optional, for router replay, `alignment.routing`): per completion the experts every MoE layer routed
+  each position to, prompt and completion positions as the engine computed them (prefill + decode steps),
+  [prompt + completion tokens, L, K] int16, -1 where the engine never ran the position; None when not recorded.
+  The transformers backend records them (`record_routes=True`); the vLLM worker returns `routes=None` (recording
+  inside vLLM's fused MoE is not built yet).
 """
 
 from __future__ import annotations
@@ -79,15 +84,27 @@ class RolloutOptions:
     # ranks sample what one process samples (the multi-process tests rely on it). Off: one batched call per rank,
     # one RNG stream per rank (faster on a GPU).
     seed_groups: bool = False
+    # GRPO: router replay ("R3", alignment.routing): the rollout records which experts each token was routed to
+    # (prompt and completion positions), and the trainer's π_old and loss forwards use those experts instead of
+    # recomputing the top-k, which removes the MoE routing part of the train/rollout log-prob mismatch (routing flips
+    # near top-k ties between the engine's decode path and the trainer's full-sequence forward); the trainer logs
+    # `rollout/route_mismatch` (share of routing decisions its own routers would have made differently). Meant to be
+    # on for backend vllm once that engine records routes; until then only the transformers backend records them
+    # (sampling from the trained model itself, where routes differ only by numerics), so the default is off.
+    router_replay: bool = False
 
     def __post_init__(self):
         if self.seed_groups and self.backend != "transformers":
             raise ValueError("rollout.seed_groups is for the transformers backend (vLLM samples with its own "
                              "per-request seeds, not torch's); drop it or use backend: transformers")
+        if self.router_replay and self.backend != "transformers":
+            raise ValueError(f"rollout.router_replay needs the rollout's routes, which only the transformers backend "
+                             f"records so far (the {self.backend} worker returns routes=None: recording inside its "
+                             "engine is not built yet); drop rollout.router_replay or use backend: transformers")
 
     def worker_kwargs(self, seed: int) -> dict:
         if self.backend != "vllm":
-            return {"batch_size": self.batch_size}
+            return {"batch_size": self.batch_size, "record_routes": self.router_replay}
         return {"batch_size": self.batch_size, "gpu_memory_utilization": self.gpu_memory_utilization,
                 "max_model_len": self.max_model_len, "enforce_eager": self.enforce_eager, "seed": seed,
                 "engine_patches": tuple(self.engine_patches), **self.engine_kwargs}
@@ -104,6 +121,8 @@ class RolloutBatch:
     stop_reasons: list[str]  # "eos" | "length" | "repetition"
     n: int = 1
     metrics: dict[str, float] = field(default_factory=dict)
+    # per completion [prompt + completion tokens, L, K] int16 expert indices (see the module docstring), or None
+    routes: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.completion_ids)

@@ -5,16 +5,25 @@ Per-token log-probs and the repetition early stop ride on generate's own hooks r
 logits of each step and keeps log softmax(logits / T); a stopping criterion, called right after the step's token is
 appended, reads that token's log-prob, tracks the run of confident tokens and each row's length.
 Only one step of (B, V) log-probs is held at a time, never the whole (B, T, V).
+
+`record_routes=True` (router replay, `alignment.routing`): every router call of the generate (the prefill over the
+left-padded prompts, then one call per decode step) is recorded, and each completion gets the experts of every
+position the engine computed, prompt and completion ([prompt + completion tokens, L, K] int16): what the trainer's
+forward over prompt + completion recomputes. The last completion token is never fed back when generation stops
+right after sampling it; its row is -1 (the trainer routes it by itself: its routes change only the logits after
+the completion, which no loss reads).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from alignment import routing
 from alignment.modeling import warn_if_off_device
 from alignment.rollout.base import RolloutBatch, SamplingOptions, encode_prompts, eos_ids, stop_metrics
 
@@ -65,10 +74,12 @@ class _AfterStep(StoppingCriteria):
 
 class TransformersRollout:
     """`RolloutWorker` on `model.generate`. `sync_weights(model)` points it at the trainer's (updated) model: the
-    weights are shared, so there is nothing to copy (a separate-engine backend copies them there)."""
+    weights are shared, so there is nothing to copy (a separate-engine backend copies them there).
+    `record_routes`: batches carry `routes` (see the module docstring), else `routes=None`."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 64):
+    def __init__(self, model, tokenizer, batch_size: int = 64, record_routes: bool = False):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.record_routes = record_routes
 
     def sync_weights(self, model) -> None:
         self.model = model
@@ -77,17 +88,19 @@ class TransformersRollout:
     def generate(self, prompts: list, n: int, sampling: SamplingOptions) -> RolloutBatch:
         warn_if_off_device(self.model, "rollout")
         prompt_ids = [ids for ids in encode_prompts(self.tokenizer, prompts) for _ in range(n)]
-        completions, logprobs, reasons = [], [], []
+        completions, logprobs, reasons, routes = [], [], [], []
         starts = range(0, len(prompt_ids), self.batch_size)
         # a bar when the call takes several batches (pair sampling, the success-rate pass), so a slow one shows
         for start in tqdm(starts, desc=f"sampling {len(prompt_ids)} completions", leave=False, mininterval=10,
                           disable=len(starts) <= 1):
-            c, lp, r = self._generate_batch(prompt_ids[start : start + self.batch_size], sampling)
+            c, lp, r, rt = self._generate_batch(prompt_ids[start : start + self.batch_size], sampling)
             completions += c
             logprobs += lp
             reasons += r
+            routes += rt or []
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        return RolloutBatch(prompt_ids, completions, logprobs, texts, reasons, n=n, metrics=stop_metrics(reasons))
+        return RolloutBatch(prompt_ids, completions, logprobs, texts, reasons, n=n, metrics=stop_metrics(reasons),
+                            routes=routes if self.record_routes else None)
 
     def _generate_batch(self, prompt_ids: list[list[int]], sampling: SamplingOptions):
         model, tok = self.model, self.tokenizer
@@ -101,13 +114,16 @@ class TransformersRollout:
                                  sampling.repetition_stop_p, device)
         was_training = model.training
         model.eval()
+        recording = routing.record_routes(model) if self.record_routes else nullcontext()
         try:
             # no router logits while decoding: transformers' aux loss breaks on cached steps, and it is unused here
-            out = model.generate(
-                input_ids=input_ids, attention_mask=attention, do_sample=True, temperature=sampling.temperature,
-                top_k=sampling.top_k, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
-                logits_processor=LogitsProcessorList([recorder]), stopping_criteria=StoppingCriteriaList([_AfterStep(recorder)]),
-                eos_token_id=eos, pad_token_id=pad, output_router_logits=False)
+            with recording as log:
+                out = model.generate(
+                    input_ids=input_ids, attention_mask=attention, do_sample=True, temperature=sampling.temperature,
+                    top_k=sampling.top_k, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
+                    logits_processor=LogitsProcessorList([recorder]),
+                    stopping_criteria=StoppingCriteriaList([_AfterStep(recorder)]),
+                    eos_token_id=eos, pad_token_id=pad, output_router_logits=False)
         finally:
             model.train(was_training)
         new = out[:, width:].tolist()
@@ -115,4 +131,14 @@ class TransformersRollout:
         lengths = [n if n >= 0 else len(row) for n, row in zip(recorder.length.tolist(), new)]
         completions = [row[:n] for row, n in zip(new, lengths)]
         logprobs = [row[:n] for row, n in zip(steps, lengths)]
-        return completions, logprobs, list(recorder.reason)
+        routes = None
+        if log is not None:
+            # (B, width + decode steps, L, K): the prefill's positions, then one per token fed back
+            full = log.routes(len(prompt_ids)).to("cpu", torch.int16)
+            routes = []
+            for b, (p, n) in enumerate(zip(prompt_ids, lengths)):
+                r = full.new_full((len(p) + n, *full.shape[2:]), -1)
+                ran = full[b, width - len(p):width + n]  # short of the last token when it was never fed back
+                r[:len(ran)] = ran
+                routes.append(r)
+        return completions, logprobs, list(recorder.reason), routes
