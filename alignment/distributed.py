@@ -8,11 +8,16 @@ The rule every stage follows: one writer per file. The main process (global rank
 manifests, pairs, prompt pools and `final/`; every rank reaches a `barrier()` before anyone reads what it wrote.
 Work whose result every rank needs but only one should do (an evaluation of an unsharded model, building DPO pairs)
 goes through `main_computes`, which runs it on rank 0 and broadcasts the picklable result.
+
+A ZeRO-3 model (`is_sharded`) is never made whole at once: what needs its full weights (the vLLM weight sync,
+`final/` of a LoRA policy) streams them with `merged_layers`, a decoder layer at a time (`layer_groups`, `gathered`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 
 
 def _state():
@@ -77,3 +82,114 @@ def computed_once(model, fn):
     ZeRO-3-sharded one needs every rank in each forward (transformers' generate keeps them in step then), so every
     rank runs `fn` and the main process's result is the one kept."""
     return broadcast(fn()) if is_sharded(model) else main_computes(fn)
+
+
+def fresh_deepspeed_state() -> None:
+    """Forget the ZeRO-3 config an earlier stage's TrainingArguments left in this process (a pipeline runs its stages
+    in one process). transformers keeps it globally, and while it is set every `from_pretrained` partitions the
+    model as it loads (zero.Init) and every `generate` waits on the other ranks (synced_gpus): the next stage's model
+    would load partitioned, and its main-process work on a whole model (the 'before' evaluation, DPO pairs, the
+    GRPO prompt pool) would fail or hang. So every stage starts as it does alone: its model loads whole, its own
+    trainer partitions it. (Loading partitioned, for a model no process can hold whole, is not built: that work
+    would have to run on every rank.)"""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
+@contextlib.contextmanager
+def gathered(params):
+    """Inside the block, the full values of those of `params` that are ZeRO-3 partitions (each rank all-gathers
+    them; released again on exit, changes discarded); whole parameters as they are. The gather is a collective:
+    every rank enters it with the same parameters in the same order."""
+    shards = [p for p in params if hasattr(p, "ds_id")]
+    if not shards:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(shards, modifier_rank=None):
+        yield
+
+
+_LAYER = re.compile(r"^(.*?\blayers\.\d+)\.")
+# a wrapped parameter's own module path (peft's LoRA layers and parametrizations sit between module and weight)
+_WRAPPED = re.compile(r"\.(?:base_layer|lora_[A-Za-z_]+|parametrizations)\b")
+
+
+def layer_key(name: str) -> str:
+    """The group a parameter `name` is gathered with (`layer_groups`): its decoder layer (`...layers.<i>`), else
+    the module it belongs to with any adapter wrapping removed, else the name itself.
+
+    >>> layer_key("model.layers.3.mlp.experts.gate_up_proj")
+    'model.layers.3'
+    >>> layer_key("lm_head.lora_A.default.weight"), layer_key("lm_head.base_layer.weight"), layer_key("model.norm.weight")
+    ('lm_head', 'lm_head', 'model.norm.weight')
+    """
+    if match := _LAYER.match(name):
+        return match.group(1)
+    return _WRAPPED.split(name)[0]
+
+
+def layer_groups(named) -> list[list[tuple[str, object]]]:
+    """`named` (name, parameter) pairs grouped by `layer_key`, in their order: one group per decoder layer with its
+    adapters, and one per other module. The unit a ZeRO-3 model is gathered in when it is streamed out whole (a
+    weight sync, an export): at most one decoder layer's weights are ever whole at once on a rank."""
+    groups: dict[str, list] = {}
+    for name, param in named:
+        groups.setdefault(layer_key(name), []).append((name, param))
+    return list(groups.values())
+
+
+def merged_layers(model):
+    """One dict {transformers name: tensor} of base-model weights per decoder layer (and per other module, see
+    `alignment.distributed.layer_groups`), in model order, active LoRA deltas added out of place (the model's own
+    weights are not touched). A plain model's tensors are its parameters as they are.
+
+    ZeRO-3 partitions are gathered one group at a time and released when the next group is asked for, so a rank
+    never holds more than one decoder layer whole (the sync of a sharded policy; `layer_groups`): a dict is valid
+    only until the iteration moves on (copy what you keep), and every rank must run the iteration to its end in
+    step (each gather is a collective)."""
+    import torch
+
+    peft = hasattr(model, "get_base_model")
+    base = model.get_base_model() if peft else model
+    lora = _lora_layers(base) if peft else []
+    with torch.no_grad():
+        for group in layer_groups(base.named_parameters()):
+            with gathered([p for _, p in group]):
+                ids = {id(p) for _, p in group}
+                deltas: dict[int, torch.Tensor] = {}
+                for param_id, module, param in lora:
+                    if param_id not in ids:
+                        continue
+                    for adapter in module.active_adapters:
+                        if adapter in module.lora_A:
+                            delta = module.get_delta_weight(adapter).to(param.dtype)
+                            deltas[param_id] = deltas[param_id] + delta if param_id in deltas else delta
+                merged = {}
+                for name, param in group:
+                    if "lora_" in name:
+                        continue
+                    clean = name.replace(".base_layer", "").replace(".parametrizations", "").replace(".original", "")
+                    merged[clean] = param + deltas[id(param)] if id(param) in deltas else param
+                yield merged
+
+
+def _lora_layers(base) -> list:
+    """[(id of the base weight, LoRA layer, base weight)] for the active, unmerged LoRA layers of `base`."""
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+
+    found = []
+    for module in base.modules():
+        if isinstance(module, LoraLayer) and not module.merged and not module.disable_adapters:
+            param = module.get_param() if isinstance(module, ParamWrapper) else module.get_base_layer().weight
+            found.append((id(param), module, param))
+    return found
+
+
+def merged_parameters(model):
+    """(name, tensor) of every base-model weight, LoRA merged: `merged_layers` flattened (the same validity rule for
+    a ZeRO-3 model: a tensor lasts until its layer's group is left)."""
+    for group in merged_layers(model):
+        yield from group.items()

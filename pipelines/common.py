@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from alignment.config import ConfigError, load_config, to_dict
-from alignment.distributed import barrier, is_main, main_computes
+from alignment.distributed import barrier, is_main, main_computes, merged_layers
 from alignment.reporting import write_json_atomic
 from alignment.schema import TokenizerOptions
 
@@ -178,8 +178,7 @@ def check_rollout(rollout) -> None:
 
 def check_launch(cfg, source: str) -> None:
     """What only matters once a stage runs here (not part of `check`, which validates configs on any machine): a
-    `training.deepspeed` file needs DeepSpeed installed (the `deepspeed` extra), and LoRA under ZeRO-3 is refused
-    (merging adapters into a partitioned base for `final/` is not built)."""
+    `training.deepspeed` file needs DeepSpeed installed (the `deepspeed` extra) and must be valid JSON."""
     path = getattr(getattr(cfg, "training", None), "deepspeed", None)
     if not path:
         return
@@ -189,13 +188,9 @@ def check_launch(cfg, source: str) -> None:
         raise ImportError(f"{source}: 'training.deepspeed' names {path}, but DeepSpeed is not installed: "
                           "pip install -e '.[deepspeed]' (or drop the key for plain DDP)") from None
     try:
-        stage = json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0)
+        json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{source}: 'training.deepspeed': {path} is not valid JSON: {err}") from None
-    if stage == 3 and getattr(cfg.model, "lora", None) is not None:
-        raise ConfigError(f"{source}: 'model.lora' with the ZeRO-3 file {path} ('training.deepspeed') is not "
-                          "supported yet (final/ merges the adapters into the base, which ZeRO-3 partitions); use "
-                          "a ZeRO-2 file or plain DDP for LoRA")
 
 
 # -- output directory --------------------------------------------------------------------------------------------
@@ -363,8 +358,9 @@ def finish(cfg, trainer, result, last, tokenizer, before: dict, after: dict, *, 
     marks a finished stage), metrics.json, log_history.json, curves.png and summary.md in the output dir.
 
     Under a launcher every rank calls it: ZeRO-3 partitions are gathered into one full state dict (a collective:
-    DeepSpeed's `stage3_gather_16bit_weights_on_model_save`, which `configs/deepspeed/*.json` turn on), the main
-    process alone writes every file, and every rank returns once they are written."""
+    DeepSpeed's `stage3_gather_16bit_weights_on_model_save`, which `configs/deepspeed/*.json` turn on; a LoRA policy
+    through `merged_layers`, merged a decoder layer at a time), the main process alone writes every file, and every
+    rank returns once they are written."""
     from alignment.checkpointing import kill_if_requested
     from alignment.reporting import (atomic_directory, plot_curves, summary_markdown, write_log_history,
                                      write_text_atomic)
@@ -377,13 +373,25 @@ def finish(cfg, trainer, result, last, tokenizer, before: dict, after: dict, *, 
     out = Path(cfg.output_dir)
     final = out / "final"
     model = trainer.model
-    # the accelerator's gather of a DeepSpeed engine (full tensors on the main process); otherwise the model's own
-    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if trainer.is_deepspeed_enabled else None
+    lora = hasattr(model, "merge_and_unload")
+    if trainer.is_deepspeed_enabled and lora:
+        # LoRA on a DeepSpeed (ZeRO-3: partitioned) base, which cannot be merged in place: the merged weights
+        # streamed a decoder layer at a time (every rank gathers; the main process keeps a CPU copy)
+        state_dict, to_save = {}, model.get_base_model()
+        for group in merged_layers(model):
+            if is_main():
+                state_dict.update({name: t.detach().to("cpu", copy=True) for name, t in group.items()})
+    elif trainer.is_deepspeed_enabled:
+        # the accelerator's gather of a DeepSpeed engine (full tensors on the main process)
+        state_dict, to_save = trainer.accelerator.get_state_dict(trainer.model_wrapped), model
+    else:
+        state_dict, to_save = None, model
     if not is_main():
         barrier()
         return metrics
     with atomic_directory(final) as tmp:
-        to_save = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        if lora and state_dict is None:
+            to_save = model.merge_and_unload()
         to_save.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         kill_if_requested("saving")  # crash tests: half of final/ written
         tokenizer.save_pretrained(tmp)

@@ -178,7 +178,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     """Build pairs and train one DPO stage; returns the metrics written to `<output_dir>/metrics.json`."""
     from transformers import set_seed
 
-    from alignment.distributed import barrier, computed_once, is_main
+    from alignment.distributed import barrier, broadcast, computed_once, is_main
     from alignment.modeling import load_model
     from alignment.rollout import build_rollout
     from alignment.trainers import MiniMaxDPOTrainer
@@ -212,16 +212,19 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
 
     # pairs sampled by the starting policy [01 §5.4.1]; reused on resume (and deterministic under the seed anyway)
     # under a launcher the main process samples and writes them (the model is whole before its trainer shards it),
-    # the other ranks read what it wrote
+    # the other ranks read what it wrote. A vLLM engine joins the launcher's process group as it starts (a
+    # collective), so with that backend every rank starts one and the main process alone samples.
     pairs_path = out / "pairs"
     sampled, pair_stats = [], None
     if cfg.pairs.sample:
-        if is_main() and not (pairs_path / "pair_stats.json").is_file():
-            rollout = cfg.pairs.rollout
-            worker = build_rollout(rollout.backend, model, tokenizer, **rollout.worker_kwargs(cfg.seed))
+        rollout = cfg.pairs.rollout
+        if broadcast(not (pairs_path / "pair_stats.json").is_file()):
+            worker = build_rollout(rollout.backend, model, tokenizer, **rollout.worker_kwargs(cfg.seed)) \
+                if is_main() or rollout.backend == "vllm" else None
             try:
-                build_dpo_pairs(worker, prompts, cfg.pairs, cfg.seed, policy=cfg.model.path, out_path=pairs_path,
-                                reward=reward)
+                if is_main():
+                    build_dpo_pairs(worker, prompts, cfg.pairs, cfg.seed, policy=cfg.model.path,
+                                    out_path=pairs_path, reward=reward)
             finally:
                 if hasattr(worker, "close"):  # a vLLM engine gives its share of the GPU back to the trainer
                     worker.close()

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Literal
 
 from alignment.config import ConfigError, from_dict, load_config, read_yaml
-from alignment.distributed import is_main
+from alignment.distributed import fresh_deepspeed_state, is_main
 from alignment.reporting import write_json_atomic
 from pipelines.common import check_eval_files, check_launch
 from pipelines.stages import KINDS, stage_module
@@ -257,6 +257,7 @@ def run(path, stages: list[Stage], selected: list[Stage]) -> dict:
         record.update(status="running", started=time.strftime("%Y-%m-%d %H:%M:%S"))
         save(manifest)
         t0 = time.time()
+        fresh_deepspeed_state()
         try:
             stage_module(stage.spec.kind).run(stage.cfg, overwrite=bool(stale))
         except BaseException as err:

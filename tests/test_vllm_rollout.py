@@ -21,11 +21,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from alignment.distributed import merged_parameters
 from alignment.lightning import lightning_slopes
 from alignment.modeling import LoraOptions, ModelOptions, PackedLightningAttention, load_model
 from alignment.rollout import SamplingOptions, logprob_mismatch
 from alignment.rollout.vllm_backend import (LIGHTNING_BUFFERS, VLLMRollout, _clear_new_sequence_states,
-                                            direct_sync_plan, export_for_vllm, gc_paused, merged_parameters,
+                                            direct_sync_plan, export_for_vllm, gc_paused,
                                             patched_engine_build, sampled_logprobs, vllm_checkpoint_tensors)
 from data_recipes.tokenizer import builtin_tokenizer
 

@@ -25,6 +25,21 @@ vLLM 0.22.1 (its `MiniMaxText01ForCausalLM`). What it takes to make vLLM sample 
     bench config (16 layers x 8 experts), where the copies themselves take milliseconds.
   A tensor that fails raises `WeightSyncError` naming it; a vLLM parameter left unset raises too.
   (`collective_rpc("reload_weights")` breaks on MiniMax in 0.22.1.)
+- Across ranks (`torchrun` / `accelerate launch`): one colocated engine per rank on the rank's GPU (data-parallel
+  rollouts: each rank rolls out its own prompts), inside the launcher's process group through vLLM's
+  `external_launcher` executor as TRL's colocate mode does, seeded `seed + rank`. Each rank's engine is synced from
+  its policy after every optimizer step. Under DeepSpeed ZeRO-3 the policy is partitioned; both sync ways then
+  stream it through `merged_layers`, which gathers one decoder layer (with its LoRA adapters) at a time, merges
+  it, writes it into the engine and releases it -- never the whole model on one GPU (the 456B model: about 11 GB
+  of bf16 weights per layer against 0.9 TB whole). Every rank takes part in every gather. An engine built from a
+  sharded policy starts from `load_format="dummy"` and takes its weights through the loader stream, so nothing is
+  written to disk; the direct plan is then proved against what that stream loaded.
+  What a tensor-parallel engine per node (one engine over T GPUs) still needs, and why it is not here: the T ranks
+  of an engine must submit the same prompts (gather them within the TP group, hand each rank its slice of the
+  outputs back); each engine parameter is then a TP shard, so the direct plan (whole-tensor copies, proved by
+  equality) does not apply -- the loader way does (vLLM's weight loaders slice whole tensors for their rank), or a
+  plan that slices each gathered tensor as those loaders do; and the seed is per TP group, not per rank. The seam
+  for it: `VLLMRollout.__init__` builds the engine of this process, `sync_weights` takes the streamed groups.
 - Numerics (`engine_patches="numerics"`), so the train/rollout log-prob gap is kernels only: the linear-attention
   state cache in float32 (vLLM defaults to the model dtype: a bf16 state rounded at every decode step), the output
   RMSNorm epsilon of the trainer (vLLM hard-codes 1e-5, transformers' layer uses 1e-6) and the trainer's float32
@@ -67,6 +82,7 @@ from pathlib import Path
 
 import torch
 
+from alignment.distributed import is_sharded, launched, layer_key, merged_layers, merged_parameters, rank
 from alignment.lightning import lightning_slopes
 from alignment.released import DECAY_BUFFERS, head_dim, rotary_dim
 from alignment.rollout.base import (ENGINE_PATCHES, RolloutBatch, SamplingOptions, encode_prompts, eos_ids,
@@ -95,32 +111,6 @@ def import_vllm():
 
 
 # -- weights in the checkpoint layout ---------------------------------------------------------------------------
-
-
-def merged_parameters(model: torch.nn.Module):
-    """(name, tensor) of every base-model parameter with transformers' names, active LoRA deltas added out of place
-    (the model's own weights are not touched). A plain model yields its parameters as they are."""
-    if not hasattr(model, "get_base_model"):
-        yield from model.named_parameters()
-        return
-    from peft.tuners.lora import LoraLayer, ParamWrapper
-
-    base = model.get_base_model()
-    deltas: dict[int, torch.Tensor] = {}
-    with torch.no_grad():
-        for module in base.modules():
-            if not isinstance(module, LoraLayer) or module.merged or module.disable_adapters:
-                continue
-            param = module.get_param() if isinstance(module, ParamWrapper) else module.get_base_layer().weight
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    delta = module.get_delta_weight(adapter).to(param.dtype)
-                    deltas[id(param)] = deltas[id(param)] + delta if id(param) in deltas else delta
-        for name, param in base.named_parameters():
-            if "lora_" in name:
-                continue
-            clean = name.replace(".base_layer", "").replace(".parametrizations", "").replace(".original", "")
-            yield clean, param + deltas[id(param)] if id(param) in deltas else param
 
 
 def vllm_checkpoint_tensors(model: torch.nn.Module):
@@ -170,31 +160,83 @@ def stacked(tensors: dict[str, torch.Tensor], names: tuple[str, ...]) -> torch.T
     return tensors[names[0]] if len(names) == 1 else torch.cat([tensors[n] for n in names])
 
 
-def direct_sync_plan(vllm_params: dict[str, torch.Tensor], trainer: dict[str, torch.Tensor]):
-    """[(vLLM name, trainer names)] for the direct sync, and the vLLM parameters it cannot cover. A parameter is
-    covered only if its sources, in its dtype, equal it now (call right after vLLM loaded the trainer's weights):
-    that proves the rule and the layout. vLLM may pad a vocabulary dimension; the sources then fill the leading
-    rows, as its loader does."""
-    plan, uncovered = [], []
+def _trainer_groups(trainer):
+    """The trainer's tensors as the groups of `merged_layers`: streamed groups as they come, one whole dict split
+    by `layer_key`."""
+    if not isinstance(trainer, dict):
+        return trainer
+    groups: dict[str, dict] = {}
+    for name, tensor in trainer.items():
+        groups.setdefault(layer_key(name), {})[name] = tensor
+    return list(groups.values())
+
+
+def _by_layer(names) -> dict[str, list[str]]:
+    buckets: dict[str, list[str]] = {}
+    for name in names:
+        buckets.setdefault(layer_key(name), []).append(name)
+    return buckets
+
+
+def direct_sync_plan(vllm_params: dict[str, torch.Tensor], trainer):
+    """[(vLLM name, trainer names)] for the direct sync, and the vLLM parameters it cannot cover. `trainer`: the
+    trainer's tensors, one dict or the groups of `merged_layers` (a ZeRO-3 model: streamed, a decoder layer at a
+    time; a vLLM parameter's sources always lie in one layer). A parameter is covered only if its sources, in its
+    dtype, equal it now (call right after vLLM loaded the trainer's weights): that proves the rule and the layout.
+    vLLM may pad a vocabulary dimension; the sources then fill the leading rows, as its loader does."""
+    pending = _by_layer(vllm_params)
+    plan = []
     with torch.no_grad():
-        for name, param in vllm_params.items():
-            sources = vllm_parameter_sources(name, trainer)
-            value = None if sources is None else stacked(trainer, sources)
-            fits = value is not None and value.shape[1:] == param.shape[1:] and value.shape[0] <= param.shape[0]
-            if fits and torch.equal(param[: value.shape[0]], value.to(param.device, param.dtype)):
-                plan.append((name, sources))
-            else:
-                uncovered.append(name)
-    return plan, uncovered
+        for group in _trainer_groups(trainer):
+            if not group:
+                continue
+            for name in pending.pop(layer_key(next(iter(group))), ()):
+                param = vllm_params[name]
+                sources = vllm_parameter_sources(name, group)
+                value = None if sources is None else stacked(group, sources)
+                fits = value is not None and value.shape[1:] == param.shape[1:] and value.shape[0] <= param.shape[0]
+                if fits and torch.equal(param[: value.shape[0]], value.to(param.device, param.dtype)):
+                    plan.append((name, sources))
+    covered = {name for name, _ in plan}
+    return plan, [name for name in vllm_params if name not in covered]
+
+
+def copy_direct(vllm_params: dict[str, torch.Tensor], plan, trainer) -> int:
+    """The direct sync itself: each planned vLLM parameter written in place from its trainer tensor(s) (`trainer`
+    as for `direct_sync_plan`: streamed groups or one dict). Returns the number of parameters written; a copy that
+    fails, or a planned parameter no group provided, raises `WeightSyncError` naming it."""
+    pending = _by_layer(name for name, _ in plan)
+    sources_of = dict(plan)
+    written = 0
+    with torch.no_grad():
+        for group in _trainer_groups(trainer):
+            if not group:
+                continue
+            for name in pending.pop(layer_key(next(iter(group))), ()):
+                sources = sources_of[name]
+                try:
+                    value = stacked(group, sources)
+                    vllm_params[name][: value.shape[0]].copy_(value)
+                except Exception as err:
+                    raise WeightSyncError(f"weight sync into vLLM failed at '{name}' (from {', '.join(sources)}): "
+                                          f"{type(err).__name__}: {err}") from err
+                written += 1
+    if pending:
+        missing = [n for names in pending.values() for n in names]
+        raise WeightSyncError(f"weight sync left {len(missing)} vLLM parameters unwritten, e.g. {missing[:4]} (the "
+                              "trainer's model no longer provides their tensors)")
+    return written
 
 
 def _base_config(model):
     return (model.get_base_model() if hasattr(model, "get_base_model") else model).config
 
 
-def export_for_vllm(model, tokenizer, path: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+def export_for_vllm(model, tokenizer, path: str | Path, dtype: torch.dtype = torch.bfloat16,
+                    weights: bool = True) -> Path:
     """Write `model` (LoRA merged) as a checkpoint vLLM's MiniMax loader reads the way the trainer computes (see the
-    module docstring). Returns the directory."""
+    module docstring). Returns the directory. `weights=False` writes the config (and tokenizer) alone: for an engine
+    built with `load_format="dummy"` whose weights then come through a sync."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -207,8 +249,9 @@ def export_for_vllm(model, tokenizer, path: str | Path, dtype: torch.dtype = tor
     data.pop("torch_dtype", None)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         data["eos_token_id"] = tokenizer.eos_token_id
-    tensors = {name: t.to(dtype).contiguous() for name, t in vllm_checkpoint_tensors(model)}
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    if weights:
+        tensors = {name: t.to(dtype).contiguous() for name, t in vllm_checkpoint_tensors(model)}
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(data, indent=1, default=str))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
@@ -364,11 +407,19 @@ class VLLMRollout:
         self.tokenizer = tokenizer
         self.engine_patches = tuple(engine_patches)
         self._tmp = tempfile.TemporaryDirectory(prefix="vllm_policy_", dir=workdir)
-        path = export_for_vllm(model, tokenizer, self._tmp.name, dtype=getattr(torch, dtype))
-        kwargs = dict(model=str(path), skip_tokenizer_init=True, dtype=dtype, seed=seed,
+        # a ZeRO-3 policy is never written out whole: the engine starts from dummy weights and takes the real ones
+        # through the loader sync, gathered a decoder layer at a time (merged_layers)
+        sharded = is_sharded(model)
+        path = export_for_vllm(model, tokenizer, self._tmp.name, dtype=getattr(torch, dtype), weights=not sharded)
+        kwargs = dict(model=str(path), skip_tokenizer_init=True, dtype=dtype, seed=seed + rank(),
                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
                       max_num_seqs=batch_size or max_num_seqs, enforce_eager=enforce_eager,
                       logprobs_mode="processed_logprobs")
+        if sharded:
+            kwargs["load_format"] = "dummy"
+        if launched():
+            # one engine per rank on its own GPU, inside the launcher's process group (as TRL's colocate mode)
+            kwargs["distributed_executor_backend"] = "external_launcher"
         if "numerics" in self.engine_patches:
             kwargs["mamba_cache_dtype"] = "float32"
         kwargs.update(engine_kwargs)  # any other vLLM engine argument, e.g. async_scheduling=True
@@ -376,7 +427,9 @@ class VLLMRollout:
             self.llm = vllm.LLM(**kwargs)
         # in-process engine: these are vLLM's own parameter tensors (the sync writes into them in place)
         self._params = self.llm.apply_model(lambda m: dict(m.named_parameters()))[0]
-        self._plan, uncovered = direct_sync_plan(self._params, dict(merged_parameters(model)))
+        if sharded:
+            self._load_through_vllm(model)
+        self._plan, uncovered = direct_sync_plan(self._params, merged_layers(model))
         self.direct_sync_uncovered = uncovered  # non-empty: every sync goes through vLLM's loader
         self.last_sync_s: float | None = None
         self.last_sync_method: str | None = None
@@ -425,14 +478,7 @@ class VLLMRollout:
         self.llm.reset_prefix_cache()
 
     def _copy_direct(self, model) -> None:
-        trainer = dict(merged_parameters(model))
-        for name, sources in self._plan:
-            try:
-                value = stacked(trainer, sources)
-                self._params[name][: value.shape[0]].copy_(value)
-            except Exception as err:
-                raise WeightSyncError(f"weight sync into vLLM failed at '{name}' (from {', '.join(sources)}): "
-                                      f"{type(err).__name__}: {err}") from err
+        copy_direct(self._params, self._plan, merged_layers(model))
 
     def _load_through_vllm(self, model) -> None:
         last = [None]
