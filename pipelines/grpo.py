@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignment.config import ConfigError
+from alignment.distributed import is_main
 from alignment.losses import LossOptions
 from alignment.modeling import ModelOptions
 from alignment.rollout.base import RolloutOptions, SamplingOptions
@@ -140,7 +141,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     """Train one GRPO stage; returns the metrics written to `<output_dir>/metrics.json`."""
     from transformers import set_seed
 
-    from alignment.distributed import barrier, computed_once, is_main, world_size
+    from alignment.distributed import barrier, computed_once
     from alignment.modeling import load_model
     from alignment.reporting import write_json_atomic
     from alignment.rollout import build_rollout
@@ -152,9 +153,6 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
 
     if (done := finished(cfg, overwrite)) is not None:
         return done
-    if cfg.rollout.backend == "vllm" and world_size() > 1:
-        raise NotImplementedError("rollout.backend: vllm runs in one process only (an engine per rank synced from "
-                                  "ZeRO-3 partitions is not built yet); use backend: transformers across ranks")
     set_seed(cfg.seed)
 
     rows = candidates(cfg)
@@ -210,7 +208,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
         model=model,
         ref_model=ref_model,
         reward_funcs=reward_funcs,
-        args=_trl_args(cfg, out / "checkpoints", reward_weights),
+        args=_trl_args(cfg, out / "checkpoints", reward_weights, model.config),
         train_dataset=pool,
         processing_class=tokenizer,
         loss=cfg.loss, sampling=cfg.sampling, rollout=worker, advantages=cfg.advantages,
@@ -247,13 +245,15 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
                               "time/step_s", "time/rollout_frac", "time/tokens_per_s", "time/sync_s"))
 
 
-def _trl_args(cfg: Config, checkpoints: Path, reward_weights: list[float]):
+def _trl_args(cfg: Config, checkpoints: Path, reward_weights: list[float], model_config):
     from trl import GRPOConfig
 
     from alignment.trainers import grpo_trl_settings
 
+    trainer_kwargs = cfg.training.trainer_kwargs(checkpoints, cfg.seed)
+    trainer_kwargs["deepspeed"] = zero3_with_whole_lm_head(trainer_kwargs.get("deepspeed"), model_config)
     return GRPOConfig(
-        **cfg.training.trainer_kwargs(checkpoints, cfg.seed),
+        **trainer_kwargs,
         # beta (the reference switch), temperature, top_p/top_k, max_completion_length; no epsilon / scale_rewards:
         # only TRL's own loss and advantages read them, and ours replace both (see grpo_trl_settings)
         **grpo_trl_settings(cfg.loss, cfg.sampling),
@@ -265,6 +265,32 @@ def _trl_args(cfg: Config, checkpoints: Path, reward_weights: list[float]):
         log_completions=False,
         remove_unused_columns=False,
     )
+
+
+def zero3_with_whole_lm_head(path: str | None, model_config):
+    """The stage's DeepSpeed config (`training.deepspeed`); a ZeRO-3 one comes back as a dict that keeps parameters
+    up to the LM head's size whole on every rank (`stage3_param_persistence_threshold`), anything else as it is.
+    Why: TRL's fused log-prob head reads `lm_head.weight` directly, gathering it inside the model's forward, and
+    ZeRO-3 then finds the head out of the fetch order it recorded and stops ("tracing error at step 0"; 2 CPU ranks,
+    DeepSpeed 0.19.8, TRL 1.16). A whole head is never fetched. The price is memory: every parameter no larger than
+    the head stays whole on each rank (the 456B model: attention, norms, routers, embedding and head, ~21B
+    parameters, ~42 GB in bf16 per GPU; the experts stay partitioned) -- too much beside a full fine-tune's
+    partitions at that size (docs/scaling.md); the lasting fix is a fused head that fetches the weight through the
+    head module's own ZeRO-3 hooks, not built."""
+    if not path:
+        return path
+    config = json.loads(Path(path).read_text())
+    zero = config.get("zero_optimization", {})
+    if zero.get("stage") != 3:
+        return path
+    head = model_config.vocab_size * model_config.hidden_size
+    threshold = zero.get("stage3_param_persistence_threshold", "auto")
+    if threshold == "auto" or float(threshold) < head:
+        zero["stage3_param_persistence_threshold"] = head
+        if is_main():
+            print(f"[grpo] {path}: ZeRO-3 keeps parameters up to the LM head's {head:,} elements whole on every rank "
+                  "(TRL's fused log-prob head reads it outside DeepSpeed's fetch order)")
+    return {**config, "zero_optimization": zero}
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ from the tiny base, a few steps each.
 - one pipeline run on 2 ranks ends with the final metrics and weights of the 1-process run (float tolerance: `TOL`),
   every stage's `final/` complete (the files a 1-process run writes) and loadable by plain AutoModelForCausalLM;
 - SIGKILL of rank 1 mid-GRPO (right after optimizer step 5), then a re-run, ends where the uninterrupted run ends;
-- DeepSpeed ZeRO-3 (CPU accelerator, gloo), when DeepSpeed is installed: SFT on 2 ranks gathers a complete
-  checkpoint equal to the 1-process one.
+- DeepSpeed ZeRO-3 (CPU accelerator, gloo; `make setup` installs DeepSpeed): SFT -> DPO -> GRPO on 2 ranks ends
+  with the 1-process metrics and gathered checkpoints; LoRA on a ZeRO-3 base (SFT, DPO) writes the 1-process merged
+  checkpoint.
 
 Per-rank batches are the global batch / 2 (each rank a contiguous block of it; GRPO: one group of G per rank). GRPO
 samples with `rollout.seed_groups` (each group under its own seed), without which each rank's sampler stream would
@@ -45,13 +46,15 @@ def free_port() -> int:
 
 
 def write_pipeline(tmp: Path, nproc: int, start: Path | str = "configs/tiny/base", deepspeed: str | None = None,
-                   stages=STAGES) -> Path:
-    """Stage YAMLs whose per-rank batch is the global batch / nproc, and the pipeline over them from `start`."""
+                   stages=STAGES, lora: bool = False) -> Path:
+    """Stage YAMLs whose per-rank batch is the global batch / nproc, and the pipeline over them from `start`; every
+    stage under the `deepspeed` file when given, with LoRA adapters (attention and experts) when `lora`."""
     tmp.mkdir(parents=True, exist_ok=True)
     per = {"sft": 4 // nproc, "dpo": 4 // nproc, "grpo": 8 // nproc}
     ds = f", deepspeed: {deepspeed}" if deepspeed else ""
+    lo = ", lora: {r: 4, alpha: 8, experts: true}" if lora else ""
     (tmp / "sft.yaml").write_text(f"""
-model: {{path: {start}, dtype: float32, fp32_lm_head: true, router_aux_loss_coef: 0.0}}
+model: {{path: {start}, dtype: float32, fp32_lm_head: true, router_aux_loss_coef: 0.0{lo}}}
 data:
   builtin: {{arithmetic: {{n: 3000, max_operand: 10}}, safety: {{n: 200}}}}
   max_length: 256
@@ -59,7 +62,7 @@ training: {{max_steps: 4, learning_rate: 1.0e-3, batch_size: {per["sft"]}, loggi
 eval: {{sets: {{arithmetic: {{n: 16, max_operand: 10}}}}, max_new_tokens: 16, batch_size: 16}}
 """)
     (tmp / "dpo.yaml").write_text(f"""
-model: {{path: set/by/the/runner, dtype: float32, fp32_lm_head: true, router_aux_loss_coef: 0.0}}
+model: {{path: set/by/the/runner, dtype: float32, fp32_lm_head: true, router_aux_loss_coef: 0.0{lo}}}
 prompts: {{builtin: {{}}, max_per_task: {{arithmetic: 32, safety: 8}}}}
 pairs:
   temperatures: [0.8, 1.4]
@@ -69,11 +72,11 @@ pairs:
   reward: {{correctness: {{weight: 1.0}}}}
   rollout: {{batch_size: 64}}
 dpo: {{beta: 0.5, sft_weight: 0.0, max_length: 256}}
-training: {{max_steps: 2, learning_rate: 1.0e-4, batch_size: {per['dpo']}, logging_steps: 1, save_steps: 1, adam_epsilon: 1.0e-8}}
+training: {{max_steps: 2, learning_rate: 1.0e-4, batch_size: {per['dpo']}, logging_steps: 1, save_steps: 1, adam_epsilon: 1.0e-8{ds}}}
 eval: {{sets: {{arithmetic: {{n: 16, max_operand: 10}}}}, max_new_tokens: 16, batch_size: 16}}
 """)
     (tmp / "grpo.yaml").write_text(f"""
-model: {{path: set/by/the/runner, dtype: float32, fp32_lm_head: true, router_aux_loss_coef: 0.0}}
+model: {{path: set/by/the/runner, dtype: float32, fp32_lm_head: true, router_aux_loss_coef: 0.0{lo}}}
 prompts: {{builtin: {{arithmetic: {{n: 40, max_operand: 10}}}}, seed: 1, k: 4, lo: 0.0, hi: 1.0}}
 sampling: {{temperature: 1.0, max_new_tokens: 10, repetition_stop_k: 12, repetition_stop_p: 0.99}}
 rollout: {{backend: transformers, batch_size: 64, seed_groups: true}}
@@ -83,7 +86,7 @@ updates_per_batch: 1
 reward: {{correctness: {{weight: 1.0}}}}
 loss: {{name: grpo, kl: minimax, beta: 0.0}}
 dynamic_sampling: {{enabled: true, max_refills: 1}}
-training: {{max_steps: 6, learning_rate: 1.0e-4, batch_size: {per['grpo']}, logging_steps: 1, save_steps: 2, adam_epsilon: 1.0e-8}}
+training: {{max_steps: 6, learning_rate: 1.0e-4, batch_size: {per['grpo']}, logging_steps: 1, save_steps: 2, adam_epsilon: 1.0e-8{ds}}}
 length_monitor_window: 0
 eval: {{sets: {{arithmetic: {{n: 16, max_operand: 10}}}}, max_new_tokens: 16, batch_size: 16}}
 """)
@@ -227,22 +230,51 @@ def _deepspeed_runs_here() -> bool:
 
 
 @pytest.mark.skipif(not _deepspeed_runs_here(),
-                    reason="DeepSpeed not installed (pip install -e '.[deepspeed]'; ~1 min on CPU when it is)")
-def test_deepspeed_zero3_sft_on_two_ranks_gathers_the_one_process_checkpoint(tmp_path, warm, one_process):
+                    reason="DeepSpeed not installed (pip install -e '.[deepspeed]'; ~2 min on CPU when it is)")
+def test_deepspeed_zero3_pipeline_on_two_ranks_ends_where_one_process_ends(tmp_path, warm, one_process):
+    """SFT -> DPO (live reference, prepared by DeepSpeed too) -> GRPO (transformers rollouts on the partitioned
+    policy, dynamic sampling), every stage under ZeRO-3 on 2 ranks: each stage's metrics and gathered `final/` are the
+    1-process run's, and each stage's checkpoints hold one optimizer partition per rank."""
     from transformers import AutoModelForCausalLM
 
-    path = write_pipeline(tmp_path, 2, warm, deepspeed=str(ROOT / "configs/deepspeed/zero3.json"), stages=("sft",))
+    path = write_pipeline(tmp_path, 2, warm, deepspeed=str(ROOT / "configs/deepspeed/zero3.json"))
     result = launch(path, 2, env={"DS_ACCELERATOR": "cpu"})
     assert result.returncode == 0, result.stderr[-3000:]
-    final, reference = tmp_path / "run" / "sft" / "final", one_process / "sft" / "final"
-    assert sorted(p.name for p in final.iterdir()) == sorted(p.name for p in reference.iterdir())
-    assert_same_weights(final, reference, warm, "sft (ZeRO-3)")
-    ckpt = tmp_path / "run" / "sft" / "checkpoints" / "checkpoint-4"
-    assert len(list(ckpt.glob("global_step4/*optim_states.pt"))) == 2  # one optimizer partition per rank
-    AutoModelForCausalLM.from_pretrained(final)
-    m1 = json.loads((reference.parent / "metrics.json").read_text())
-    m2 = json.loads((final.parent / "metrics.json").read_text())
-    assert_same_metrics(m1, m2, "sft (ZeRO-3)")
+    for stage in STAGES:
+        final, reference = tmp_path / "run" / stage / "final", one_process / stage / "final"
+        assert sorted(p.name for p in final.iterdir()) == sorted(p.name for p in reference.iterdir()), stage
+        assert_same_weights(final, reference, warm, f"{stage} (ZeRO-3)")
+        m1 = json.loads((reference.parent / "metrics.json").read_text())
+        m2 = json.loads((final.parent / "metrics.json").read_text())
+        assert_same_metrics(m1, m2, f"{stage} (ZeRO-3)")
+        ckpt = max((tmp_path / "run" / stage / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name[11:]))
+        assert len(list(ckpt.glob("global_step*/*optim_states.pt"))) == 2, stage  # one partition per rank
+    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "grpo" / "final")
+
+
+@pytest.mark.skipif(not _deepspeed_runs_here(),
+                    reason="DeepSpeed not installed (pip install -e '.[deepspeed]'; ~1 min on CPU when it is)")
+def test_lora_under_zero3_on_two_ranks_writes_the_one_process_merged_checkpoint(tmp_path, warm):
+    """LoRA adapters (attention and experts) on a ZeRO-3-partitioned base, SFT then DPO (its reference: the base
+    with the adapters off): `final/` is merged from the partitions a decoder layer at a time
+    (`alignment.distributed.merged_layers`) and is the 1-process run's merged checkpoint (same files and
+    tensors, the weights within the data-parallel tolerances)."""
+    stages = ("sft", "dpo")
+    runs = {}
+    for nproc, ds in ((1, None), (2, str(ROOT / "configs/deepspeed/zero3.json"))):
+        path = write_pipeline(tmp_path / f"nproc{nproc}", nproc, warm, deepspeed=ds, stages=stages, lora=True)
+        result = launch(path, nproc, env={"DS_ACCELERATOR": "cpu"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[nproc] = tmp_path / f"nproc{nproc}" / "run"
+    for stage in stages:
+        final, reference = runs[2] / stage / "final", runs[1] / stage / "final"
+        assert sorted(p.name for p in final.iterdir()) == sorted(p.name for p in reference.iterdir()), stage
+        w, ref = weights(final), weights(reference)
+        assert w.keys() == ref.keys() and not any("lora" in k for k in w), stage
+        assert_same_weights(final, reference, warm, f"{stage} (LoRA, ZeRO-3)")
+        assert max_gap(w, weights(warm)) > 0, stage  # the adapters' update reached the merged weights
+        assert_same_metrics(json.loads((reference.parent / "metrics.json").read_text()),
+                            json.loads((final.parent / "metrics.json").read_text()), f"{stage} (LoRA, ZeRO-3)")
 
 
 def test_context_parallel_sft_on_two_ranks_ends_where_data_parallel_ends(tmp_path, warm, two_processes):
@@ -262,3 +294,25 @@ def test_context_parallel_sft_on_two_ranks_ends_where_data_parallel_ends(tmp_pat
     for key in ("loss/first", "loss/last", "global_step"):
         assert got["train"][key] == pytest.approx(ref["train"][key], abs=TOL, rel=TOL), key
     assert_same_weights(cp_run / "final", dp_run / "final", warm, "context-parallel SFT")
+
+
+def test_grpo_under_zero3_keeps_parameters_up_to_the_lm_heads_size_whole(tmp_path):
+    from types import SimpleNamespace
+
+    from pipelines.grpo import zero3_with_whole_lm_head
+
+    config = SimpleNamespace(vocab_size=1024, hidden_size=128)
+    zero3 = ROOT / "configs/deepspeed/zero3.json"
+    got = zero3_with_whole_lm_head(str(zero3), config)
+    assert got["zero_optimization"]["stage3_param_persistence_threshold"] == 1024 * 128
+    assert {k: v for k, v in got["zero_optimization"].items() if k != "stage3_param_persistence_threshold"} == {
+        k: v for k, v in json.loads(zero3.read_text())["zero_optimization"].items()
+        if k != "stage3_param_persistence_threshold"}
+    larger = tmp_path / "larger.json"
+    larger.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1e9}}))
+    assert zero3_with_whole_lm_head(str(larger), config)["zero_optimization"][
+        "stage3_param_persistence_threshold"] == 1e9
+    zero2 = tmp_path / "zero2.json"
+    zero2.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    assert zero3_with_whole_lm_head(str(zero2), config) == str(zero2)
+    assert zero3_with_whole_lm_head(None, config) is None
