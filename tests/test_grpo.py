@@ -176,7 +176,7 @@ def test_grpo_trl_settings_give_trl_only_what_it_reads(tmp_path, tokenizer, chec
     cfg = load_config(stage_yaml(tmp_path, checkpoint), GRPOStageConfig,
                       {"loss.epsilon_low": 0.1, "loss.epsilon_high": 0.28, "advantages.scale": "batch",
                        "sampling.temperature": 0.9})
-    args = _trl_args(cfg, tmp_path / "checkpoints", [1.0])
+    args = _trl_args(cfg, tmp_path / "checkpoints", [1.0], load_model(checkpoint).config)
     default = GRPOConfig(output_dir=str(tmp_path / "default"), use_cpu=True)
     assert (args.beta, args.temperature, args.max_completion_length) == (0.04, 0.9, 12)
     assert (args.epsilon, args.epsilon_high, args.scale_rewards, args.loss_type) == (
