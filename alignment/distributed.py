@@ -143,7 +143,7 @@ def layer_groups(named) -> list[list[tuple[str, object]]]:
 
 def merged_layers(model):
     """One dict {transformers name: tensor} of base-model weights per decoder layer (and per other module, see
-    `alignment.distributed.layer_groups`), in model order, active LoRA deltas added out of place (the model's own
+    `layer_groups`), in model order, active LoRA deltas added out of place (the model's own
     weights are not touched). A plain model's tensors are its parameters as they are.
 
     ZeRO-3 partitions are gathered one group at a time and released when the next group is asked for, so a rank

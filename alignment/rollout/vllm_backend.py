@@ -82,7 +82,8 @@ from pathlib import Path
 
 import torch
 
-from alignment.distributed import is_sharded, launched, layer_key, merged_layers, merged_parameters, rank
+from alignment.distributed import (is_sharded, launched, layer_groups, layer_key, merged_layers, merged_parameters,
+                                   rank)
 from alignment.lightning import lightning_slopes
 from alignment.released import DECAY_BUFFERS, head_dim, rotary_dim
 from alignment.rollout.base import (ENGINE_PATCHES, RolloutBatch, SamplingOptions, encode_prompts, eos_ids,
@@ -163,12 +164,7 @@ def stacked(tensors: dict[str, torch.Tensor], names: tuple[str, ...]) -> torch.T
 def _trainer_groups(trainer):
     """The trainer's tensors as the groups of `merged_layers`: streamed groups as they come, one whole dict split
     by `layer_key`."""
-    if not isinstance(trainer, dict):
-        return trainer
-    groups: dict[str, dict] = {}
-    for name, tensor in trainer.items():
-        groups.setdefault(layer_key(name), {})[name] = tensor
-    return list(groups.values())
+    return [dict(group) for group in layer_groups(trainer.items())] if isinstance(trainer, dict) else trainer
 
 
 def _by_layer(names) -> dict[str, list[str]]:
@@ -178,25 +174,30 @@ def _by_layer(names) -> dict[str, list[str]]:
     return buckets
 
 
+def _layer_matches(pending: dict[str, list[str]], trainer):
+    """(trainer group, vLLM name) for each name in `pending` (`_by_layer` buckets) whose layer a group of `trainer`
+    brings, in the stream's order; matched buckets are popped, so what is left afterwards no group brought."""
+    for group in _trainer_groups(trainer):
+        if group:
+            for name in pending.pop(layer_key(next(iter(group))), ()):
+                yield group, name
+
+
 def direct_sync_plan(vllm_params: dict[str, torch.Tensor], trainer):
     """[(vLLM name, trainer names)] for the direct sync, and the vLLM parameters it cannot cover. `trainer`: the
     trainer's tensors, one dict or the groups of `merged_layers` (a ZeRO-3 model: streamed, a decoder layer at a
     time; a vLLM parameter's sources always lie in one layer). A parameter is covered only if its sources, in its
     dtype, equal it now (call right after vLLM loaded the trainer's weights): that proves the rule and the layout.
     vLLM may pad a vocabulary dimension; the sources then fill the leading rows, as its loader does."""
-    pending = _by_layer(vllm_params)
     plan = []
     with torch.no_grad():
-        for group in _trainer_groups(trainer):
-            if not group:
-                continue
-            for name in pending.pop(layer_key(next(iter(group))), ()):
-                param = vllm_params[name]
-                sources = vllm_parameter_sources(name, group)
-                value = None if sources is None else stacked(group, sources)
-                fits = value is not None and value.shape[1:] == param.shape[1:] and value.shape[0] <= param.shape[0]
-                if fits and torch.equal(param[: value.shape[0]], value.to(param.device, param.dtype)):
-                    plan.append((name, sources))
+        for group, name in _layer_matches(_by_layer(vllm_params), trainer):
+            param = vllm_params[name]
+            sources = vllm_parameter_sources(name, group)
+            value = None if sources is None else stacked(group, sources)
+            fits = value is not None and value.shape[1:] == param.shape[1:] and value.shape[0] <= param.shape[0]
+            if fits and torch.equal(param[: value.shape[0]], value.to(param.device, param.dtype)):
+                plan.append((name, sources))
     covered = {name for name, _ in plan}
     return plan, [name for name in vllm_params if name not in covered]
 
@@ -209,18 +210,15 @@ def copy_direct(vllm_params: dict[str, torch.Tensor], plan, trainer) -> int:
     sources_of = dict(plan)
     written = 0
     with torch.no_grad():
-        for group in _trainer_groups(trainer):
-            if not group:
-                continue
-            for name in pending.pop(layer_key(next(iter(group))), ()):
-                sources = sources_of[name]
-                try:
-                    value = stacked(group, sources)
-                    vllm_params[name][: value.shape[0]].copy_(value)
-                except Exception as err:
-                    raise WeightSyncError(f"weight sync into vLLM failed at '{name}' (from {', '.join(sources)}): "
-                                          f"{type(err).__name__}: {err}") from err
-                written += 1
+        for group, name in _layer_matches(pending, trainer):
+            sources = sources_of[name]
+            try:
+                value = stacked(group, sources)
+                vllm_params[name][: value.shape[0]].copy_(value)
+            except Exception as err:
+                raise WeightSyncError(f"weight sync into vLLM failed at '{name}' (from {', '.join(sources)}): "
+                                      f"{type(err).__name__}: {err}") from err
+            written += 1
     if pending:
         missing = [n for names in pending.values() for n in names]
         raise WeightSyncError(f"weight sync left {len(missing)} vLLM parameters unwritten, e.g. {missing[:4]} (the "
