@@ -5,7 +5,7 @@
 #   make pipeline  the pipeline alone (PIPELINE_CONFIG=...); make sft / long-sft / dpo / long-dpo / grpo / rm / eval-rm
 #                  run one stage (SFT_CONFIG=... etc.): each is `python -m pipelines STAGE --config FILE`;
 #                  NPROC=N (default 1) launches it on N processes with torchrun, each stage with its YAML's DeepSpeed file
-#   make base      rebuild the tiny base checkpoint (GPU recommended, ~12 min on one H200; docs/tiny_base.md)
+#   make base      rebuild SIZE's base checkpoint (tiny, 7m; GPU recommended, ~12 / ~8 min on one H200; docs/bases.md)
 #   make bench     GPU machine only: fast path vs stock transformers (bench/README.md); BENCH_PY=python3 there
 #   make bench-rollout  GPU machine only (+ vLLM): rollout speed, weight sync and train/rollout mismatch, vLLM vs HF
 #   make bench-released GPU machine only (+ vLLM): the trainer vs vLLM's MiniMaxText01 on released-layout files
@@ -110,14 +110,18 @@ test: setup
 
 # GPU machine only: a python with CUDA torch and the `gpu` extra (no .venv needed there).
 BENCH_PY ?= $(PY)
-# GPU recommended (~12 min on one H200; not timed on CPU, expect hours): rebuild the tiny base checkpoint
-# (pipelines/pretrain.py, docs/tiny_base.md) in two phases: lookup text until the recall circuit forms, then lookups
-# mixed with worked arithmetic. BASE_PY=python3 on a GPU machine without .venv.
+# GPU recommended: rebuild SIZE's base checkpoint (pipelines/pretrain.py, docs/bases.md) in two phases: lookup text
+# until the recall circuit forms, then lookups mixed with worked arithmetic. tiny: ~12 min on one H200 (not timed on
+# CPU, expect hours); 7m: ~8 min. BASE_PY=python3 on a GPU machine without .venv.
 BASE_PY ?= $(PY)
+BASE_ARGS_tiny := --steps 5000 --batch 128 --lr 2e-3
+BASE_ARGS2_tiny := --steps 3000 --batch 160 --arithmetic-share 0.2 --lr 1e-3
+BASE_ARGS_7m := --steps 3000 --batch 128 --lr 2e-3
+BASE_ARGS2_7m := --steps 1500 --batch 160 --arithmetic-share 0.2 --lr 1e-3 --save-dtype bfloat16
 base: $(if $(filter $(PY),$(BASE_PY)),setup)
-	$(BASE_PY) -m pipelines.pretrain --out runs/tiny/base_lookup --steps 5000 --batch 128 --lr 2e-3
-	$(BASE_PY) -m pipelines.pretrain --model runs/tiny/base_lookup --out configs/tiny/base --steps 3000 \
-		--batch 160 --arithmetic-share 0.2 --lr 1e-3
+	$(if $(BASE_ARGS_$(SIZE)),,$(error make base: no base recipe for SIZE=$(SIZE) (tiny, 7m)))
+	$(BASE_PY) -m pipelines.pretrain --model configs/$(SIZE)/model.yaml --out runs/$(SIZE)/base_lookup $(BASE_ARGS_$(SIZE))
+	$(BASE_PY) -m pipelines.pretrain --model runs/$(SIZE)/base_lookup --out configs/$(SIZE)/base $(BASE_ARGS2_$(SIZE))
 
 bench:
 	$(BENCH_PY) -m bench.bench_train --out bench/results

@@ -119,6 +119,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--bf16", action="store_true",
                     help="bf16 autocast around the forward (fp32 weights and optimizer): for models of 100M+ on a GPU")
+    ap.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="dtype of the written weights (training is fp32 either way); bfloat16 halves a committed base")
     args = ap.parse_args(argv)
 
     from tqdm import tqdm
@@ -165,7 +167,7 @@ def main(argv=None):
             history.append(entry)
             bar.set_postfix(loss=entry["loss"])
 
-    model.to("cpu")
+    model.to("cpu", dtype=getattr(torch, args.save_dtype))
     metrics = {"before": history[0], "after": history[-1], "args": vars(args), "seconds": round(time.time() - start)}
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

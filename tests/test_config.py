@@ -23,7 +23,7 @@ def stage_yamls():
 
 
 def test_each_size_has_its_model_and_pipeline():
-    assert [p.name for p in SIZES] == ["548m", "minimax_text_01", "tiny"]
+    assert [p.name for p in SIZES] == ["548m", "7m", "minimax_text_01", "tiny"]
     for size in SIZES:
         assert (size / "pipeline.yaml").is_file()
         assert (size / "model.yaml").is_file() or size.name == "minimax_text_01"  # the released checkpoint's own
@@ -148,3 +148,25 @@ def test_context_parallel_only_where_a_stage_has_it(stage, overrides, pattern):
     cfg = load_config(path, module.Config, overrides)
     with pytest.raises(ConfigError, match=pattern):
         module.check(cfg, str(path), produced={Path(cfg.model.path)})
+
+
+@pytest.mark.parametrize("size", ["tiny", "7m"])
+def test_committed_base_is_its_sizes_model(size):
+    """configs/<size>/base (`make base SIZE=<size>`) has the architecture of configs/<size>/model.yaml, loads through
+    the one loader as float32 master weights (the 7m base is stored in bf16), and its recorded pretraining learned
+    held-out arithmetic."""
+    import json
+
+    import torch
+
+    from alignment.modeling import ModelOptions, load_model, load_tokenizer
+
+    base = CONFIGS / size / "base"
+    fresh = model_config_from_yaml(CONFIGS / size / "model.yaml")
+    model = load_model(ModelOptions(path=str(base), dtype="float32"), tokenizer=load_tokenizer(str(base)))
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "layer_types", "head_dim",
+                "num_attention_heads", "num_key_value_heads", "num_local_experts", "num_experts_per_tok"):
+        assert getattr(model.config, key) == getattr(fresh, key), key
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    after = json.loads((base / "pretrain_metrics.json").read_text())["after"]
+    assert after["arithmetic@20"] > 0.8, after
