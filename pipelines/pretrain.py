@@ -1,13 +1,13 @@
-"""Pretrain the tiny default's base checkpoint: causal-LM training on raw lookup text and worked arithmetic.
+"""Pretrain a base checkpoint (tiny, 7m): causal-LM training on raw lookup text and worked arithmetic.
 
-    make base     (two runs of this script; GPU recommended: ~12 min on one H200; docs/tiny_base.md)
+    make base [SIZE=7m]   (two runs of this script; GPU recommended: ~12 / ~9 min on one H200; docs/bases.md)
 
 Why this exists: the MiniMax-01 recipe post-trains a pretrained base [01 §5], and pretraining is where a model
 learns to copy from its context (the lookup skill that long-context SFT then stretches to longer inputs) and the
 arithmetic that SFT only puts into a chat format. The 2M-parameter tiny model, from random weights, does not form
-the lookup skill within a CPU budget (docs/tiny_base.md). So the tiny default starts from a base that this
+the lookup skill within a CPU budget (docs/bases.md). So the tiny default starts from a base that this
 script pretrained once on a GPU; the result is committed at `configs/tiny/base/` with its tokenizer and
-`pretrain_metrics.json`.
+`pretrain_metrics.json`; the one-GPU pipeline's 7M model likewise at `configs/7m/base/`.
 
 What the base sees: short haystacks (`--pairs`, default 2-8 pairs, at most ~100 tokens), each followed by
 `--questions` lookups in the task suite's words, and (`--arithmetic-share`) documents of worked problems
