@@ -137,3 +137,74 @@ class SafeCheckpoints:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         saved = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
         model.load_state_dict(make_packing_safe(saved).state_dict(), strict=True)  # same saved tensors both sides
+
+
+# -- a checkpoint written from a stream (ZeRO-3: never the whole model in one host's memory) -----------------------
+
+
+def persistent_buffers(model):
+    """(name, buffer) of `model`'s buffers that `save_pretrained` writes (the persistent ones: MiniMax's lightning
+    decay buffers). Buffers are never ZeRO-3 partitions: every rank holds them whole."""
+    for prefix, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                yield f"{prefix}.{name}" if prefix else name, buffer
+
+
+def save_streamed(tensors, model, out_dir: str | Path | None, max_shard_bytes: int = 5 * 2**30) -> None:
+    """A checkpoint written from a stream of (name, tensor) in the checkpoint layout (for a ZeRO-3 model,
+    `vllm_checkpoint_tensors` gathers them a decoder layer at a time), holding at most one shard of copies in host
+    memory: `model.safetensors` when one shard of `max_shard_bytes` holds everything (the file `save_pretrained`
+    writes), else `model-0000i-of-0000N.safetensors` with `model.safetensors.index.json` (transformers' sharded
+    layout), then `model`'s config.json (its dtype: the weights') and generation_config.json. Every rank must consume
+    the stream to its end (each gather in it is a collective); a rank with `out_dir=None` writes nothing."""
+    import copy
+    import json
+    from collections import Counter
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir) if out_dir is not None else None
+    shards: list[tuple[Path, list[str]]] = []
+    current: dict = {}
+    size = total = 0
+    dtypes: Counter = Counter()
+
+    def flush():
+        nonlocal current, size
+        if current:
+            path = out / f".shard-{len(shards):05d}.safetensors"
+            save_file(current, str(path), metadata={"format": "pt"})
+            shards.append((path, list(current)))
+        current, size = {}, 0
+
+    for name, tensor in tensors:
+        if out is None:
+            continue
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            flush()
+        current[name] = tensor.detach().to("cpu", copy=True).contiguous()  # the stream's tensor lasts its group
+        size, total = size + nbytes, total + nbytes
+        if tensor.is_floating_point():
+            dtypes[tensor.dtype] += tensor.numel()
+    if out is None:
+        return
+    flush()
+    if len(shards) == 1:
+        shards[0][0].rename(out / "model.safetensors")
+    else:
+        weight_map = {}
+        for i, (path, names) in enumerate(shards, 1):
+            final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            path.rename(out / final)
+            weight_map.update(dict.fromkeys(names, final))
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    if dtypes:
+        config.dtype = dtypes.most_common(1)[0][0]
+    config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(out)

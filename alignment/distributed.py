@@ -76,6 +76,22 @@ def is_sharded(model) -> bool:
     return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
+def prepare_zero_init(args) -> None:
+    """Before a model loads under zero.Init (`training.zero_init`, with `args` the stage's TrainingArguments, whose
+    DeepSpeed ZeRO-3 config is then the active one): the process group set up as the Trainer would set it up later,
+    and DeepSpeed's communication on it; zero.Init reads the world size it partitions over from there (without it:
+    world size 1 and a batch-size mismatch with the config)."""
+    import deepspeed
+
+    _ = args.device  # transformers' device set-up initialises the process group (accelerate)
+    deepspeed.init_distributed()
+
+
+def local_numel(model) -> int:
+    """Parameters this rank holds: its ZeRO-3 partitions' sizes, and every whole parameter."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+
+
 def computed_once(model, fn):
     """`fn()` (work on a trained `model`: an evaluation, a fitted threshold) with one result on every rank. For a
     whole model the main process computes it alone and broadcasts it (the other ranks hold the same weights); a

@@ -83,6 +83,19 @@ class DataOptions(DataSource):
             raise ValueError(f"data.max_length must be >= 8, got {self.max_length}")
 
 
+def _zero_stage(path: str | None) -> int | None:
+    """The ZeRO stage of a DeepSpeed JSON (None without one, 0 when it names none)."""
+    import json
+
+    if path is None:
+        return None
+    try:
+        return int(json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0))
+    except (json.JSONDecodeError, ValueError, TypeError) as err:
+        raise ValueError(f"training.deepspeed: {path}: not a DeepSpeed JSON with a numeric zero_optimization.stage "
+                         f"({err})") from None
+
+
 @dataclass
 class TrainOptions:
     epochs: float = 1.0
@@ -111,6 +124,11 @@ class TrainOptions:
     # the launch (the world size a multiple of it), for rows one GPU cannot hold (stage II: 1M tokens). 1 = off.
     # SFT and long SFT; the other stages refuse it.
     context_parallel: int = 1
+    # Load the model partitioned (DeepSpeed zero.Init under the ZeRO-3 `deepspeed` file): each rank reads and keeps
+    # only its 1/N slice of every weight from the start, so no host holds the whole model (a released 456B
+    # checkpoint: ~0.9 TB in bf16). SFT and long SFT from a checkpoint directory, without LoRA; off: every rank loads
+    # the whole model and its trainer partitions it.
+    zero_init: bool = False
 
     def __post_init__(self):
         if self.learning_rate <= 0:
@@ -122,6 +140,10 @@ class TrainOptions:
                 raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
         if self.deepspeed is not None and not Path(self.deepspeed).is_file():
             raise ValueError(f"training.deepspeed: file '{self.deepspeed}' not found")
+        if self.zero_init and _zero_stage(self.deepspeed) != 3:
+            raise ValueError("training.zero_init loads the model partitioned by DeepSpeed ZeRO-3: set "
+                             "training.deepspeed to a stage-3 JSON (e.g. configs/deepspeed/zero3.json)"
+                             + (f"; '{self.deepspeed}' is stage {_zero_stage(self.deepspeed)}" if self.deepspeed else ""))
         if self.deepspeed is not None and self.context_parallel > 1:
             raise ValueError("training.context_parallel > 1 runs under DDP; with training.deepspeed it has not been "
                              "built or tested yet")

@@ -15,8 +15,8 @@ A stage reads top to bottom: `finished` -> build its data (errors name file and 
 
 Under a launcher (`torchrun --nproc-per-node N -m pipelines STAGE ...`, what `make STAGE NPROC=N` runs) every rank runs
 the same stage code; the main process is the one writer of every file here (`alignment.distributed`), evaluations
-run once and are broadcast (`cached_eval_before`; after training `alignment.distributed.computed_once`), and `finish` gathers ZeRO-3 partitions into one
-complete checkpoint: the same files a one-process run writes.
+run once and are broadcast (`alignment.distributed.computed_once`, before and after training), and `finish` streams
+ZeRO-3 partitions into one complete checkpoint: the same files a one-process run writes.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from alignment.config import ConfigError, load_config, to_dict
-from alignment.distributed import barrier, is_main, main_computes, merged_layers
+from alignment.distributed import barrier, computed_once, is_main
 from alignment.reporting import write_json_atomic
 from alignment.schema import TokenizerOptions
 
@@ -93,12 +93,20 @@ def check_files(paths, source: str, key: str) -> None:
 
 
 def check_model(cfg, source: str, produced: set, *, checkpoint: bool, what: str = "this stage",
-                max_length: int | None = None, context_parallel: bool = False) -> None:
+                max_length: int | None = None, context_parallel: bool = False, zero_init: bool = False) -> None:
     """`model.path` exists now or is produced by an earlier pipeline stage; `checkpoint=True` (DPO, GRPO: they
     start from a trained model) refuses a model YAML, which would start from random weights; `max_length` (the
     stage's `data.max_length`) must fit the model's positions; `training.context_parallel` > 1 only where the
-    stage has it (`context_parallel=True`: SFT)."""
+    stage has it (`context_parallel=True`: SFT); `training.zero_init` likewise (`zero_init=True`: SFT), from a
+    checkpoint directory and without LoRA."""
     split = getattr(getattr(cfg, "training", None), "context_parallel", 1)
+    if getattr(getattr(cfg, "training", None), "zero_init", False):
+        if not zero_init:
+            raise ConfigError(f"{source}: 'training.zero_init': {what} does not load partitioned yet (SFT and long "
+                              "SFT do); set it to false")
+        if Path(cfg.model.path).suffix in (".yaml", ".yml") or cfg.model.lora is not None:
+            raise ConfigError(f"{source}: 'training.zero_init' loads a checkpoint directory partitioned, without "
+                              "LoRA (model.path is a model YAML or model.lora is set: not built)")
     if split > 1 and not context_parallel:
         raise ConfigError(f"{source}: 'training.context_parallel: {split}': {what} has no context parallelism yet "
                           "(SFT and long SFT have it); set it to 1")
@@ -300,20 +308,22 @@ def check_eval_files(cfg, source: str) -> None:
         load_eval_files(files, source, "eval.files")
 
 
-def cached_eval_before(out: Path, evaluate_fn) -> dict:
+def cached_eval_before(out: Path, model, evaluate_fn) -> dict:
     """The stage's held-out metrics before training, computed once and kept in `<out>/eval_before.json` across
-    resumes (the 'before' model is the stage's input, not a half-trained checkpoint). Under a launcher the main
-    process computes and writes them (the model is not sharded before its trainer is built), every rank gets them."""
+    resumes (the 'before' model is the stage's input, not a half-trained checkpoint). Under a launcher every rank gets
+    them: the main process computes them on a whole `model`; on one loaded partitioned (`training.zero_init`) every
+    rank takes part and the main process's result is kept (`alignment.distributed.computed_once`); it alone writes."""
     path = Path(out) / "eval_before.json"
     if path.is_file():
         return json.loads(path.read_text())
 
     def compute():
         before = evaluate_fn()
-        write_json_atomic(path, before)
+        if is_main():
+            write_json_atomic(path, before)
         return before
 
-    return main_computes(compute)
+    return computed_once(model, compute)
 
 
 def short(metrics: dict) -> str:
@@ -322,6 +332,22 @@ def short(metrics: dict) -> str:
 
 
 # -- training and the end of a stage -------------------------------------------------------------------------------
+
+
+def when_training_begins(trainer, fn) -> dict:
+    """A dict that `fn()`'s result fills when `trainer` begins training: after DeepSpeed has built its engine and
+    hooked the gathers of a model loaded partitioned (`training.zero_init`; before that its forward has no whole
+    weights to run on), before the first step. Every rank runs it."""
+    from transformers import TrainerCallback
+
+    box: dict = {}
+
+    class _AtTrainBegin(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            box.update(fn())
+
+    trainer.add_callback(_AtTrainBegin())
+    return box
 
 
 def train_resuming(trainer, cfg):
@@ -357,11 +383,13 @@ def finish(cfg, trainer, result, last, tokenizer, before: dict, after: dict, *, 
     written atomically (LoRA merged; `extra_files` = {name: json data} beside it; `metrics.json` last, its presence
     marks a finished stage), metrics.json, log_history.json, curves.png and summary.md in the output dir.
 
-    Under a launcher every rank calls it: ZeRO-3 partitions are gathered into one full state dict (a collective:
-    DeepSpeed's `stage3_gather_16bit_weights_on_model_save`, which `configs/deepspeed/*.json` turn on; a LoRA policy
-    through `merged_layers`, merged a decoder layer at a time), the main process alone writes every file, and every
-    rank returns once they are written."""
-    from alignment.checkpointing import kill_if_requested
+    Under a launcher every rank calls it: a DeepSpeed (ZeRO-3) model's `final/` is streamed a decoder layer at a
+    time (`alignment.checkpointing.save_streamed`: every rank gathers, LoRA merged out of place), the main process
+    alone writes every file, and every rank returns once they are written."""
+    from itertools import chain
+
+    from alignment.checkpointing import kill_if_requested, persistent_buffers, save_streamed
+    from alignment.rollout.vllm_backend import vllm_checkpoint_tensors
     from alignment.reporting import (atomic_directory, plot_curves, summary_markdown, write_log_history,
                                      write_text_atomic)
 
@@ -374,25 +402,25 @@ def finish(cfg, trainer, result, last, tokenizer, before: dict, after: dict, *, 
     final = out / "final"
     model = trainer.model
     lora = hasattr(model, "merge_and_unload")
-    if trainer.is_deepspeed_enabled and lora:
-        # LoRA on a DeepSpeed (ZeRO-3: partitioned) base, which cannot be merged in place: the merged weights
-        # streamed a decoder layer at a time (every rank gathers; the main process keeps a CPU copy)
-        state_dict, to_save = {}, model.get_base_model()
-        for group in merged_layers(model):
-            if is_main():
-                state_dict.update({name: t.detach().to("cpu", copy=True) for name, t in group.items()})
-    elif trainer.is_deepspeed_enabled:
-        # the accelerator's gather of a DeepSpeed engine (full tensors on the main process)
-        state_dict, to_save = trainer.accelerator.get_state_dict(trainer.model_wrapped), model
-    else:
-        state_dict, to_save = None, model
+    # Under DeepSpeed (ZeRO-3: partitioned) the checkpoint is streamed a decoder layer at a time, LoRA merged out of
+    # place: every rank gathers each layer, the main process writes shard by shard, so no host ever holds the whole
+    # model (0.9 TB at 456B); what it writes equals save_pretrained's files (tests/test_weight_stream.py).
+    streamed = trainer.is_deepspeed_enabled
+    to_save = model.get_base_model() if streamed and lora else model
+
+    def stream():
+        return chain(vllm_checkpoint_tensors(model), persistent_buffers(to_save))
+
     if not is_main():
+        if streamed:
+            save_streamed(stream(), to_save, None)
         barrier()
         return metrics
     with atomic_directory(final) as tmp:
-        if lora and state_dict is None:
-            to_save = model.merge_and_unload()
-        to_save.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        if streamed:
+            save_streamed(stream(), to_save, tmp)
+        else:
+            (model.merge_and_unload() if lora else model).save_pretrained(tmp, safe_serialization=True)
         kill_if_requested("saving")  # crash tests: half of final/ written
         tokenizer.save_pretrained(tmp)
         for name, data in (extra_files or {}).items():

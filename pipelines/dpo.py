@@ -207,7 +207,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     model = load_model(cfg.model, seed=cfg.seed, tokenizer=tokenizer)
 
     out = claim(cfg, overwrite)
-    before = cached_eval_before(out, lambda: evaluate_sets(model, tokenizer, heldout, cfg.eval))
+    before = cached_eval_before(out, model, lambda: evaluate_sets(model, tokenizer, heldout, cfg.eval))
     print(f"[{cfg.title}] before: {short(before)}")
 
     # pairs sampled by the starting policy [01 §5.4.1]; reused on resume (and deterministic under the seed anyway)

@@ -174,7 +174,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     worker = build_rollout(cfg.rollout.backend, model, tokenizer, **cfg.rollout.worker_kwargs(cfg.seed))
 
     out = claim(cfg, overwrite)
-    before = cached_eval_before(out, lambda: evaluate_sets(model, tokenizer, heldout, cfg.eval))
+    before = cached_eval_before(out, model, lambda: evaluate_sets(model, tokenizer, heldout, cfg.eval))
     print(f"[{cfg.title}] before: {short(before)}")
 
     # offline success-rate filter with the starting policy; reused on resume. Under a launcher the main process

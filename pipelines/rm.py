@@ -109,8 +109,8 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
           f"dropped), {len(heldout_rows)} held-out pairs")
 
     out = claim(cfg, overwrite)
-    before = cached_eval_before(out, lambda: heldout_accuracy(model, heldout_rows, tokenizer.pad_token_id,
-                                                              cfg.eval.batch_size))
+    before = cached_eval_before(out, model, lambda: heldout_accuracy(model, heldout_rows, tokenizer.pad_token_id,
+                                                                     cfg.eval.batch_size))
     print(f"[{cfg.title}] before: {short(before)}")
     columns = ["chosen_ids", "rejected_ids"]
     trainer = _reward_trainer_class()(

@@ -16,6 +16,7 @@ cross-rank refill is part of what must match.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -275,6 +276,29 @@ def test_lora_under_zero3_on_two_ranks_writes_the_one_process_merged_checkpoint(
         assert max_gap(w, weights(warm)) > 0, stage  # the adapters' update reached the merged weights
         assert_same_metrics(json.loads((reference.parent / "metrics.json").read_text()),
                             json.loads((final.parent / "metrics.json").read_text()), f"{stage} (LoRA, ZeRO-3)")
+
+
+@pytest.mark.skipif(not _deepspeed_runs_here(),
+                    reason="DeepSpeed not installed (pip install -e '.[deepspeed]'; ~1 min on CPU when it is)")
+def test_sft_loaded_partitioned_on_two_ranks_ends_where_one_process_ends(tmp_path, warm, one_process):
+    """`training.zero_init: true`: the SFT stage loads its checkpoint under zero.Init on 2 ZeRO-3 ranks (each rank
+    holds about half of the weights from the load on; the before-evaluation runs on the partitioned model with every
+    rank taking part), and its metrics and `final/` are the 1-process run's."""
+    path = write_pipeline(tmp_path, 2, warm, deepspeed=str(ROOT / "configs/deepspeed/zero3.json"), stages=("sft",))
+    sft = tmp_path / "sft.yaml"
+    sft.write_text(sft.read_text().replace("adam_epsilon: 1.0e-8,", "adam_epsilon: 1.0e-8, zero_init: true,"))
+    result = launch(path, 2, env={"DS_ACCELERATOR": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    held = re.findall(r"loaded partitioned \(zero\.Init\): this rank holds ([\d,]+) of ([\d,]+) parameters",
+                      result.stdout)
+    assert len(held) == 2, result.stdout[-2000:]
+    for local, total in held:  # half of every partitioned weight; the small ones (norms) stay whole per rank
+        assert int(local.replace(",", "")) < 0.6 * int(total.replace(",", ""))
+    final, reference = tmp_path / "run" / "sft" / "final", one_process / "sft" / "final"
+    assert sorted(p.name for p in final.iterdir()) == sorted(p.name for p in reference.iterdir())
+    assert_same_weights(final, reference, warm, "SFT (zero.Init)")
+    assert_same_metrics(json.loads((reference.parent / "metrics.json").read_text()),
+                        json.loads((final.parent / "metrics.json").read_text()), "SFT (zero.Init)")
 
 
 def test_context_parallel_sft_on_two_ranks_ends_where_data_parallel_ends(tmp_path, warm, two_processes):

@@ -13,6 +13,7 @@ from vLLM 0.22.1's loader) is proved by its plan, then writes the next step's we
 GPU: the engine side of this sync has not run here.
 """
 
+import copy
 import json
 import os
 import subprocess
@@ -77,6 +78,43 @@ def test_direct_sync_over_streamed_groups_equals_the_whole_dict(lora):
     with pytest.raises(WeightSyncError, match="unwritten.*model.layers.3"):
         copy_direct(engine, streamed[0], (g for g in merged_layers(model) if "model.layers.3.input_layernorm.weight"
                                           not in g))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
+def test_streamed_checkpoint_is_what_save_pretrained_writes(tmp_path, lora):
+    """`save_streamed` (a ZeRO-3 stage's `final/`, written from the layer stream): one shard = save_pretrained's files
+    (the merged model's, for LoRA) with the same tensors and config; shards of at most `max_shard_bytes` = the
+    sharded layout, which plain `from_pretrained` loads to the same weights."""
+    from itertools import chain
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from alignment.checkpointing import persistent_buffers, save_streamed
+    from alignment.rollout.vllm_backend import vllm_checkpoint_tensors
+
+    model = tiny(lora)
+    if lora:
+        perturb(model)  # adapters with non-zero deltas
+    base = model.get_base_model() if lora else model
+    ref = tmp_path / "ref"
+    (copy.deepcopy(model).merge_and_unload() if lora else model).save_pretrained(ref, safe_serialization=True)
+    for name, limit in (("one", 2**40), ("sharded", 2**21)):
+        (tmp_path / name).mkdir()
+        save_streamed(chain(vllm_checkpoint_tensors(model), persistent_buffers(base)), base, tmp_path / name,
+                      max_shard_bytes=limit)
+    one = tmp_path / "one"
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in ref.iterdir())
+    for file in ("config.json", "generation_config.json"):
+        assert json.loads((one / file).read_text()) == json.loads((ref / file).read_text()), file
+    got, want = load_file(one / "model.safetensors"), load_file(ref / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) > 2 and all((tmp_path / "sharded" / f).stat().st_size <= 2**21 + 2**16 for f in files)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded").state_dict()
+    reference = AutoModelForCausalLM.from_pretrained(ref).state_dict()
+    assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], reference[k]) for k in reference)
 
 
 # -- two ranks, DeepSpeed ZeRO-3 -----------------------------------------------------------------------------------
