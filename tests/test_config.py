@@ -121,6 +121,8 @@ def test_good_config_and_yaml_float_strings(tmp_path):
         (GOOD.replace("{builtin: {arithmetic: {n: 10}}}", "{max_length: 64}"),
          r"stage\.yaml: data: give at least one of 'builtin' or 'files'"),
         ("model: [1, 2\n", r"stage\.yaml: invalid YAML"),
+        (GOOD.replace("{learning_rate: 1e-3}", "{learning_rate: 1e-3, zero_init: true}"),
+         r"training\.zero_init loads the model partitioned by DeepSpeed ZeRO-3: set training\.deepspeed"),
     ],
 )
 def test_bad_configs_name_file_and_key(tmp_path, text, pattern):
@@ -139,10 +141,15 @@ def test_missing_config_file(tmp_path):
         ("long-sft", {"training.context_parallel": 2, "data.packing": False}, r"splits packed rows: set data\.packing"),
         ("dpo", {"training.context_parallel": 2}, r"'training\.context_parallel: 2': .* has no context parallelism"),
         ("grpo", {"training.context_parallel": 4}, r"'training\.context_parallel: 4': .* has no context parallelism"),
+        ("dpo", {"training.deepspeed": "configs/deepspeed/zero3.json", "training.zero_init": True},
+         r"'training\.zero_init': .* does not load partitioned yet \(SFT and long SFT do\)"),
+        ("sft", {"training.deepspeed": "configs/deepspeed/zero3.json", "training.zero_init": True,
+                 "model.path": "configs/tiny/model.yaml"}, r"'training\.zero_init' loads a checkpoint directory"),
     ],
 )
 def test_context_parallel_only_where_a_stage_has_it(stage, overrides, pattern):
-    """Long SFT splits packed rows only; stages without context parallelism refuse it before any work."""
+    """Long SFT splits packed rows only; stages without context parallelism refuse it before any work; likewise
+    loading partitioned (zero_init: SFT and long SFT, from a checkpoint directory, without LoRA)."""
     module = stage_module(stage)
     path = CONFIGS / "tiny" / f"{stage.replace('-', '_')}.yaml"
     cfg = load_config(path, module.Config, overrides)
