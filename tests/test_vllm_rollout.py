@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -389,6 +390,26 @@ def test_vllm_logprobs_follow_the_trainer_through_a_step_and_sync(gpu_checkpoint
         worker.close()
 
 
+def grpo_on_vllm_config(tmp_path, checkpoint, *, gpu_memory_utilization: float = 0.25,
+                        learning_rate: str = "1.0e-3", training: str = "") -> Path:
+    """A 4-step GRPO stage YAML on vLLM rollouts from `checkpoint` (operand-<=3 arithmetic), writing to
+    `tmp_path/run`; `training` adds keys to its training section (e.g. a DeepSpeed file)."""
+    config = tmp_path / "grpo.yaml"
+    config.write_text(f"""
+output_dir: {tmp_path / "run"}
+model: {{path: {checkpoint}}}
+prompts: {{builtin: {{arithmetic: {{n: 200, max_operand: 3}}}}, k: 8}}
+sampling: {{max_new_tokens: 12, repetition_stop_k: 10}}
+rollout: {{backend: vllm, batch_size: 128, gpu_memory_utilization: {gpu_memory_utilization}, max_model_len: 512}}
+num_generations: 4
+rollout_correction: {{importance_sampling: true}}
+loss: {{beta: 0.0}}
+training: {{max_steps: 4, learning_rate: {learning_rate}, batch_size: 16, logging_steps: 1, save_steps: 100{training}}}
+eval: {{sets: {{arithmetic: {{n: 20, max_operand: 3}}}}, max_new_tokens: 12}}
+""")
+    return config
+
+
 @vllm_gpu
 def test_grpo_stage_runs_on_vllm_rollouts(tmp_path, gpu_checkpoint):
     """`pipelines.grpo` with `rollout.backend: vllm` on the GPU, in a fresh process: prompt pool, 4 optimizer steps
@@ -396,19 +417,7 @@ def test_grpo_stage_runs_on_vllm_rollouts(tmp_path, gpu_checkpoint):
     plumbing, not learning: at this lr (1e-3) the batch reward falls over the 4 steps on both backends (vLLM 0.85 ->
     0.23 on the GPU; the same model and config on the transformers backend on CPU 0.84 -> 0.41, and 0.84 -> 0.92 at
     lr 1e-4)."""
-    config = tmp_path / "grpo.yaml"
-    config.write_text(f"""
-output_dir: {tmp_path / "run"}
-model: {{path: {gpu_checkpoint}}}
-prompts: {{builtin: {{arithmetic: {{n: 200, max_operand: 3}}}}, k: 8}}
-sampling: {{max_new_tokens: 12, repetition_stop_k: 10}}
-rollout: {{backend: vllm, batch_size: 128, gpu_memory_utilization: 0.25, max_model_len: 512}}
-num_generations: 4
-rollout_correction: {{importance_sampling: true}}
-loss: {{beta: 0.0}}
-training: {{max_steps: 4, learning_rate: 1.0e-3, batch_size: 16, logging_steps: 1, save_steps: 100}}
-eval: {{sets: {{arithmetic: {{n: 20, max_operand: 3}}}}, max_new_tokens: 12}}
-""")
+    config = grpo_on_vllm_config(tmp_path, gpu_checkpoint)
     proc = subprocess.run([sys.executable, "-m", "pipelines.grpo", "--config", str(config)], capture_output=True,
                           text=True, timeout=300, env={**os.environ, "ALIGNMENT_LIMIT_AUTOTUNE": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_vllm_rollout import gpu_checkpoint, tokenizer  # noqa: F401  (fixtures: a GPU-taught chat checkpoint)
+# gpu_checkpoint, tokenizer: fixtures (a GPU-taught chat checkpoint)
+from test_vllm_rollout import gpu_checkpoint, grpo_on_vllm_config, tokenizer  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "configs/7m/base"  # the committed 7M base: head_dim 64, as vLLM's MiniMax kernels want
@@ -148,20 +149,8 @@ def test_grpo_stage_under_zero3_on_vllm_rollouts(tmp_path, gpu_checkpoint):
     device call killed it, and its output went with it (hence the timeout that fails with the output)."""
     from safetensors.torch import load_file
 
-    config = tmp_path / "grpo.yaml"
-    config.write_text(f"""
-output_dir: {tmp_path / "run"}
-model: {{path: {gpu_checkpoint}}}
-prompts: {{builtin: {{arithmetic: {{n: 200, max_operand: 3}}}}, k: 8}}
-sampling: {{max_new_tokens: 12, repetition_stop_k: 10}}
-rollout: {{backend: vllm, batch_size: 128, gpu_memory_utilization: 0.2, max_model_len: 512}}
-num_generations: 4
-rollout_correction: {{importance_sampling: true}}
-loss: {{beta: 0.0}}
-training: {{max_steps: 4, learning_rate: 1.0e-4, batch_size: 16, logging_steps: 1, save_steps: 100,
-           deepspeed: configs/deepspeed/zero3.json}}
-eval: {{sets: {{arithmetic: {{n: 20, max_operand: 3}}}}, max_new_tokens: 12}}
-""")
+    config = grpo_on_vllm_config(tmp_path, gpu_checkpoint, gpu_memory_utilization=0.2, learning_rate="1.0e-4",
+                                 training=", deepspeed: configs/deepspeed/zero3.json")
     proc = torchrun("-m", "pipelines.grpo", "--config", str(config))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     train = json.loads((tmp_path / "run" / "metrics.json").read_text())["train"]
