@@ -140,10 +140,10 @@ class TrainOptions:
                 raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
         if self.deepspeed is not None and not Path(self.deepspeed).is_file():
             raise ValueError(f"training.deepspeed: file '{self.deepspeed}' not found")
-        if self.zero_init and _zero_stage(self.deepspeed) != 3:
+        if self.zero_init and (stage := _zero_stage(self.deepspeed)) != 3:
             raise ValueError("training.zero_init loads the model partitioned by DeepSpeed ZeRO-3: set "
                              "training.deepspeed to a stage-3 JSON (e.g. configs/deepspeed/zero3.json)"
-                             + (f"; '{self.deepspeed}' is stage {_zero_stage(self.deepspeed)}" if self.deepspeed else ""))
+                             + (f"; '{self.deepspeed}' is stage {stage}" if self.deepspeed else ""))
         if self.deepspeed is not None and self.context_parallel > 1:
             raise ValueError("training.context_parallel > 1 runs under DDP; with training.deepspeed it has not been "
                              "built or tested yet")

@@ -82,11 +82,11 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     train_rows = build_sft_mix(cfg.data.builtin, cfg.data.files, cfg.seed)
     heldout = heldout_sets(cfg.eval.sets, cfg.seed)
     tokenizer = stage_tokenizer(cfg)
-    out = Path(cfg.output_dir)
-    # training.zero_init: the trainer's arguments first, so that their DeepSpeed ZeRO-3 config is active when the
-    # model loads (transformers then loads it under zero.Init: each rank reads and keeps its slice of every weight)
-    args = _trl_args(cfg, out / "checkpoints") if cfg.training.zero_init else None
-    if args is not None:
+    args = None
+    if cfg.training.zero_init:
+        # the trainer's arguments first, so that their DeepSpeed ZeRO-3 config is active when the model loads
+        # (transformers then loads it under zero.Init: each rank reads and keeps its slice of every weight)
+        args = _trl_args(cfg, Path(cfg.output_dir) / "checkpoints")
         prepare_zero_init(args)
     model = load_model(cfg.model, seed=cfg.seed, tokenizer=tokenizer)
     if cfg.training.zero_init:
