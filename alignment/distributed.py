@@ -87,6 +87,59 @@ def prepare_zero_init(args) -> None:
     deepspeed.init_distributed()
 
 
+@contextlib.contextmanager
+def forward_ready(model, args):
+    """Inside the block, `model` runs forwards and `generate` though it was loaded partitioned (zero.Init,
+    `training.zero_init`) and its trainer's DeepSpeed engine, which would fetch each layer's weights for a
+    forward, does not exist yet: a ZeRO-3 inference engine is built around it for the block (no optimizer:
+    DeepSpeed's parameter-fetch hooks only, every rank taking part in each forward) and destroyed on exit, its hooks
+    taken off the module so that the trainer's engine installs its own. The work a stage does before training (the
+    'before' evaluation, DPO pairs, the GRPO prompt pool) runs on it this way, on every rank. TRL wraps a policy in
+    the same kind of engine for DPO's precomputed reference log-probs (`trl.models.prepare_deepspeed`); the config
+    is the stage's (`args`: its TrainingArguments, whose ZeRO-3 config is the active one), its training-only blocks
+    dropped and its hidden-size `auto` values filled as transformers fills them. A model not partitioned: as is."""
+    if not is_sharded(model):
+        yield model
+        return
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, config=inference_config(args.hf_deepspeed_config.config,
+                                                                         model.config.hidden_size))
+    training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        engine.destroy()
+        model.train(training)
+
+
+def inference_config(config: dict, hidden_size: int) -> dict:
+    """A training DeepSpeed config (transformers' `hf_deepspeed_config.config`: batch sizes filled, the hidden-size
+    `auto`s not yet) for an engine without optimizer: no optimizer, scheduler or optimizer offload, one micro-batch,
+    the hidden-size `auto`s as transformers' `trainer_config_finalize` fills them, everything else kept.
+
+    >>> c = inference_config({"train_batch_size": 8, "optimizer": {"type": "AdamW"}, "zero_optimization": {
+    ...     "stage": 3, "reduce_bucket_size": "auto", "stage3_param_persistence_threshold": 4096,
+    ...     "offload_optimizer": {"device": "cpu"}}}, hidden_size=64)
+    >>> c["zero_optimization"], c["train_micro_batch_size_per_gpu"], "optimizer" in c, "train_batch_size" in c
+    ({'stage': 3, 'reduce_bucket_size': 4096, 'stage3_param_persistence_threshold': 4096}, 1, False, False)
+    """
+    import copy
+
+    config = copy.deepcopy(config)
+    for key in ("optimizer", "scheduler", "train_batch_size"):
+        config.pop(key, None)
+    config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+    zero = config["zero_optimization"]
+    zero.pop("offload_optimizer", None)
+    fills = {"reduce_bucket_size": hidden_size * hidden_size,
+             "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+             "stage3_param_persistence_threshold": 10 * hidden_size}
+    zero.update({key: value for key, value in fills.items() if zero.get(key) == "auto"})
+    return config
+
+
 def local_numel(model) -> int:
     """Parameters this rank holds: its ZeRO-3 partitions' sizes, and every whole parameter."""
     return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())

@@ -126,8 +126,9 @@ class TrainOptions:
     context_parallel: int = 1
     # Load the model partitioned (DeepSpeed zero.Init under the ZeRO-3 `deepspeed` file): each rank reads and keeps
     # only its 1/N slice of every weight from the start, so no host holds the whole model (a released 456B
-    # checkpoint: ~0.9 TB in bf16). SFT and long SFT from a checkpoint directory, without LoRA; off: every rank loads
-    # the whole model and its trainer partitions it.
+    # checkpoint: ~0.9 TB in bf16). SFT, long SFT, DPO and GRPO (their reference models too), from a checkpoint
+    # directory, without LoRA; the work before training runs on every rank (alignment.distributed.forward_ready).
+    # Off: every rank loads the whole model and its trainer partitions it.
     zero_init: bool = False
 
     def __post_init__(self):

@@ -97,13 +97,13 @@ def check_model(cfg, source: str, produced: set, *, checkpoint: bool, what: str 
     """`model.path` exists now or is produced by an earlier pipeline stage; `checkpoint=True` (DPO, GRPO: they
     start from a trained model) refuses a model YAML, which would start from random weights; `max_length` (the
     stage's `data.max_length`) must fit the model's positions; `training.context_parallel` > 1 only where the
-    stage has it (`context_parallel=True`: SFT); `training.zero_init` likewise (`zero_init=True`: SFT), from a
-    checkpoint directory and without LoRA."""
+    stage has it (`context_parallel=True`: SFT); `training.zero_init` likewise (`zero_init=True`: SFT, DPO,
+    GRPO), from a checkpoint directory and without LoRA."""
     split = getattr(getattr(cfg, "training", None), "context_parallel", 1)
     if getattr(getattr(cfg, "training", None), "zero_init", False):
         if not zero_init:
-            raise ConfigError(f"{source}: 'training.zero_init': {what} does not load partitioned yet (SFT and long "
-                              "SFT do); set it to false")
+            raise ConfigError(f"{source}: 'training.zero_init': {what} does not load partitioned yet (SFT, long "
+                              "SFT, DPO and GRPO do); set it to false")
         if Path(cfg.model.path).suffix in (".yaml", ".yml") or cfg.model.lora is not None:
             raise ConfigError(f"{source}: 'training.zero_init' loads a checkpoint directory partitioned, without "
                               "LoRA (model.path is a model YAML or model.lora is set: not built)")
@@ -308,6 +308,38 @@ def check_eval_files(cfg, source: str) -> None:
         load_eval_files(files, source, "eval.files")
 
 
+def load_policy(cfg, tokenizer, trl_args):
+    """The stage's model (`cfg.model`, through the one loader) and, with `training.zero_init`, its trainer's
+    arguments (`trl_args()`), else None (the stage builds them when it builds its trainer).
+
+    Loaded partitioned (`training.zero_init`): the arguments come first, so that their DeepSpeed ZeRO-3 config is
+    the active one and transformers loads the checkpoint under zero.Init (each rank reads and keeps its slice of
+    every weight), on the process group set up for it (`prepare_zero_init`); the stage's work before training then
+    runs on every rank (`alignment.distributed.forward_ready`). Otherwise the arguments must wait: while a ZeRO-3
+    config is active every load is partitioned and every `generate` waits on the other ranks, and the main
+    process's work on the whole model (the 'before' evaluation, DPO pairs, the prompt pool) would hang."""
+    from alignment.distributed import local_numel, prepare_zero_init
+    from alignment.modeling import load_model
+
+    args = None
+    if cfg.training.zero_init:
+        args = trl_args()
+        prepare_zero_init(args)
+    model = load_model(cfg.model, seed=cfg.seed, tokenizer=tokenizer)
+    if args is not None:
+        print(f"[{cfg.title}] loaded partitioned (zero.Init): this rank holds {local_numel(model):,} of "
+              f"{sum(p.ds_numel for p in model.parameters()):,} parameters")
+    return model, args
+
+
+def every_rank_samples(args, backend: str) -> bool:
+    """Whether a stage's sampling before training (DPO pairs, the GRPO prompt pool) runs on every rank: for a model
+    loaded partitioned (`load_policy` returned its arguments) generating with the transformers backend, each forward
+    needs every rank (they compute the same samples; the main process's are kept). A vLLM engine holds its own
+    weights (every rank starts one): the main process samples alone, as it does on a whole model."""
+    return args is not None and backend != "vllm"
+
+
 def cached_eval_before(out: Path, model, evaluate_fn) -> dict:
     """The stage's held-out metrics before training, computed once and kept in `<out>/eval_before.json` across
     resumes (the 'before' model is the stage's input, not a half-trained checkpoint). Under a launcher every rank gets
@@ -332,22 +364,6 @@ def short(metrics: dict) -> str:
 
 
 # -- training and the end of a stage -------------------------------------------------------------------------------
-
-
-def when_training_begins(trainer, fn) -> dict:
-    """A dict that `fn()`'s result fills when `trainer` begins training: after DeepSpeed has built its engine and
-    hooked the gathers of a model loaded partitioned (`training.zero_init`; before that its forward has no whole
-    weights to run on), before the first step. Every rank runs it."""
-    from transformers import TrainerCallback
-
-    box: dict = {}
-
-    class _AtTrainBegin(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            box.update(fn())
-
-    trainer.add_callback(_AtTrainBegin())
-    return box
 
 
 def train_resuming(trainer, cfg):

@@ -36,8 +36,8 @@ from alignment.modeling import ModelOptions
 from alignment.schema import DataSource, EvalOptions, TokenizerOptions, TrainOptions
 from data_recipes.dpo_pairs import PairOptions
 from pipelines.common import (cached_eval_before, check_builtin, check_files, check_model, check_reward,
-                              check_rollout, check_tokenizer, claim, evaluate_sets, finish, finished, series_ends, short,
-                              stage_main, stage_tokenizer, train_resuming)
+                              check_rollout, check_tokenizer, claim, evaluate_sets, every_rank_samples, finish, finished,
+                              load_policy, series_ends, short, stage_main, stage_tokenizer, train_resuming)
 
 DESCRIPTION = ("Reward-scored pairs sampled from the starting checkpoint (pairs.reward: rule verifiers and/or a "
                "trained reward model) and/or your own preference files (pairs.files: TRL's prompt/chosen/rejected "
@@ -130,7 +130,7 @@ def check(cfg: Config, source: str, produced: set) -> None:
     preference files, the eval sets."""
     from alignment.config import ConfigError
 
-    check_model(cfg, source, produced, checkpoint=True, what="DPO")
+    check_model(cfg, source, produced, checkpoint=True, what="DPO", zero_init=True)
     check_tokenizer(cfg, source, produced)
     if cfg.pairs.sample:
         if not cfg.prompts.builtin and not cfg.prompts.files:
@@ -178,7 +178,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     """Build pairs and train one DPO stage; returns the metrics written to `<output_dir>/metrics.json`."""
     from transformers import set_seed
 
-    from alignment.distributed import barrier, broadcast, computed_once, is_main
+    from alignment.distributed import barrier, broadcast, computed_once, forward_ready, is_main
     from alignment.modeling import load_model
     from alignment.rollout import build_rollout
     from alignment.trainers import MiniMaxDPOTrainer
@@ -204,27 +204,32 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
         reward = build_reward(cfg.pairs.reward)
     heldout = heldout_sets(cfg.eval.sets, cfg.seed)
     tokenizer = stage_tokenizer(cfg)
-    model = load_model(cfg.model, seed=cfg.seed, tokenizer=tokenizer)
+    model, args = load_policy(cfg, tokenizer, lambda: dpo_args(cfg, Path(cfg.output_dir) / "checkpoints"))
 
     out = claim(cfg, overwrite)
-    before = cached_eval_before(out, model, lambda: evaluate_sets(model, tokenizer, heldout, cfg.eval))
+    with forward_ready(model, args):  # loaded partitioned: every rank takes part in each forward
+        before = cached_eval_before(out, model, lambda: evaluate_sets(model, tokenizer, heldout, cfg.eval))
     print(f"[{cfg.title}] before: {short(before)}")
 
     # pairs sampled by the starting policy [01 §5.4.1]; reused on resume (and deterministic under the seed anyway)
     # under a launcher the main process samples and writes them (the model is whole before its trainer shards it),
     # the other ranks read what it wrote. A vLLM engine joins the launcher's process group as it starts (a
-    # collective), so with that backend every rank starts one and the main process alone samples.
+    # collective), so with that backend every rank starts one and the main process alone samples. A model loaded
+    # partitioned (training.zero_init) samples on every rank with the transformers backend (each forward needs
+    # every rank; they compute the same samples) and the main process's are kept.
     pairs_path = out / "pairs"
     sampled, pair_stats = [], None
     if cfg.pairs.sample:
         rollout = cfg.pairs.rollout
         if broadcast(not (pairs_path / "pair_stats.json").is_file()):
+            everyone = every_rank_samples(args, rollout.backend)
             worker = build_rollout(rollout.backend, model, tokenizer, **rollout.worker_kwargs(cfg.seed)) \
-                if is_main() or rollout.backend == "vllm" else None
+                if is_main() or everyone or rollout.backend == "vllm" else None
             try:
-                if is_main():
-                    build_dpo_pairs(worker, prompts, cfg.pairs, cfg.seed, policy=cfg.model.path,
-                                    out_path=pairs_path, reward=reward)
+                if is_main() or everyone:
+                    with forward_ready(model, args):
+                        build_dpo_pairs(worker, prompts, cfg.pairs, cfg.seed, policy=cfg.model.path,
+                                        out_path=pairs_path if is_main() else None, reward=reward)
             finally:
                 if hasattr(worker, "close"):  # a vLLM engine gives its share of the GPU back to the trainer
                     worker.close()
@@ -248,7 +253,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
 
     # reference = the starting checkpoint, from disk, packing-safe with the same head; with LoRA, TRL uses the
     # model without its new adapter instead (no second copy); precomputed: no reference model, the trainer scores
-    # every pair with the policy as loaded before its first step
+    # every pair with the policy as loaded before its first step. Partitioned too when the policy is (zero_init)
     ref_model = None
     if cfg.model.lora is None and cfg.dpo.reference == "live":
         ref_model = load_model(dataclasses.replace(cfg.model, gradient_checkpointing=False), seed=cfg.seed,
@@ -256,7 +261,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     trainer = MiniMaxDPOTrainer(
         model=model,
         ref_model=ref_model,
-        args=dpo_args(cfg, out / "checkpoints"),
+        args=args or dpo_args(cfg, out / "checkpoints"),
         train_dataset=pairs,
         processing_class=tokenizer,
     )

@@ -44,8 +44,8 @@ from alignment.schema import EvalOptions, TokenizerOptions, TrainOptions
 from alignment.trainers import AdvantageOptions, DynamicSamplingOptions, RolloutCorrectionOptions
 from data_recipes.prompt_pool import PoolOptions, load_pool_files, pool_row
 from pipelines.common import (cached_eval_before, check_builtin, check_files, check_model, check_reward,
-                              check_rollout, check_tokenizer, claim, evaluate_sets, finish, finished, series_ends, short,
-                              stage_main, stage_tokenizer, train_resuming)
+                              check_rollout, check_tokenizer, claim, evaluate_sets, every_rank_samples, finish, finished,
+                              load_policy, series_ends, short, stage_main, stage_tokenizer, train_resuming)
 
 DESCRIPTION = ("With success-rate prompt filtering. Writes <output_dir>/prompt_pool.jsonl, final/ (the checkpoint), "
                "metrics.json, summary.md, curves.png and TensorBoard logs; a re-run resumes from the last checkpoint "
@@ -124,7 +124,7 @@ def check(cfg: Config, source: str, produced: set) -> None:
     """Inputs, before any work: a trained starting checkpoint, the prompt-pool, verifier and reward specs, every
     row of the prompt files against the fields those handlers read, the eval sets, and vLLM (with its install hint)
     when the rollouts use it."""
-    check_model(cfg, source, produced, checkpoint=True, what="GRPO")
+    check_model(cfg, source, produced, checkpoint=True, what="GRPO", zero_init=True)
     check_tokenizer(cfg, source, produced)
     check_builtin(cfg.prompts.builtin, source, "prompts.builtin")
     check_builtin(cfg.prompts.exclude_builtin, source, "prompts.exclude_builtin")
@@ -141,8 +141,9 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     """Train one GRPO stage; returns the metrics written to `<output_dir>/metrics.json`."""
     from transformers import set_seed
 
-    from alignment.distributed import barrier, computed_once
+    from alignment.distributed import barrier, broadcast, computed_once, forward_ready
     from alignment.modeling import load_model
+    from alignment.released import checkpoint_config
     from alignment.reporting import write_json_atomic
     from alignment.rollout import build_rollout
     from alignment.timing import step_time_line, step_time_split
@@ -166,28 +167,34 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     heldout = heldout_sets(cfg.eval.sets, cfg.seed)
     reward_funcs, reward_weights = trl_reward_funcs(cfg.reward)
     tokenizer = stage_tokenizer(cfg)
-    model = load_model(cfg.model, seed=cfg.seed, tokenizer=tokenizer)
-    # the KL reference: the starting checkpoint through the same loader (packing-safe, FP32 head); with LoRA, TRL
-    # scores the reference with the adapter disabled (no second copy)
+    model, args = load_policy(cfg, tokenizer, lambda: _trl_args(cfg, Path(cfg.output_dir) / "checkpoints",
+                                                                reward_weights, checkpoint_config(Path(cfg.model.path))))
+    # the KL reference: the starting checkpoint through the same loader (packing-safe, FP32 head; partitioned too
+    # when the policy is); with LoRA, TRL scores the reference with the adapter disabled (no second copy)
     ref_model = load_model(dataclasses.replace(cfg.model, gradient_checkpointing=False), seed=cfg.seed,
                            tokenizer=tokenizer) if cfg.loss.uses_kl and cfg.model.lora is None else None
     worker = build_rollout(cfg.rollout.backend, model, tokenizer, **cfg.rollout.worker_kwargs(cfg.seed))
 
     out = claim(cfg, overwrite)
-    before = cached_eval_before(out, model, lambda: evaluate_sets(model, tokenizer, heldout, cfg.eval))
+    with forward_ready(model, args):  # loaded partitioned: every rank takes part in each forward
+        before = cached_eval_before(out, model, lambda: evaluate_sets(model, tokenizer, heldout, cfg.eval))
     print(f"[{cfg.title}] before: {short(before)}")
 
     # offline success-rate filter with the starting policy; reused on resume. Under a launcher the main process
     # scores the candidates (the model is whole before its trainer shards it) and writes the pool, every rank reads
-    # it: the pool one process would build.
+    # it: the pool one process would build. A model loaded partitioned (training.zero_init) is scored on every rank
+    # (each forward needs every rank; they compute the same rates) and the main process writes.
     pool_path, pool_stats_path = out / "prompt_pool.jsonl", out / "prompt_pool_stats.json"
     refresh = cfg.prompts.refresh.every > 0
     reserve_path = out / "prompt_pool_reserve.jsonl" if refresh else None
-    if is_main() and not (pool_path.is_file() and pool_stats_path.is_file()):
-        _, pool_stats = build_prompt_pool(worker, rows, cfg.prompts, cfg.sampling, pool_path, score=verifier,
-                                          reserve_path=reserve_path)
+    if broadcast(not (pool_path.is_file() and pool_stats_path.is_file())) and (is_main() or every_rank_samples(args, cfg.rollout.backend)):
+        with forward_ready(model, args):
+            _, pool_stats = build_prompt_pool(worker, rows, cfg.prompts, cfg.sampling,
+                                              pool_path if is_main() else None, score=verifier,
+                                              reserve_path=reserve_path if is_main() else None)
         pool_stats["candidates"], pool_stats["excluded_seen_in_sft"] = n_candidates, n_candidates - len(rows)
-        write_json_atomic(pool_stats_path, pool_stats)
+        if is_main():
+            write_json_atomic(pool_stats_path, pool_stats)
     barrier()
     pool, pool_stats = load_pool(pool_path), json.loads(pool_stats_path.read_text())
     live = None
@@ -208,7 +215,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
         model=model,
         ref_model=ref_model,
         reward_funcs=reward_funcs,
-        args=_trl_args(cfg, out / "checkpoints", reward_weights, model.config),
+        args=args or _trl_args(cfg, out / "checkpoints", reward_weights, model.config),
         train_dataset=pool,
         processing_class=tokenizer,
         loss=cfg.loss, sampling=cfg.sampling, rollout=worker, advantages=cfg.advantages,

@@ -26,8 +26,8 @@ from alignment.config import ConfigError
 from alignment.modeling import ModelOptions
 from alignment.schema import DataOptions, EvalOptions, TokenizerOptions, TrainOptions
 from pipelines.common import (cached_eval_before, check_builtin, check_files, check_model, check_tokenizer, claim,
-                              evaluate_sets, finish, finished, short, stage_main, stage_tokenizer, train_resuming,
-                              when_training_begins)
+                              evaluate_sets, finish, finished, load_policy, short, stage_main, stage_tokenizer,
+                              train_resuming)
 
 DESCRIPTION = ("Writes <output_dir>/final (the checkpoint), metrics.json, summary.md, curves.png and TensorBoard logs; "
                "a re-run resumes from the last checkpoint in <output_dir>/checkpoints.")
@@ -68,8 +68,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     from transformers import set_seed
 
     from alignment.context_parallel import context_parallel_group
-    from alignment.distributed import computed_once, local_numel, prepare_zero_init
-    from alignment.modeling import load_model
+    from alignment.distributed import computed_once, forward_ready
     from alignment.trainers import MiniMaxSFTTrainer
     from data_recipes import build_sft_mix, heldout_sets
     from data_recipes.io import chat_length, drop_too_long
@@ -82,37 +81,22 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     train_rows = build_sft_mix(cfg.data.builtin, cfg.data.files, cfg.seed)
     heldout = heldout_sets(cfg.eval.sets, cfg.seed)
     tokenizer = stage_tokenizer(cfg)
-    args = None
-    if cfg.training.zero_init:
-        # the trainer's arguments first, so that their DeepSpeed ZeRO-3 config is active when the model loads
-        # (transformers then loads it under zero.Init: each rank reads and keeps its slice of every weight)
-        args = _trl_args(cfg, Path(cfg.output_dir) / "checkpoints")
-        prepare_zero_init(args)
-    model = load_model(cfg.model, seed=cfg.seed, tokenizer=tokenizer)
-    if cfg.training.zero_init:
-        print(f"[{cfg.title}] loaded partitioned (zero.Init): this rank holds {local_numel(model):,} of "
-              f"{sum(p.ds_numel for p in model.parameters()):,} parameters")
+    model, args = load_policy(cfg, tokenizer, lambda: _trl_args(cfg, Path(cfg.output_dir) / "checkpoints"))
     train_rows, n_dropped = drop_too_long(train_rows, lambda row: chat_length(tokenizer, row["messages"]),
                                           cfg.data.max_length)
     print(f"[{cfg.title}] {len(train_rows)} training conversations ({n_dropped} longer than "
           f"{cfg.data.max_length} tokens dropped); held-out sets: {', '.join(heldout) or 'none'}")
 
     out = claim(cfg, overwrite)
-
-    def evaluate_before():
+    with forward_ready(model, args):  # loaded partitioned: every rank takes part in each forward
         before = cached_eval_before(out, model, lambda: evaluate_sets(model, tokenizer, heldout, cfg.eval))
-        print(f"[{cfg.title}] before: {short(before)}")
-        return before
-
-    before = None if cfg.training.zero_init else evaluate_before()
+    print(f"[{cfg.title}] before: {short(before)}")
     trainer = MiniMaxSFTTrainer(
         model=model,
         args=args or _trl_args(cfg, out / "checkpoints"),
         train_dataset=train_rows.select_columns(["messages"]),
         processing_class=tokenizer,
     )
-    if before is None:  # loaded partitioned: evaluated once DeepSpeed's engine runs it, still before the first step
-        before = when_training_begins(trainer, evaluate_before)
     # each packed row split over consecutive ranks (alignment.context_parallel.ContextParallelTraining)
     trainer.context_parallel = context_parallel_group(cfg.training.context_parallel)
     result, last = train_resuming(trainer, cfg)

@@ -141,15 +141,17 @@ def test_missing_config_file(tmp_path):
         ("long-sft", {"training.context_parallel": 2, "data.packing": False}, r"splits packed rows: set data\.packing"),
         ("dpo", {"training.context_parallel": 2}, r"'training\.context_parallel: 2': .* has no context parallelism"),
         ("grpo", {"training.context_parallel": 4}, r"'training\.context_parallel: 4': .* has no context parallelism"),
-        ("dpo", {"training.deepspeed": "configs/deepspeed/zero3.json", "training.zero_init": True},
-         r"'training\.zero_init': .* does not load partitioned yet \(SFT and long SFT do\)"),
+        ("rm", {"training.deepspeed": "configs/deepspeed/zero3.json", "training.zero_init": True},
+         r"'training\.zero_init': .* does not load partitioned yet \(SFT, long SFT, DPO and GRPO do\)"),
+        ("dpo", {"training.deepspeed": "configs/deepspeed/zero3.json", "training.zero_init": True,
+                 "model.lora": {"r": 4}}, r"'training\.zero_init' loads a checkpoint directory partitioned, without"),
         ("sft", {"training.deepspeed": "configs/deepspeed/zero3.json", "training.zero_init": True,
                  "model.path": "configs/tiny/model.yaml"}, r"'training\.zero_init' loads a checkpoint directory"),
     ],
 )
 def test_context_parallel_only_where_a_stage_has_it(stage, overrides, pattern):
     """Long SFT splits packed rows only; stages without context parallelism refuse it before any work; likewise
-    loading partitioned (zero_init: SFT and long SFT, from a checkpoint directory, without LoRA)."""
+    loading partitioned (zero_init: not in RM; from a checkpoint directory, without LoRA)."""
     module = stage_module(stage)
     path = CONFIGS / "tiny" / f"{stage.replace('-', '_')}.yaml"
     cfg = load_config(path, module.Config, overrides)

@@ -5,8 +5,8 @@ from the tiny base, a few steps each.
   every stage's `final/` complete (the files a 1-process run writes) and loadable by plain AutoModelForCausalLM;
 - SIGKILL of rank 1 mid-GRPO (right after optimizer step 5), then a re-run, ends where the uninterrupted run ends;
 - DeepSpeed ZeRO-3 (CPU accelerator, gloo; `make setup` installs DeepSpeed): SFT -> DPO -> GRPO on 2 ranks ends
-  with the 1-process metrics and gathered checkpoints; LoRA on a ZeRO-3 base (SFT, DPO) writes the 1-process merged
-  checkpoint.
+  with the 1-process metrics and gathered checkpoints, loaded whole and partitioned (`training.zero_init`); LoRA on
+  a ZeRO-3 base (SFT, DPO) writes the 1-process merged checkpoint.
 
 Per-rank batches are the global batch / 2 (each rank a contiguous block of it; GRPO: one group of G per rank). GRPO
 samples with `rollout.seed_groups` (each group under its own seed), without which each rank's sampler stream would
@@ -280,25 +280,38 @@ def test_lora_under_zero3_on_two_ranks_writes_the_one_process_merged_checkpoint(
 
 @pytest.mark.skipif(not _deepspeed_runs_here(),
                     reason="DeepSpeed not installed (pip install -e '.[deepspeed]'; ~1 min on CPU when it is)")
-def test_sft_loaded_partitioned_on_two_ranks_ends_where_one_process_ends(tmp_path, warm, one_process):
-    """`training.zero_init: true`: the SFT stage loads its checkpoint under zero.Init on 2 ZeRO-3 ranks (each rank
-    holds about half of the weights from the load on; the before-evaluation runs on the partitioned model with every
-    rank taking part), and its metrics and `final/` are the 1-process run's."""
-    path = write_pipeline(tmp_path, 2, warm, deepspeed=str(ROOT / "configs/deepspeed/zero3.json"), stages=("sft",))
-    sft = tmp_path / "sft.yaml"
-    sft.write_text(sft.read_text().replace("adam_epsilon: 1.0e-8,", "adam_epsilon: 1.0e-8, zero_init: true,"))
+def test_pipeline_loaded_partitioned_on_two_ranks_ends_where_one_process_ends(tmp_path, warm, one_process):
+    """`training.zero_init: true` in every stage: SFT, DPO (and its live reference) and GRPO load their checkpoint
+    under zero.Init on 2 ZeRO-3 ranks (each rank holds about half of the weights from the load on), and the work
+    before training (the before-evaluation, DPO's pair sampling, GRPO's prompt pool) runs on the partitioned model
+    with every rank taking part (`alignment.distributed.forward_ready`). Rank 1 is SIGKILLed mid-GRPO and the
+    pipeline re-run (GRPO resumes from its checkpoint into a model loaded partitioned again). Each stage's metrics
+    and `final/` are the 1-process run's."""
+    path = write_pipeline(tmp_path, 2, warm, deepspeed=str(ROOT / "configs/deepspeed/zero3.json"))
+    for stage in STAGES:
+        yaml = tmp_path / f"{stage}.yaml"
+        yaml.write_text(yaml.read_text().replace("adam_epsilon: 1.0e-8,", "adam_epsilon: 1.0e-8, zero_init: true,"))
+    killed = launch(path, 2, kill="step:5", env={"DS_ACCELERATOR": "cpu"})
+    assert killed.returncode != 0 and not (tmp_path / "run" / "grpo" / "final").exists()
     result = launch(path, 2, env={"DS_ACCELERATOR": "cpu"})
     assert result.returncode == 0, result.stderr[-3000:]
-    held = re.findall(r"loaded partitioned \(zero\.Init\): this rank holds ([\d,]+) of ([\d,]+) parameters",
-                      result.stdout)
-    assert len(held) == 2, result.stdout[-2000:]
-    for local, total in held:  # half of every partitioned weight; the small ones (norms) stay whole per rank
+    grpo = json.loads((tmp_path / "run" / "grpo" / "metrics.json").read_text())
+    assert grpo["train"]["resumed_from"].endswith("checkpoint-4")
+    held = re.findall(r"\[(\w+)\] loaded partitioned \(zero\.Init\): this rank holds ([\d,]+) of ([\d,]+) parameters",
+                      killed.stdout + result.stdout)
+    assert sorted(stage for stage, _, _ in held) == ["DPO", "DPO"] + ["GRPO"] * 4 + ["SFT", "SFT"], held
+    for _, local, total in held:  # half of every partitioned weight; the small ones (norms) stay whole per rank
         assert int(local.replace(",", "")) < 0.6 * int(total.replace(",", ""))
-    final, reference = tmp_path / "run" / "sft" / "final", one_process / "sft" / "final"
-    assert sorted(p.name for p in final.iterdir()) == sorted(p.name for p in reference.iterdir())
-    assert_same_weights(final, reference, warm, "SFT (zero.Init)")
-    assert_same_metrics(json.loads((reference.parent / "metrics.json").read_text()),
-                        json.loads((final.parent / "metrics.json").read_text()), "SFT (zero.Init)")
+    for stage in STAGES:
+        final, reference = tmp_path / "run" / stage / "final", one_process / stage / "final"
+        assert sorted(p.name for p in final.iterdir()) == sorted(p.name for p in reference.iterdir()), stage
+        assert_same_weights(final, reference, warm, f"{stage} (zero.Init)")
+        assert_same_metrics(json.loads((reference.parent / "metrics.json").read_text()),
+                            json.loads((final.parent / "metrics.json").read_text()), f"{stage} (zero.Init)")
+    # the sampled inputs are the 1-process run's: the same pairs, the same prompt pool (`policy`: the run's path)
+    for name in ("dpo/pairs/pair_stats.json", "grpo/prompt_pool_stats.json"):
+        got, ref = (json.loads((run / name).read_text()) for run in (tmp_path / "run", one_process))
+        assert {**got, "policy": None} == {**ref, "policy": None}, name
 
 
 def test_context_parallel_sft_on_two_ranks_ends_where_data_parallel_ends(tmp_path, warm, two_processes):
